@@ -1,0 +1,241 @@
+//! `lobby-loadtest`: load-test harness for the lobby (SPEC §11). CLI only; the flow is
+//!
+//! 1. identities — [`pki`]: device certificates made in memory from the CA, or loaded;
+//! 2. pacing — [`run`]: one task per device under `--concurrency` and `--rate`;
+//! 3. connection — [`net`] (source addresses, TCP) → [`tls`] (mTLS) → [`session`] with the
+//!    hand-written codec in [`mqtt`];
+//! 4. scenarios — [`scenario`]: `connect`, `idle`, `claim` (with [`api`]);
+//! 5. results — [`stats`]: HDR histograms, progress bar, the JSON line on stdout.
+#![forbid(unsafe_code)]
+
+mod api;
+mod mqtt;
+mod net;
+mod pki;
+mod run;
+mod scenario;
+mod session;
+mod stats;
+mod tls;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::mqtt::Version;
+use crate::run::Pace;
+use crate::session::Ctx;
+use crate::tls::{TlsClient, Versions};
+
+/// Load-test harness for the lobby.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// TCP, TLS, CONNECT → CONNACK, DISCONNECT per device, as fast as allowed.
+    Connect {
+        #[command(flatten)]
+        common: Common,
+        /// Connect every device this many times (with --resume, later ones may resume).
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+    },
+    /// Open N connections and hold them, keeping them alive.
+    Idle {
+        #[command(flatten)]
+        common: Common,
+        /// How long to hold all connections once open (e.g. 60s, 5m).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        hold: Duration,
+        /// The server's pid: report its RSS growth per held connection.
+        #[arg(long)]
+        server_pid: Option<u32>,
+    },
+    /// Devices wait subscribed; create a tenant, claim them, measure claim → redirect.
+    Claim {
+        #[command(flatten)]
+        common: Common,
+        /// Lobby API base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        api: String,
+        /// Operator token, or @FILE to read it.
+        #[arg(long)]
+        admin_token: String,
+        /// Claim key file (64 hex characters).
+        #[arg(long)]
+        claim_key: PathBuf,
+        /// Claim requests in flight at once.
+        #[arg(long, default_value_t = 16)]
+        claim_concurrency: usize,
+        /// How long to wait for the last redirects after the last claim.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        redirect_timeout: Duration,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum MqttVersion {
+    /// MQTT 3.1.1.
+    #[value(name = "3.1.1", alias = "3", alias = "4", alias = "311")]
+    V311,
+    /// MQTT 5.0.
+    #[value(name = "5")]
+    V5,
+}
+
+/// Options every scenario shares.
+#[derive(Args)]
+struct Common {
+    /// Server host.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Server MQTT port.
+    #[arg(long, default_value_t = 8883)]
+    port: u16,
+    /// CA certificate (PEM): signs the device certificates and, unless --server-ca, the server's.
+    #[arg(long)]
+    ca: PathBuf,
+    /// CA private key (PEM) to make device certificates; not needed with --certs.
+    #[arg(long, required_unless_present = "certs")]
+    ca_key: Option<PathBuf>,
+    /// Use existing *.pem + *.key pairs from this directory instead of making certificates.
+    #[arg(long)]
+    certs: Option<PathBuf>,
+    /// CA that signed the server certificate (default: --ca).
+    #[arg(long)]
+    server_ca: Option<PathBuf>,
+    /// Name to verify the server certificate against (and send as SNI).
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Number of devices (default 1000; with --certs: all pairs found).
+    #[arg(long)]
+    devices: Option<usize>,
+    /// Connects in flight at once.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    /// Cap on connect starts per second.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// MQTT protocol version.
+    #[arg(long, value_enum, default_value = "3.1.1")]
+    mqtt: MqttVersion,
+    /// Source addresses, `127.0.0.1-127.0.0.8` or `a,b,c` (default: spread over 127.0.0.x only
+    /// when the server is on loopback and there are more than 25,000 devices per address).
+    #[arg(long)]
+    source_ips: Option<String>,
+    /// Offer TLS 1.3 only.
+    #[arg(long, conflicts_with = "tls12")]
+    tls13_only: bool,
+    /// Offer TLS 1.2 only.
+    #[arg(long)]
+    tls12: bool,
+    /// Allow TLS session resumption (per device; default: every connect is a full handshake).
+    #[arg(long)]
+    resume: bool,
+    /// Limit for each phase (TCP, TLS, CONNACK, SUBACK).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+impl Common {
+    fn pace(&self) -> Pace {
+        Pace {
+            concurrency: self.concurrency,
+            rate: self.rate,
+        }
+    }
+
+    /// Certificates, TLS, addresses: everything a run needs before the first connect.
+    async fn context(&self) -> Result<Arc<Ctx>> {
+        let provider = tls::provider();
+        let devices = match (&self.certs, &self.ca_key) {
+            (Some(dir), _) => pki::load_dir(dir, self.devices, &provider)?,
+            (None, Some(key)) => {
+                pki::generate(&self.ca, key, self.devices.unwrap_or(1000), &provider)?
+            }
+            (None, None) => bail!("--ca-key or --certs is required"),
+        };
+        if devices.is_empty() {
+            bail!("no devices to run");
+        }
+        let versions = match (self.tls13_only, self.tls12) {
+            (true, _) => Versions::Tls13,
+            (_, true) => Versions::Tls12,
+            _ => Versions::Both,
+        };
+        let server_ca = self.server_ca.as_ref().unwrap_or(&self.ca);
+        let tls = TlsClient::new(
+            provider,
+            server_ca,
+            &self.server_name,
+            versions,
+            self.resume,
+        )?;
+        let server = net::resolve(&self.host, self.port).await?;
+        let sources = match &self.source_ips {
+            Some(text) => net::parse_source_ips(text)?,
+            None => net::default_source_ips(server, devices.len()),
+        };
+        if !sources.is_empty() {
+            eprintln!("binding to {} source addresses", sources.len());
+        }
+        let version = match self.mqtt {
+            MqttVersion::V311 => Version::V4,
+            MqttVersion::V5 => Version::V5,
+        };
+        let ctx = Ctx::new(server, sources, tls, version, self.timeout, devices);
+        Ok(Arc::new(ctx))
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match net::raise_nofile_limit() {
+        Ok(limit) => eprintln!("open files limit: {limit}"),
+        Err(e) => eprintln!("warning: {e:#}"),
+    }
+    let report = match cli.scenario {
+        Scenario::Connect { common, repeat } => {
+            scenario::connect::run(common.context().await?, common.pace(), repeat).await?
+        }
+        Scenario::Idle {
+            common,
+            hold,
+            server_pid,
+        } => {
+            let opts = scenario::idle::IdleOpts { hold, server_pid };
+            scenario::idle::run(common.context().await?, common.pace(), opts).await?
+        }
+        Scenario::Claim {
+            common,
+            api,
+            admin_token,
+            claim_key,
+            claim_concurrency,
+            redirect_timeout,
+        } => {
+            let opts = scenario::claim::ClaimOpts {
+                api,
+                admin_token: api::read_token(&admin_token)?,
+                claim_key: pki::read_claim_key(&claim_key)?,
+                claim_concurrency,
+                redirect_timeout,
+            };
+            scenario::claim::run(common.context().await?, common.pace(), opts).await?
+        }
+    };
+    println!(
+        "{}",
+        serde_json::to_string(&report).context("serializing report")?
+    );
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! The scenarios of SPEC §11, one module each; each returns the [`crate::stats::Report`].
+
+pub mod claim;
+pub mod connect;
+pub mod idle;

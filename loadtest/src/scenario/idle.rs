@@ -1,0 +1,95 @@
+//! `idle`: open N connections, keep them alive for `--hold`, and (with `--server-pid`) report
+//! how much the server's RSS grew per held connection.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::net::rss_bytes;
+use crate::run::{dispatch, Pace};
+use crate::session::{Ctx, Held};
+use crate::stats::{Failure, Recorder, Report};
+
+/// What to hold and what to watch.
+#[derive(Clone, Copy, Debug)]
+pub struct IdleOpts {
+    /// How long to hold all connections once they are open.
+    pub hold: Duration,
+    /// The server's pid, to read its RSS.
+    pub server_pid: Option<u32>,
+}
+
+/// Runs the scenario over every device in `ctx`.
+pub async fn run(ctx: Arc<Ctx>, pace: Pace, opts: IdleOpts) -> Result<Report> {
+    let rss_before = opts.server_pid.map(rss_bytes).transpose()?;
+    let devices = ctx.devices.len();
+    let rec = Arc::new(Recorder::new(devices as u64, "idle"));
+    let held = Arc::new(AtomicU64::new(0));
+    let stop = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let started = Instant::now();
+    dispatch(devices, pace, |index, permit| {
+        let (ctx, rec, held, stop) = (ctx.clone(), rec.clone(), held.clone(), stop.clone());
+        tasks.spawn(async move {
+            let opened = ctx.open(index).await;
+            drop(permit);
+            let (mut conn, timings, code) = match opened {
+                Ok(ok) => ok,
+                Err(failure) => return rec.failed(failure, true),
+            };
+            rec.connected(&timings, code);
+            if code != 0 {
+                return;
+            }
+            held.fetch_add(1, Ordering::Relaxed);
+            let keep_alive = Duration::from_secs(u64::from(ctx.keep_alive));
+            let outcome = conn.hold(keep_alive, &stop, false).await;
+            held.fetch_sub(1, Ordering::Relaxed);
+            match outcome {
+                Ok(Held::Stopped) => conn.close().await,
+                Ok(other) => rec.error_kind(Failure::new("hold", format!("{other:?}"))),
+                Err(failure) => rec.error_kind(Failure::new("hold", failure.detail)),
+            }
+        });
+    })
+    .await?;
+    let took = started.elapsed();
+    rec.bar.finish();
+    let rss_held = hold_and_sample(&held, opts).await?;
+    let still_held = held.load(Ordering::Relaxed);
+    stop.cancel();
+    while tasks.join_next().await.is_some() {}
+    rec.print_tallies();
+    let stats = rec.lock();
+    let mut report = Report::from_stats("idle", devices as u64, &stats, took);
+    if let (Some(before), Some((after, count))) = (rss_before, rss_held) {
+        eprintln!("server rss: before {before} B, held {after} B over {count} connections");
+        report.server_rss_per_conn_bytes =
+            (count > 0).then(|| after.saturating_sub(before) / count);
+    }
+    eprintln!("connections still held at the end of the hold: {still_held}");
+    Ok(report)
+}
+
+/// Holds for `opts.hold`, sampling the server's RSS once the connections have settled (after
+/// a third of the hold, at most 10 s). Returns (rss, connections held at that moment).
+async fn hold_and_sample(held: &AtomicU64, opts: IdleOpts) -> Result<Option<(u64, u64)>> {
+    let settle = (opts.hold / 3).min(Duration::from_secs(10));
+    eprintln!(
+        "holding {} connections for {:?}",
+        held.load(Ordering::Relaxed),
+        opts.hold
+    );
+    tokio::time::sleep(settle).await;
+    let sample = match opts.server_pid {
+        Some(pid) => Some((rss_bytes(pid)?, held.load(Ordering::Relaxed))),
+        None => None,
+    };
+    tokio::time::sleep(opts.hold.saturating_sub(settle)).await;
+    Ok(sample)
+}

@@ -1,0 +1,87 @@
+//! The HTTP API of SPEC §6 (axum): tenants, claims, devices, health and metrics.
+//!
+//! Handlers are thin: authenticate, parse, call the claims service, shape the JSON. Bodies are
+//! parsed by hand from bytes so malformed JSON is always a 400 `invalid_request`.
+
+mod auth;
+mod claims;
+mod devices;
+mod error;
+mod tenants;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+pub use auth::Caller;
+pub use error::ApiError;
+
+use crate::claims::service::ClaimsService;
+
+/// Shared state of the API.
+#[derive(Clone)]
+pub struct ApiState {
+    pub service: ClaimsService,
+    /// SHA-256 of the operator token (compared in constant time).
+    pub admin_token_hash: [u8; 32],
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Set once the MQTT listener is bound.
+    pub listeners_up: Arc<AtomicBool>,
+}
+
+/// All routes.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/tenants", post(tenants::create).get(tenants::list))
+        .route(
+            "/v1/tenants/{id}",
+            get(tenants::get_one)
+                .patch(tenants::patch)
+                .delete(tenants::delete),
+        )
+        .route("/v1/claims", post(claims::claim))
+        .route(
+            "/v1/claims/{device_id}",
+            axum::routing::delete(claims::unclaim),
+        )
+        .route("/v1/devices", get(devices::list))
+        .route("/v1/devices/{device_id}", get(devices::get_one))
+        .route("/v1/devices/{device_id}/migrate", post(devices::migrate))
+        .route("/v1/devices/{device_id}/revoke", post(devices::revoke))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { ApiError::NotFound.into_response() })
+        .with_state(state)
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    let Some(handle) = &state.metrics else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics recorder unavailable\n",
+        )
+            .into_response();
+    };
+    handle.run_upkeep();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(state): State<ApiState>) -> Response {
+    if !state.listeners_up.load(Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "listeners not up\n").into_response();
+    }
+    match state.service.ping_store().await {
+        Ok(()) => "ready\n".into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}\n")).into_response(),
+    }
+}

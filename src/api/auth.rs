@@ -1,0 +1,57 @@
+//! Bearer-token authentication: the operator token, or a tenant's token (looked up by hash).
+
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use subtle::ConstantTimeEq;
+
+use super::{ApiError, ApiState};
+use crate::claims::service::token_hash;
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    Operator,
+    Tenant(String),
+}
+
+impl Caller {
+    /// The tenant scope of the caller (`None` for the operator, who sees everything).
+    pub fn tenant(&self) -> Option<&str> {
+        match self {
+            Caller::Operator => None,
+            Caller::Tenant(t) => Some(t),
+        }
+    }
+
+    /// Fails unless the caller is the operator.
+    pub fn require_operator(&self) -> Result<(), ApiError> {
+        match self {
+            Caller::Operator => Ok(()),
+            Caller::Tenant(_) => Err(ApiError::OperatorOnly),
+        }
+    }
+}
+
+impl FromRequestParts<ApiState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(ApiError::Unauthorized)?;
+        let hash = token_hash(token);
+        if bool::from(hash.ct_eq(&state.admin_token_hash)) {
+            return Ok(Caller::Operator);
+        }
+        match state.service.cache().tenant_by_token(&hash) {
+            Some(t) => Ok(Caller::Tenant(t.tenant.id.clone())),
+            None => Err(ApiError::Unauthorized),
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! The in-memory claims map: every claim and tenant, loaded from the store at start and kept in
+//! step by the claims service. The connect path reads only this (one lock-free lookup).
+//!
+//! Why papaya: reads never take a lock (dashmap's take a shard read lock) and resizes are
+//! incremental, so a claim burst never stalls connects. Keys are SHA-256 digests already, so a
+//! pass-through hasher replaces SipHash (an attacker cannot choose a device id without a
+//! certificate signed by a trusted CA).
+
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+
+use super::model::{Claim, ClaimState, Tenant};
+use crate::edge::identity::DeviceId;
+
+/// Hasher for [`DeviceId`] keys: the first 8 bytes of the digest.
+#[derive(Default, Clone, Copy, Debug)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // `[u8; 32]` hashes as one `write` of its bytes (no length prefix for arrays).
+        for chunk in bytes.chunks(8).take(1) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(b);
+        }
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.0 ^= n as u64;
+    }
+}
+
+/// Builds [`IdHasher`]s.
+#[derive(Default, Clone, Copy, Debug)]
+pub struct IdHashBuilder;
+
+impl BuildHasher for IdHashBuilder {
+    type Hasher = IdHasher;
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher(0)
+    }
+}
+
+/// A tenant as held in memory, with its token hash for authentication.
+#[derive(Debug)]
+pub struct TenantEntry {
+    pub tenant: Tenant,
+    pub token_hash: [u8; 32],
+}
+
+/// Cheap `Clone` handle over the maps.
+#[derive(Clone, Default)]
+pub struct ClaimsCache {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    claims: papaya::HashMap<DeviceId, Arc<Claim>, IdHashBuilder>,
+    tenants: papaya::HashMap<String, Arc<TenantEntry>>,
+    /// token hash → tenant id
+    tokens: papaya::HashMap<[u8; 32], String>,
+    /// Claims per tenant (quota checks, tenant deletion), kept in step by put/remove.
+    per_tenant: std::sync::Mutex<std::collections::HashMap<Arc<str>, usize>>,
+}
+
+impl std::fmt::Debug for ClaimsCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClaimsCache")
+            .field("claims", &self.inner.claims.len())
+            .field("tenants", &self.inner.tenants.len())
+            .finish()
+    }
+}
+
+impl ClaimsCache {
+    /// The claim of a device, if any. The connect path's one lookup.
+    pub fn claim(&self, id: &DeviceId) -> Option<Arc<Claim>> {
+        self.inner.claims.pin().get(id).cloned()
+    }
+
+    /// True when the device is revoked (checked during the TLS handshake).
+    pub fn is_revoked(&self, id: &DeviceId) -> bool {
+        self.inner
+            .claims
+            .pin()
+            .get(id)
+            .is_some_and(|c| c.state == ClaimState::Revoked)
+    }
+
+    /// Inserts or replaces a claim.
+    pub fn put_claim(&self, claim: Claim) {
+        let new_tenant = claim.tenant.clone();
+        let claims = self.inner.claims.pin();
+        let old_tenant = claims
+            .insert(claim.device_id, Arc::new(claim))
+            .and_then(|old| old.tenant.clone());
+        self.count(old_tenant, new_tenant);
+    }
+
+    /// Removes a claim.
+    pub fn remove_claim(&self, id: &DeviceId) {
+        let claims = self.inner.claims.pin();
+        let old_tenant = claims.remove(id).and_then(|old| old.tenant.clone());
+        self.count(old_tenant, None);
+    }
+
+    /// Claims (in any state) held by a tenant.
+    pub fn tenant_claim_count(&self, tenant: &str) -> usize {
+        let counts = self
+            .inner
+            .per_tenant
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        counts.get(tenant).copied().unwrap_or(0)
+    }
+
+    fn count(&self, old: Option<Arc<str>>, new: Option<Arc<str>>) {
+        if old == new {
+            return;
+        }
+        let mut counts = self
+            .inner
+            .per_tenant
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = old {
+            if let Some(n) = counts.get_mut(&old) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        if let Some(new) = new {
+            *counts.entry(new).or_default() += 1;
+        }
+    }
+
+    /// Number of claims held.
+    pub fn claim_count(&self) -> usize {
+        self.inner.claims.len()
+    }
+
+    /// Calls `f` for every claim (API listings; O(n)).
+    pub fn for_each_claim(&self, mut f: impl FnMut(&Arc<Claim>)) {
+        for (_, c) in self.inner.claims.pin().iter() {
+            f(c);
+        }
+    }
+
+    /// A tenant by id.
+    pub fn tenant(&self, id: &str) -> Option<Arc<TenantEntry>> {
+        self.inner.tenants.pin().get(id).cloned()
+    }
+
+    /// The tenant whose token hashes to `hash`.
+    pub fn tenant_by_token(&self, hash: &[u8; 32]) -> Option<Arc<TenantEntry>> {
+        let id = self.inner.tokens.pin().get(hash).cloned()?;
+        self.tenant(&id)
+    }
+
+    /// Inserts or replaces a tenant.
+    pub fn put_tenant(&self, entry: TenantEntry) {
+        self.inner
+            .tokens
+            .pin()
+            .insert(entry.token_hash, entry.tenant.id.clone());
+        self.inner
+            .tenants
+            .pin()
+            .insert(entry.tenant.id.clone(), Arc::new(entry));
+    }
+
+    /// Removes a tenant and its token.
+    pub fn remove_tenant(&self, id: &str) {
+        if let Some(e) = self.inner.tenants.pin().remove(id) {
+            self.inner.tokens.pin().remove(&e.token_hash);
+        }
+    }
+
+    /// Every tenant, sorted by id.
+    pub fn tenants(&self) -> Vec<Arc<TenantEntry>> {
+        let mut v: Vec<_> = self.inner.tenants.pin().values().cloned().collect();
+        v.sort_by(|a, b| a.tenant.id.cmp(&b.tenant.id));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_hasher_uses_digest_prefix() {
+        let a = IdHashBuilder.hash_one(DeviceId([1; 32]));
+        let b = IdHashBuilder.hash_one(DeviceId([2; 32]));
+        assert_ne!(a, b);
+        assert_eq!(a, IdHashBuilder.hash_one(DeviceId([1; 32])));
+    }
+
+    #[test]
+    fn put_get_remove_and_revoked() {
+        let cache = ClaimsCache::default();
+        let id = DeviceId([9; 32]);
+        assert!(cache.claim(&id).is_none());
+        cache.put_claim(Claim {
+            device_id: id,
+            tenant: None,
+            state: ClaimState::Revoked,
+            thing_name: None,
+            redirect_id: None,
+            claimed_at: None,
+            ready_at: None,
+            redirected_at: None,
+            error: None,
+        });
+        assert!(cache.is_revoked(&id));
+        cache.remove_claim(&id);
+        assert!(!cache.is_revoked(&id));
+    }
+}

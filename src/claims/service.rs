@@ -1,0 +1,466 @@
+//! The claims service: every change to tenants and claims goes through here, in this order:
+//! validate → write the store (durable) → update the map → wake the device's session.
+//!
+//! Mutations are serialised by one async lock: they are rare control-plane events, and one
+//! lock makes "second tenant claiming gets 409" and quota checks exact without store-level
+//! transactions. Reads (API, device path) never take it.
+
+use std::sync::Arc;
+
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, Mutex};
+
+use super::cache::{ClaimsCache, TenantEntry};
+use super::codes::ClaimKey;
+use super::model::{now_ms, Backend, Claim, ClaimState, Mode, Tenant};
+use super::tenant_input::TenantInput;
+use crate::edge::identity::{self, DeviceId};
+use crate::store::{Store, StoreError, StoredTenant};
+use crate::waiting::WaitingRoom;
+
+/// Why a control-plane request failed; the API maps each to a SPEC §6 error code.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("not found")]
+    NotFound,
+    #[error("invalid claim code")]
+    InvalidCode,
+    #[error("device is claimed by another tenant")]
+    AlreadyClaimed,
+    #[error("{0}")]
+    Conflict(String),
+    #[error("tenant has reached max_devices")]
+    QuotaExceeded,
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A device activity reported by the device path, applied to the store in the background.
+#[derive(Debug)]
+pub enum Activity {
+    /// A redirect reached the device.
+    Redirected {
+        device_id: DeviceId,
+        redirect_id: String,
+        at: i64,
+    },
+}
+
+/// The result of a claim request.
+#[derive(Debug)]
+pub struct ClaimOutcome {
+    /// False when the same tenant had already claimed the device (API answers 200, not 201).
+    pub created: bool,
+    pub claim: Arc<Claim>,
+}
+
+/// Cheap `Clone` handle.
+#[derive(Clone)]
+pub struct ClaimsService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    cache: ClaimsCache,
+    key: ClaimKey,
+    waiting: WaitingRoom,
+    write: Mutex<()>,
+}
+
+impl std::fmt::Debug for ClaimsService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClaimsService")
+            .field("cache", &self.inner.cache)
+            .finish()
+    }
+}
+
+/// Lowercase-hex-free digest of a bearer token, as kept in memory and (hex) in the store.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+impl ClaimsService {
+    /// Loads tenants and claims from the store into a fresh map.
+    pub async fn load(
+        store: Arc<dyn Store>,
+        key: ClaimKey,
+        waiting: WaitingRoom,
+    ) -> Result<Self, ServiceError> {
+        let cache = ClaimsCache::default();
+        for t in store.tenants().await? {
+            let mut hash = [0u8; 32];
+            hex::decode_to_slice(&t.token_hash, &mut hash)
+                .map_err(|_| StoreError::Corrupt(format!("token hash of {}", t.tenant.id)))?;
+            cache.put_tenant(TenantEntry {
+                tenant: t.tenant,
+                token_hash: hash,
+            });
+        }
+        for c in store.claims().await? {
+            gauge_state(c.state, 1.0);
+            cache.put_claim(c);
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                store,
+                cache,
+                key,
+                waiting,
+                write: Mutex::new(()),
+            }),
+        })
+    }
+
+    /// The map the device path reads.
+    pub fn cache(&self) -> &ClaimsCache {
+        &self.inner.cache
+    }
+
+    /// The waiting room (connected devices).
+    pub fn waiting(&self) -> &WaitingRoom {
+        &self.inner.waiting
+    }
+
+    /// Store liveness for `/readyz`.
+    pub async fn ping_store(&self) -> Result<(), StoreError> {
+        self.inner.store.ping().await
+    }
+
+    /// Creates a tenant; returns it with its token (shown once, stored hashed).
+    pub async fn create_tenant(
+        &self,
+        input: TenantInput,
+    ) -> Result<(Tenant, String), ServiceError> {
+        let id = input
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("t-{}", random_hex(6)));
+        let tenant = input.into_tenant(id)?;
+        check_supported(&tenant)?;
+        let token = format!("lobby_t_{}", random_hex(32));
+        let hash = token_hash(&token);
+        let _w = self.inner.write.lock().await;
+        let stored = StoredTenant {
+            tenant: tenant.clone(),
+            token_hash: hex::encode(hash),
+        };
+        match self.inner.store.insert_tenant(&stored).await {
+            Err(StoreError::Conflict) => {
+                return Err(ServiceError::Conflict(format!(
+                    "tenant {:?} exists",
+                    tenant.id
+                )))
+            }
+            other => other?,
+        }
+        self.inner.cache.put_tenant(TenantEntry {
+            tenant: tenant.clone(),
+            token_hash: hash,
+        });
+        Ok((tenant, token))
+    }
+
+    /// Applies a PATCH to a tenant. Devices see the change when they next connect or are woken.
+    pub async fn update_tenant(
+        &self,
+        id: &str,
+        patch: TenantInput,
+    ) -> Result<Tenant, ServiceError> {
+        let _w = self.inner.write.lock().await;
+        let entry = self.inner.cache.tenant(id).ok_or(ServiceError::NotFound)?;
+        let tenant = patch.apply_to(entry.tenant.clone())?;
+        check_supported(&tenant)?;
+        self.inner.store.update_tenant(&tenant).await?;
+        self.inner.cache.put_tenant(TenantEntry {
+            tenant: tenant.clone(),
+            token_hash: entry.token_hash,
+        });
+        // Ready devices waiting on this tenant may now have somewhere to go.
+        self.wake_tenant(id);
+        Ok(tenant)
+    }
+
+    /// Deletes a tenant that has no devices.
+    pub async fn delete_tenant(&self, id: &str) -> Result<(), ServiceError> {
+        let _w = self.inner.write.lock().await;
+        self.inner.cache.tenant(id).ok_or(ServiceError::NotFound)?;
+        if self.tenant_device_count(id) > 0 {
+            return Err(ServiceError::Conflict(format!(
+                "tenant {id:?} still has devices"
+            )));
+        }
+        self.inner.store.delete_tenant(id).await?;
+        self.inner.cache.remove_tenant(id);
+        Ok(())
+    }
+
+    /// Claims a device for `tenant_id` with its claim code (SPEC §3).
+    pub async fn claim(
+        &self,
+        tenant_id: &str,
+        code: &str,
+        cert_pem: Option<&str>,
+    ) -> Result<ClaimOutcome, ServiceError> {
+        // Verify before anything else: a wrong code and an unknown device look the same.
+        let device_id = self
+            .inner
+            .key
+            .verify(code)
+            .ok_or(ServiceError::InvalidCode)?;
+        let cert_cn = match cert_pem {
+            Some(pem) => Some(self.cert_cn(&device_id, pem)?),
+            None => None,
+        };
+        let _w = self.inner.write.lock().await;
+        let entry = self
+            .inner
+            .cache
+            .tenant(tenant_id)
+            .ok_or(ServiceError::NotFound)?;
+        if let Some(existing) = self.inner.cache.claim(&device_id) {
+            match existing.tenant_id() {
+                _ if existing.state == ClaimState::Revoked => {
+                    return Err(ServiceError::Conflict("device is revoked".into()))
+                }
+                Some(t) if t == tenant_id => {
+                    return Ok(ClaimOutcome {
+                        created: false,
+                        claim: existing,
+                    })
+                }
+                _ => return Err(ServiceError::AlreadyClaimed),
+            }
+        }
+        if let Some(max) = entry.tenant.max_devices {
+            if self.tenant_device_count(tenant_id) as u64 >= max {
+                return Err(ServiceError::QuotaExceeded);
+            }
+        }
+        let thing_name = cert_cn.flatten().or_else(|| {
+            self.inner
+                .waiting
+                .seen(&device_id)
+                .map(|s| s.thing_name.to_string())
+        });
+        let claim = self.bound_claim(device_id, &entry.tenant, thing_name, now_ms());
+        self.commit(claim, cert_pem)
+            .await
+            .map(|claim| ClaimOutcome {
+                created: true,
+                claim,
+            })
+    }
+
+    /// Unclaims a device (`by_tenant`: the caller's tenant, `None` for the operator).
+    pub async fn unclaim(
+        &self,
+        id: &DeviceId,
+        by_tenant: Option<&str>,
+    ) -> Result<(), ServiceError> {
+        let _w = self.inner.write.lock().await;
+        let existing = self.owned_claim(id, by_tenant)?;
+        if existing.state == ClaimState::Revoked {
+            // Revocation outlives the claim: keep refusing the device.
+            let mut c = (*existing).clone();
+            c.tenant = None;
+            self.commit(c, None).await?;
+            return Ok(());
+        }
+        self.inner.store.delete_claim(id).await?;
+        gauge_state(existing.state, -1.0);
+        self.inner.cache.remove_claim(id);
+        self.inner.waiting.wake(id);
+        Ok(())
+    }
+
+    /// Moves a claimed device to another tenant with a new redirect.
+    pub async fn migrate(&self, id: &DeviceId, to: &str) -> Result<Arc<Claim>, ServiceError> {
+        let _w = self.inner.write.lock().await;
+        let existing = self.owned_claim(id, None)?;
+        if existing.state == ClaimState::Revoked {
+            return Err(ServiceError::Conflict("device is revoked".into()));
+        }
+        let entry = self
+            .inner
+            .cache
+            .tenant(to)
+            .ok_or_else(|| ServiceError::Invalid(format!("no tenant {to:?}")))?;
+        if existing.tenant_id() == Some(to) {
+            return Ok(existing);
+        }
+        if let Some(max) = entry.tenant.max_devices {
+            if self.tenant_device_count(to) as u64 >= max {
+                return Err(ServiceError::QuotaExceeded);
+            }
+        }
+        let claim = self.bound_claim(*id, &entry.tenant, existing.thing_name.clone(), now_ms());
+        self.commit(claim, None).await
+    }
+
+    /// Revokes a device: refused at the handshake from now on, its connection closed.
+    pub async fn revoke(&self, id: &DeviceId) -> Result<Arc<Claim>, ServiceError> {
+        let _w = self.inner.write.lock().await;
+        let existing = self.inner.cache.claim(id);
+        if existing.is_none() && self.inner.waiting.seen(id).is_none() {
+            return Err(ServiceError::NotFound);
+        }
+        let claim = match existing {
+            Some(c) => Claim {
+                state: ClaimState::Revoked,
+                redirect_id: None,
+                ..(*c).clone()
+            },
+            None => Claim {
+                device_id: *id,
+                tenant: None,
+                state: ClaimState::Revoked,
+                thing_name: self
+                    .inner
+                    .waiting
+                    .seen(id)
+                    .map(|s| s.thing_name.to_string()),
+                redirect_id: None,
+                claimed_at: None,
+                ready_at: None,
+                redirected_at: None,
+                error: None,
+            },
+        };
+        self.commit(claim, None).await
+    }
+
+    /// Applies device-path activity until the channel closes.
+    pub async fn run_activity(self, mut rx: mpsc::Receiver<Activity>) {
+        while let Some(activity) = rx.recv().await {
+            let Activity::Redirected {
+                device_id,
+                redirect_id,
+                at,
+            } = activity;
+            let _w = self.inner.write.lock().await;
+            let Some(c) = self.inner.cache.claim(&device_id) else {
+                continue;
+            };
+            if c.redirect_id.as_deref() != Some(&redirect_id) {
+                continue; // superseded by a migration or unclaim meanwhile
+            }
+            let mut c = (*c).clone();
+            c.redirected_at = Some(at);
+            if let Err(e) = self.commit(c, None).await {
+                tracing::warn!(error = %e, "recording a redirect failed");
+            }
+        }
+    }
+
+    /// The claim of `id` as seen by `by_tenant` (`None`: operator): another tenant's is NotFound.
+    pub fn owned_claim(
+        &self,
+        id: &DeviceId,
+        by_tenant: Option<&str>,
+    ) -> Result<Arc<Claim>, ServiceError> {
+        let c = self.inner.cache.claim(id).ok_or(ServiceError::NotFound)?;
+        match by_tenant {
+            Some(t) if c.tenant_id() != Some(t) => Err(ServiceError::NotFound),
+            _ => Ok(c),
+        }
+    }
+
+    fn bound_claim(
+        &self,
+        id: DeviceId,
+        tenant: &Tenant,
+        thing_name: Option<String>,
+        now: i64,
+    ) -> Claim {
+        // Provisioning seam: backends that register first start in `registering` and the
+        // provisioner (driven by stored state) moves them on; `none` is ready at once.
+        let ready = matches!(tenant.backend, Backend::None);
+        Claim {
+            device_id: id,
+            tenant: Some(Arc::from(tenant.id.as_str())),
+            state: if ready {
+                ClaimState::Ready
+            } else {
+                ClaimState::Registering
+            },
+            thing_name,
+            redirect_id: Some(format!("r-{}", random_hex(12))),
+            claimed_at: Some(now),
+            ready_at: ready.then_some(now),
+            redirected_at: None,
+            error: None,
+        }
+    }
+
+    /// Store first (durable), then the map, then the device.
+    async fn commit(
+        &self,
+        claim: Claim,
+        cert_pem: Option<&str>,
+    ) -> Result<Arc<Claim>, ServiceError> {
+        self.inner.store.put_claim(&claim, cert_pem).await?;
+        let id = claim.device_id;
+        let old = self.inner.cache.claim(&id);
+        if let Some(old) = &old {
+            gauge_state(old.state, -1.0);
+        }
+        gauge_state(claim.state, 1.0);
+        self.inner.cache.put_claim(claim);
+        self.inner.waiting.wake(&id);
+        self.inner.cache.claim(&id).ok_or(ServiceError::NotFound)
+    }
+
+    fn cert_cn(&self, id: &DeviceId, pem: &str) -> Result<Option<String>, ServiceError> {
+        let der = identity::cert_pem_to_der(pem)
+            .map_err(|e| ServiceError::Invalid(format!("cert_pem: {e}")))?;
+        if DeviceId::from_cert_der(&der) != *id {
+            return Err(ServiceError::Invalid(
+                "cert_pem is not the certificate of the device in the code".into(),
+            ));
+        }
+        Ok(identity::common_name(&der))
+    }
+
+    fn tenant_device_count(&self, tenant: &str) -> usize {
+        self.inner.cache.tenant_claim_count(tenant)
+    }
+
+    fn wake_tenant(&self, tenant: &str) {
+        self.inner.cache.for_each_claim(|c| {
+            if c.tenant_id() == Some(tenant) {
+                self.inner.waiting.wake(&c.device_id);
+            }
+        });
+    }
+}
+
+/// Rejects what this build cannot serve yet, rather than accepting a tenant whose devices would
+/// wait forever.
+fn check_supported(t: &Tenant) -> Result<(), ServiceError> {
+    if matches!(t.backend, Backend::AwsIot(_)) {
+        return Err(ServiceError::Invalid(
+            "backend kind \"aws-iot\" is not available in this build yet".into(),
+        ));
+    }
+    if t.mode == Mode::Bridge {
+        return Err(ServiceError::Invalid(
+            "mode \"bridge\" is not available in this build yet".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn gauge_state(state: ClaimState, delta: f64) {
+    metrics::gauge!(crate::metrics::CLAIMS, "state" => state.as_str()).increment(delta);
+}

@@ -1,0 +1,318 @@
+//! Configuration: the TOML file of SPEC §8, every key with a default.
+//!
+//! `Config::load(path)` reads and parses, then `validate()` checks what serde cannot (addresses,
+//! positive limits, readable paths are checked where they are opened). A bad file is an error
+//! naming the key, never a panic.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Errors from loading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config: `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listener: ListenerConfig,
+    pub tls: TlsConfig,
+    pub store: StoreConfig,
+    pub claims: ClaimsConfig,
+    pub api: ApiConfig,
+    pub aws: AwsConfig,
+    pub limits: LimitsConfig,
+    pub shutdown: ShutdownConfig,
+    pub dev: DevConfig,
+    pub compat: CompatConfig,
+    pub log: LogConfig,
+}
+
+/// `[listener]`: where the lobby listens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Device-facing MQTT over TLS. Default `0.0.0.0:8883`, the IANA MQTT-over-TLS port.
+    pub mqtt: SocketAddr,
+    /// HTTP API, metrics and health. Default `127.0.0.1:8080`: operators expose it deliberately.
+    pub api: SocketAddr,
+    /// Expect a PROXY protocol v2 header from a TCP load balancer. Default false.
+    pub proxy_protocol: bool,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        Self {
+            mqtt: SocketAddr::from(([0, 0, 0, 0], 8883)),
+            api: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            proxy_protocol: false,
+        }
+    }
+}
+
+/// `[tls]`: the server certificate and the manufacturing CAs devices must chain to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Server certificate chain (PEM). Default `certs/dev/server.pem`.
+    pub cert: PathBuf,
+    /// Server private key (PEM). Default `certs/dev/server.key`.
+    pub key: PathBuf,
+    /// Every trusted manufacturing CA (PEM files). Default `["certs/dev/ca.pem"]`.
+    pub client_cas: Vec<PathBuf>,
+    /// Optional directory of CRLs (PEM or DER). Default empty: no CRLs.
+    pub crl_dir: PathBuf,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert: "certs/dev/server.pem".into(),
+            key: "certs/dev/server.key".into(),
+            client_cas: vec!["certs/dev/ca.pem".into()],
+            crl_dir: PathBuf::new(),
+        }
+    }
+}
+
+/// `[store]`: where tenants and claims persist.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite://<path>` (default `sqlite://data/lobby.db`) or `sqlite::memory:` for tests.
+    pub url: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://data/lobby.db".into(),
+        }
+    }
+}
+
+/// `[claims]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClaimsConfig {
+    /// The claim-code HMAC key file (hex). Default `certs/dev/claim.key`.
+    pub code_key: PathBuf,
+}
+
+impl Default for ClaimsConfig {
+    fn default() -> Self {
+        Self {
+            code_key: "certs/dev/claim.key".into(),
+        }
+    }
+}
+
+/// `[api]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// File holding the operator token. Default `certs/dev/admin.token`.
+    pub admin_token_file: PathBuf,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            admin_token_file: "certs/dev/admin.token".into(),
+        }
+    }
+}
+
+/// `[aws]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AwsConfig {
+    /// Override for the STS and IoT endpoints (tests, private endpoints). Default empty: AWS's own.
+    pub endpoint_url: String,
+}
+
+/// `[limits]`: every bound the lobby enforces.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Concurrent device connections (a permit is taken before accept). Default 100,000.
+    pub max_connections: usize,
+    /// TCP accept → TLS handshake done. Default 10 s: slow links, but no slowloris.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// TLS done → CONNECT received. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Largest MQTT packet accepted, checked on the fixed header. Default 128 KiB.
+    pub max_packet_size: usize,
+    /// v3.1.1: how long a redirected device may stay before the lobby closes it. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub redirect_grace: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 100_000,
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            max_packet_size: 131_072,
+            redirect_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[shutdown]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// How long connections may drain after SIGTERM. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+    /// Where v5 devices should go while this node is away (`host:port`). Default empty.
+    pub server_reference: String,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            grace: Duration::from_secs(30),
+            server_reference: String::new(),
+        }
+    }
+}
+
+/// `[dev]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DevConfig {
+    /// Create the development PKI (`certs/dev`) on first start when it is missing. Default false;
+    /// only the shipped development config turns it on.
+    pub auto_init: bool,
+}
+
+/// `[compat]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompatConfig {
+    /// Serve the AWS "device lobby" sample firmware's topics. Default false.
+    pub aws_device_lobby: bool,
+}
+
+/// `[log]` (an extension of SPEC §8).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `human` (default) or `json`.
+    pub format: String,
+    /// A tracing filter, e.g. `info,lobby=debug`. Default `info`; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: "human".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what the types alone do not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| ConfigError::Invalid {
+            key,
+            message: message.into(),
+        };
+        if self.limits.max_connections == 0 {
+            return Err(invalid("limits.max_connections", "must be at least 1"));
+        }
+        if self.limits.max_packet_size < 128 || self.limits.max_packet_size > 268_435_460 {
+            return Err(invalid(
+                "limits.max_packet_size",
+                "must be between 128 and 268435460 bytes",
+            ));
+        }
+        for (key, d) in [
+            ("limits.handshake_timeout", self.limits.handshake_timeout),
+            ("limits.connect_timeout", self.limits.connect_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(key, "must be longer than 0s"));
+            }
+        }
+        if self.tls.client_cas.is_empty() {
+            return Err(invalid("tls.client_cas", "at least one CA is required"));
+        }
+        if crate::store::StoreUrl::parse(&self.store.url).is_none() {
+            return Err(invalid(
+                "store.url",
+                "expected sqlite://<path> or sqlite::memory:",
+            ));
+        }
+        if !matches!(self.log.format.as_str(), "human" | "json") {
+            return Err(invalid("log.format", "expected \"human\" or \"json\""));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let c: Config = toml::from_str("").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.limits.max_packet_size, 131_072);
+        assert_eq!(c.listener.mqtt.port(), 8883);
+    }
+
+    #[test]
+    fn durations_and_unknown_keys() {
+        let c: Config = toml::from_str("[limits]\nredirect_grace = \"250ms\"\n").unwrap();
+        assert_eq!(c.limits.redirect_grace, Duration::from_millis(250));
+        let err = toml::from_str::<Config>("[limits]\nmax_conections = 1\n").unwrap_err();
+        assert!(err.to_string().contains("max_conections"), "{err}");
+    }
+
+    #[test]
+    fn validate_names_the_key() {
+        let mut c = Config::default();
+        c.limits.max_connections = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("limits.max_connections"), "{e}");
+        let mut c = Config::default();
+        c.store.url = "mysql://x".into();
+        assert!(c.validate().unwrap_err().to_string().contains("store.url"));
+    }
+}

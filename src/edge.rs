@@ -1,0 +1,32 @@
+//! The device edge: TCP listener → TLS handshake (identity) → MQTT session.
+//!
+//! `EdgeContext` is everything the device path needs, shared by all connections; it holds no
+//! store handle on purpose: the connect path reads only the claims map.
+
+pub mod identity;
+pub mod listener;
+pub mod tls;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::claims::cache::ClaimsCache;
+use crate::claims::service::Activity;
+use crate::config::LimitsConfig;
+use crate::waiting::WaitingRoom;
+
+/// Shared state of the device path.
+#[derive(Debug)]
+pub struct EdgeContext {
+    pub cache: ClaimsCache,
+    pub waiting: WaitingRoom,
+    /// Redirects delivered, for the control plane to record (bounded; full means dropped,
+    /// which loses only a `redirected_at` timestamp, never a redirect).
+    pub activity: mpsc::Sender<Activity>,
+    pub limits: LimitsConfig,
+    /// `shutdown.server_reference`, when set.
+    pub shutdown_server_reference: Option<String>,
+    pub compat_aws_device_lobby: bool,
+    /// Cancelled when the lobby shuts down.
+    pub cancel: CancellationToken,
+}

@@ -1,0 +1,198 @@
+//! Device identity derived from a client certificate.
+//!
+//! Contract: a device's id is the lowercase hex SHA-256 of its leaf
+//! certificate's DER encoding; its thing name is the certificate subject's
+//! common name, or the device id when there is no (non-empty) CN.
+
+use std::fmt;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+use sha2::{Digest, Sha256};
+
+/// Errors raised while converting certificate encodings.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// The text held no parsable `CERTIFICATE` PEM block.
+    #[error("no certificate found in PEM input: {0}")]
+    Pem(#[from] rustls_pki_types::pem::Error),
+}
+
+/// A device id: the SHA-256 of the device's leaf certificate DER.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceId(pub [u8; 32]);
+
+impl DeviceId {
+    /// Hashes the certificate DER; the bytes are not parsed.
+    pub fn from_cert_der(der: &[u8]) -> Self {
+        DeviceId(Sha256::digest(der).into())
+    }
+
+    /// Parses exactly 64 hex characters (either case); anything else is `None`.
+    pub fn parse_hex(s: &str) -> Option<Self> {
+        if s.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).ok()?;
+        Some(DeviceId(out))
+    }
+
+    /// The id as 64 lowercase hex characters.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DeviceId({}…)", hex::encode(&self.0[..4]))
+    }
+}
+
+/// The subject common name of a DER certificate, or `None` when the
+/// certificate cannot be parsed or has no non-empty CN.
+pub fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    if cn.is_empty() {
+        None
+    } else {
+        Some(cn.to_owned())
+    }
+}
+
+/// A device's identity as seen by the broker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// SHA-256 of `cert_der`.
+    pub device_id: DeviceId,
+    /// Subject CN, or the device id in hex when the certificate has none.
+    pub thing_name: String,
+    /// The leaf certificate, DER encoded.
+    pub cert_der: Vec<u8>,
+}
+
+impl Identity {
+    /// Builds the identity of the device presenting this leaf certificate.
+    pub fn from_cert_der(der: &[u8]) -> Self {
+        let device_id = DeviceId::from_cert_der(der);
+        let thing_name = common_name(der).unwrap_or_else(|| device_id.to_hex());
+        Identity {
+            device_id,
+            thing_name,
+            cert_der: der.to_vec(),
+        }
+    }
+}
+
+/// The DER bytes of the first `CERTIFICATE` block in `pem`.
+pub fn cert_pem_to_der(pem: &str) -> Result<Vec<u8>, IdentityError> {
+    let cert = CertificateDer::from_pem_slice(pem.as_bytes())?;
+    Ok(cert.as_ref().to_vec())
+}
+
+/// Encodes DER as a `CERTIFICATE` PEM block with 64-column base64 lines.
+pub fn der_to_pem(der: &[u8]) -> String {
+    let b64 = data_encoding::BASE64.encode(der);
+    let mut out = String::with_capacity(b64.len() + b64.len() / 64 + 60);
+    out.push_str("-----BEGIN CERTIFICATE-----\n");
+    // Base64 output is ASCII, so byte chunks are valid str slices.
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
+
+    fn cert_with_cn(cn: Option<&str>) -> Vec<u8> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        let mut dn = DistinguishedName::new();
+        if let Some(cn) = cn {
+            dn.push(DnType::CommonName, cn);
+        } else {
+            dn.push(DnType::OrganizationName, "Lobby Tests");
+        }
+        params.distinguished_name = dn;
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn device_id_matches_known_sha256_vector() {
+        // FIPS 180-2 test vector: SHA-256("abc").
+        let id = DeviceId::from_cert_der(b"abc");
+        let expected = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(id.to_hex(), expected);
+        assert_eq!(id.to_string(), expected);
+        assert_eq!(format!("{id:?}"), "DeviceId(ba7816bf…)");
+        // SHA-256 of the empty input.
+        assert_eq!(
+            DeviceId::from_cert_der(b"").to_hex(),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+
+    #[test]
+    fn device_id_of_cert_is_sha256_of_der() {
+        let der = cert_with_cn(Some("dev-1"));
+        let expected: [u8; 32] = Sha256::digest(&der).into();
+        assert_eq!(DeviceId::from_cert_der(&der).0, expected);
+    }
+
+    #[test]
+    fn parse_hex_edge_cases() {
+        let lower = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let id = DeviceId::parse_hex(lower).unwrap();
+        assert_eq!(DeviceId::parse_hex(&lower.to_uppercase()), Some(id));
+        assert_eq!(id.to_hex(), lower);
+        assert_eq!(DeviceId::parse_hex(""), None);
+        assert_eq!(DeviceId::parse_hex(&lower[..63]), None);
+        assert_eq!(DeviceId::parse_hex(&format!("{lower}0")), None);
+        assert_eq!(DeviceId::parse_hex(&format!("{}g", &lower[..63])), None);
+        assert_eq!(DeviceId::parse_hex(&format!(" {}", &lower[..63])), None);
+        // 64 bytes but multi-byte chars: must not panic.
+        assert_eq!(DeviceId::parse_hex(&"é".repeat(32)), None);
+    }
+
+    #[test]
+    fn common_name_and_fallback() {
+        let der = cert_with_cn(Some("thing-42"));
+        assert_eq!(common_name(&der).as_deref(), Some("thing-42"));
+        let ident = Identity::from_cert_der(&der);
+        assert_eq!(ident.thing_name, "thing-42");
+        assert_eq!(ident.cert_der, der);
+
+        let der = cert_with_cn(None);
+        assert_eq!(common_name(&der), None);
+        let ident = Identity::from_cert_der(&der);
+        assert_eq!(ident.thing_name, ident.device_id.to_hex());
+
+        assert_eq!(common_name(b"not a certificate"), None);
+    }
+
+    #[test]
+    fn pem_round_trip() {
+        let der = cert_with_cn(Some("pem"));
+        let pem = der_to_pem(&der);
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE-----\n"));
+        assert!(pem.lines().all(|l| l.len() <= 64));
+        assert_eq!(cert_pem_to_der(&pem).unwrap(), der);
+        let with_key =
+            format!("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n{pem}");
+        assert_eq!(cert_pem_to_der(&with_key).unwrap(), der);
+        assert!(cert_pem_to_der("garbage").is_err());
+    }
+}

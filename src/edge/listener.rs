@@ -1,0 +1,106 @@
+//! The MQTT/TLS accept loop and the per-connection task.
+//!
+//! A connection permit is taken before `accept` (`limits.max_connections`), so a full lobby
+//! stops accepting instead of accepting and dropping. The TLS handshake runs in the
+//! connection's own task under `limits.handshake_timeout`, never in the accept loop.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rustls::ServerConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{timeout, Instant};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::identity::Identity;
+use super::EdgeContext;
+use crate::metrics;
+use crate::mqtt::session;
+
+/// Accepts device connections until `ctx.cancel` fires.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<ArcSwap<ServerConfig>>,
+    ctx: Arc<EdgeContext>,
+    tracker: TaskTracker,
+) {
+    let permits = Arc::new(Semaphore::new(ctx.limits.max_connections));
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            () = ctx.cancel.cancelled() => return,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = ctx.cancel.cancelled() => return,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                let _ = tcp.set_nodelay(true);
+                let acceptor = TlsAcceptor::from(tls.load_full());
+                let span = tracing::debug_span!("conn", %peer, device_id = tracing::field::Empty);
+                tracker
+                    .spawn(connection(tcp, peer, acceptor, ctx.clone(), permit).instrument(span));
+            }
+            Err(e) => {
+                // EMFILE/ENFILE and friends: back off instead of spinning on the error.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    ctx: Arc<EdgeContext>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let started = Instant::now();
+    let stream = match timeout(ctx.limits.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let reason = super::tls::failure_reason(&e);
+            metrics::handshake_failure(reason);
+            tracing::debug!(%peer, reason, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            metrics::handshake_failure("timeout");
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let tls_done = Instant::now();
+    ::metrics::histogram!(metrics::TLS_HANDSHAKE_DURATION_SECONDS)
+        .record((tls_done - started).as_secs_f64());
+    let Some(leaf) = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+    else {
+        metrics::handshake_failure("no_certificate");
+        return;
+    };
+    let identity = Identity::from_cert_der(leaf.as_ref());
+    // Resumed sessions skip certificate verification: check revocation again here.
+    if ctx.cache.is_revoked(&identity.device_id) {
+        metrics::handshake_failure("revoked");
+        return;
+    }
+    tracing::Span::current().record("device_id", tracing::field::display(&identity.device_id));
+    let end = session::run(stream, identity, ctx, tls_done).await;
+    metrics::connection_outcome(end.label());
+    tracing::debug!(outcome = end.label(), "connection closed");
+}

@@ -1,0 +1,188 @@
+//! TLS for the device edge: the server certificate, the manufacturing CAs devices must chain
+//! to, optional CRLs, and a client verifier that also refuses revoked devices.
+//!
+//! Crypto is aws-lc-rs, rustls' default provider and the one the AWS SDK brings anyway, so the
+//! binary carries one implementation; it is as fast as ring for P-256. The provider is always
+//! named explicitly: with ring also in the graph (test clients) `ServerConfig::builder()` would
+//! panic.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::aws_lc_rs;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
+
+use crate::claims::cache::ClaimsCache;
+use crate::config::TlsConfig;
+use crate::edge::identity::DeviceId;
+
+/// Errors building the TLS configuration; each names the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("tls: cannot read {path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("tls: {0}")]
+    Config(String),
+}
+
+fn file_err(path: &Path, e: impl std::fmt::Display) -> TlsError {
+    TlsError::File {
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// Builds the edge's `ServerConfig` from `[tls]`. Revocation via the API is read from `cache`.
+pub fn server_config(tls: &TlsConfig, cache: ClaimsCache) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = Arc::new(aws_lc_rs::default_provider());
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert)
+        .map_err(|e| file_err(&tls.cert, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_err(&tls.cert, e))?;
+    if chain.is_empty() {
+        return Err(file_err(&tls.cert, "no CERTIFICATE in file"));
+    }
+    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| file_err(&tls.key, e))?;
+
+    let mut roots = RootCertStore::empty();
+    for path in &tls.client_cas {
+        let mut n = 0;
+        for cert in CertificateDer::pem_file_iter(path).map_err(|e| file_err(path, e))? {
+            let cert = cert.map_err(|e| file_err(path, e))?;
+            roots.add(cert).map_err(|e| file_err(path, e))?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err(file_err(path, "no CERTIFICATE in file"));
+        }
+    }
+    let crls = load_crls(&tls.crl_dir)?;
+    let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .with_crls(crls)
+        .build()
+        .map_err(|e| TlsError::Config(format!("client verifier: {e}")))?;
+    let verifier = Arc::new(DeviceVerifier {
+        inner: webpki,
+        cache,
+    });
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| file_err(&tls.key, format!("certificate and key do not match: {e}")))?;
+    Ok(Arc::new(config))
+}
+
+/// Reads every `*.pem`, `*.crl` and `*.der` file of `dir` (none when `dir` is empty).
+fn load_crls(dir: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    if dir.as_os_str().is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| file_err(dir, e))?;
+    for entry in entries {
+        let path = entry.map_err(|e| file_err(dir, e))?.path();
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("pem") => {
+                for crl in CertificateRevocationListDer::pem_file_iter(&path)
+                    .map_err(|e| file_err(&path, e))?
+                {
+                    out.push(crl.map_err(|e| file_err(&path, e))?);
+                }
+            }
+            Some("crl" | "der") => {
+                let der = std::fs::read(&path).map_err(|e| file_err(&path, e))?;
+                out.push(CertificateRevocationListDer::from(der));
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// WebPKI verification against the manufacturing CAs, then the lobby's own revocation list
+/// (devices revoked through the API), so a revoked device fails at the handshake.
+#[derive(Debug)]
+struct DeviceVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    cache: ClaimsCache,
+}
+
+impl ClientCertVerifier for DeviceVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if self.cache.is_revoked(&DeviceId::from_cert_der(end_entity)) {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// A metric label for a failed handshake.
+pub fn failure_reason(e: &std::io::Error) -> &'static str {
+    let Some(tls) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        return "io";
+    };
+    match tls {
+        rustls::Error::InvalidCertificate(CertificateError::Revoked) => "revoked",
+        rustls::Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => "expired",
+        rustls::Error::InvalidCertificate(_) => "bad_certificate",
+        rustls::Error::NoCertificatesPresented => "no_certificate",
+        _ => "protocol",
+    }
+}

@@ -1,0 +1,99 @@
+//! Prometheus metrics (SPEC §9): the names as constants, one recorder per process, and small
+//! helpers so call sites stay one line. Labels never carry a device id.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const CONNECTIONS_ACTIVE: &str = "lobby_connections_active";
+pub const CONNECTIONS_TOTAL: &str = "lobby_connections_total";
+pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "lobby_tls_handshake_failures_total";
+pub const TLS_HANDSHAKE_DURATION_SECONDS: &str = "lobby_tls_handshake_duration_seconds";
+pub const CONNECT_DURATION_SECONDS: &str = "lobby_connect_duration_seconds";
+pub const REDIRECTS_TOTAL: &str = "lobby_redirects_total";
+pub const CLAIMS: &str = "lobby_claims";
+pub const CLAIM_TO_REDIRECT_SECONDS: &str = "lobby_claim_to_redirect_seconds";
+pub const REGISTRATIONS_TOTAL: &str = "lobby_registrations_total";
+pub const REGISTRATION_DURATION_SECONDS: &str = "lobby_registration_duration_seconds";
+pub const BRIDGE_MESSAGES_TOTAL: &str = "lobby_bridge_messages_total";
+pub const BRIDGE_UPSTREAM_CONNECTED: &str = "lobby_bridge_upstream_connected";
+pub const STORE_OPERATION_DURATION_SECONDS: &str = "lobby_store_operation_duration_seconds";
+
+/// Buckets for sub-second operations (handshakes, store writes, redirects), in seconds.
+const FAST_BUCKETS: &[f64] = &[
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide recorder once (later calls, e.g. several lobbies in one test
+/// process, share it) and returns the handle that renders `/metrics`.
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), FAST_BUCKETS)
+                .ok()?;
+            let handle = builder.install_recorder().ok()?;
+            describe();
+            Some(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(
+        CONNECTIONS_ACTIVE,
+        "Device connections open now, by protocol."
+    );
+    describe_counter!(CONNECTIONS_TOTAL, "Device connections by outcome.");
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES_TOTAL,
+        "Failed TLS handshakes by reason."
+    );
+    describe_histogram!(
+        TLS_HANDSHAKE_DURATION_SECONDS,
+        Unit::Seconds,
+        "TLS handshakes."
+    );
+    describe_histogram!(
+        CONNECT_DURATION_SECONDS,
+        Unit::Seconds,
+        "TLS done to CONNACK sent."
+    );
+    describe_counter!(REDIRECTS_TOTAL, "Redirects sent by kind.");
+    describe_gauge!(CLAIMS, "Claims in the map by state.");
+    describe_histogram!(
+        CLAIM_TO_REDIRECT_SECONDS,
+        Unit::Seconds,
+        "Claim ready to redirect sent."
+    );
+    describe_histogram!(
+        STORE_OPERATION_DURATION_SECONDS,
+        Unit::Seconds,
+        "Store calls by op."
+    );
+}
+
+/// Times one store operation.
+pub fn store_operation(op: &'static str, took: Duration) {
+    metrics::histogram!(STORE_OPERATION_DURATION_SECONDS, "op" => op).record(took.as_secs_f64());
+}
+
+/// Counts a finished device connection.
+pub fn connection_outcome(outcome: &'static str) {
+    metrics::counter!(CONNECTIONS_TOTAL, "outcome" => outcome).increment(1);
+}
+
+/// Counts a failed handshake.
+pub fn handshake_failure(reason: &'static str) {
+    metrics::counter!(TLS_HANDSHAKE_FAILURES_TOTAL, "reason" => reason).increment(1);
+}
+
+/// Counts a redirect of `kind` (`connack`, `disconnect`, `publish`).
+pub fn redirect(kind: &'static str) {
+    metrics::counter!(REDIRECTS_TOTAL, "kind" => kind).increment(1);
+}

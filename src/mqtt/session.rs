@@ -1,0 +1,592 @@
+//! One device's MQTT session on the lobby, after its TLS handshake: CONNECT → route decision →
+//! CONNACK, then wait (status, keep-alive, its own topics) until a redirect is due, the device
+//! leaves, another connection takes over, or the lobby shuts down.
+//!
+//! The session never touches the store: it reads the claims map, and reports redirects through
+//! the bounded activity channel. Control-plane changes arrive as wake-ups from the waiting room.
+
+mod outbound;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::{sleep_until, timeout, Instant};
+
+use super::acl::{Acl, Refusal, Subscriptions};
+use super::codec::{self, CodecError, Connect, Packet, Protocol, Publish, QoS};
+use crate::claims::model::ClaimState;
+use crate::edge::identity::Identity;
+use crate::edge::EdgeContext;
+use crate::route::{self, Redirect, Route};
+use crate::waiting::SessionHandle;
+
+/// v5 reason codes the session sends.
+pub mod reason {
+    pub const SUCCESS: u8 = 0x00;
+    pub const NO_SUBSCRIPTION_EXISTED: u8 = 0x11;
+    pub const UNSPECIFIED: u8 = 0x80;
+    pub const PROTOCOL_ERROR: u8 = 0x82;
+    pub const BAD_AUTH_METHOD: u8 = 0x8C;
+    pub const NOT_AUTHORIZED: u8 = 0x87;
+    pub const SERVER_SHUTTING_DOWN: u8 = 0x8B;
+    pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
+    pub const SESSION_TAKEN_OVER: u8 = 0x8E;
+    pub const TOPIC_FILTER_INVALID: u8 = 0x8F;
+    pub const TOPIC_NAME_INVALID: u8 = 0x90;
+    pub const TOPIC_ALIAS_INVALID: u8 = 0x94;
+    pub const QUOTA_EXCEEDED: u8 = 0x97;
+    pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
+    pub const USE_ANOTHER_SERVER: u8 = 0x9C;
+    pub const SERVER_MOVED: u8 = 0x9D;
+    /// v3.1.1 CONNACK return code 5.
+    pub const V3_NOT_AUTHORIZED: u8 = 0x05;
+}
+
+/// Why a session ended (the `outcome` label of `lobby_connections_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    Closed,
+    Redirected,
+    TakenOver,
+    Revoked,
+    KeepAliveTimeout,
+    ConnectTimeout,
+    ProtocolError,
+    Forbidden,
+    Shutdown,
+    Io,
+}
+
+impl End {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            End::Closed => "closed",
+            End::Redirected => "redirected",
+            End::TakenOver => "taken_over",
+            End::Revoked => "revoked",
+            End::KeepAliveTimeout => "keepalive_timeout",
+            End::ConnectTimeout => "connect_timeout",
+            End::ProtocolError => "protocol_error",
+            End::Forbidden => "forbidden",
+            End::Shutdown => "shutdown",
+            End::Io => "io_error",
+        }
+    }
+}
+
+/// Control flow inside the session: keep going, or end with a reason.
+type Step = Result<(), End>;
+
+/// Runs a device's session to its end over an established TLS stream.
+pub async fn run<S>(io: S, identity: Identity, ctx: Arc<EdgeContext>, tls_done: Instant) -> End
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut rbuf = BytesMut::with_capacity(1024);
+    let mut io = io;
+    let connect = match read_connect(&mut io, &mut rbuf, &ctx).await {
+        Ok(c) => c,
+        Err(end) => return end,
+    };
+    let protocol = connect.protocol;
+    let proto_label = match protocol {
+        Protocol::V311 => "mqtt3.1.1",
+        Protocol::V5 => "mqtt5",
+    };
+    let handle = ctx
+        .waiting
+        .register(identity.device_id, &identity.thing_name, proto_label);
+    let compat_topic = ctx
+        .compat_aws_device_lobby
+        .then(|| format!("lobby/{}", identity.thing_name));
+    let mut s = Session {
+        io,
+        rbuf,
+        wbuf: BytesMut::with_capacity(256),
+        protocol,
+        acl: Acl::new(route::device_prefix(&identity.device_id), compat_topic),
+        identity,
+        ctx,
+        handle,
+        subs: Subscriptions::default(),
+        keep_alive: keep_alive_window(connect.keep_alive),
+        last_rx: Instant::now(),
+        next_pkid: 0,
+        redirect_pkid: None,
+        redirect_sent: None,
+        redirect_deadline: None,
+        last_status: None,
+        client_max_packet: connect.properties.maximum_packet_size,
+    };
+    metrics::gauge!(crate::metrics::CONNECTIONS_ACTIVE, "protocol" => proto_label).increment(1.0);
+    let end = match s.start(&connect, tls_done).await {
+        Ok(()) => s.run_loop().await,
+        Err(end) => end,
+    };
+    metrics::gauge!(crate::metrics::CONNECTIONS_ACTIVE, "protocol" => proto_label).decrement(1.0);
+    s.ctx
+        .waiting
+        .deregister(&s.identity.device_id, s.handle.conn_id);
+    let _ = timeout(Duration::from_secs(1), s.io.shutdown()).await;
+    end
+}
+
+/// MQTT allows 1.5 × keep-alive of silence; 0 turns the check off.
+fn keep_alive_window(keep_alive: u16) -> Option<Duration> {
+    (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500))
+}
+
+/// Reads the first packet, which must be CONNECT, under `limits.connect_timeout`.
+async fn read_connect<S>(io: &mut S, rbuf: &mut BytesMut, ctx: &EdgeContext) -> Result<Connect, End>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let max = ctx.limits.max_packet_size;
+    let read = async {
+        loop {
+            match codec::decode(rbuf, None, max) {
+                Ok(Some(Packet::Connect(c))) => return Ok(c),
+                Ok(Some(_)) => return Err(End::ProtocolError),
+                Ok(None) => {}
+                Err(e) => {
+                    connect_refused(io, e).await;
+                    return Err(End::ProtocolError);
+                }
+            }
+            match io.read_buf(rbuf).await {
+                Ok(0) => return Err(End::Closed),
+                Ok(_) => {}
+                Err(_) => return Err(End::Io),
+            }
+        }
+    };
+    timeout(ctx.limits.connect_timeout, read)
+        .await
+        .unwrap_or(Err(End::ConnectTimeout))
+}
+
+/// Answers an unusable CONNECT: v3.1.1 return code 1 for an unknown protocol level (the one
+/// refusal both versions understand), nothing otherwise (the connection just closes).
+async fn connect_refused<S: AsyncWrite + Unpin>(io: &mut S, e: CodecError) {
+    if let CodecError::UnsupportedProtocol(_) = e {
+        let _ = io.write_all(&[0x20, 0x02, 0x00, 0x01]).await;
+        let _ = io.flush().await;
+    }
+}
+
+struct Session<S> {
+    io: S,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    protocol: Protocol,
+    identity: Identity,
+    acl: Acl,
+    ctx: Arc<EdgeContext>,
+    handle: SessionHandle,
+    subs: Subscriptions,
+    keep_alive: Option<Duration>,
+    last_rx: Instant,
+    next_pkid: u16,
+    /// The packet id of the redirect publish awaiting PUBACK (v3.1.1 closes on it).
+    redirect_pkid: Option<u16>,
+    /// The redirect already sent in this session (sent once per redirect id).
+    redirect_sent: Option<String>,
+    /// v3.1.1: when the lobby closes a redirected device that has not acknowledged.
+    redirect_deadline: Option<Instant>,
+    /// The last status sent, to send it again only on change.
+    last_status: Option<(ClaimState, Option<Arc<str>>)>,
+    client_max_packet: Option<u32>,
+}
+
+impl<S> Session<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    /// Answers CONNECT: a v5 device with a due redirect gets CONNACK 0x9D and leaves.
+    async fn start(&mut self, connect: &Connect, tls_done: Instant) -> Step {
+        if self.protocol == Protocol::V5 && connect.properties.authentication_method.is_some() {
+            self.send_connack(reason::BAD_AUTH_METHOD, None, None);
+            self.flush().await?;
+            return Err(End::ProtocolError);
+        }
+        let route = self.route();
+        match (&route, self.protocol) {
+            (Route::Refuse, _) => {
+                let code = match self.protocol {
+                    Protocol::V311 => reason::V3_NOT_AUTHORIZED,
+                    Protocol::V5 => reason::NOT_AUTHORIZED,
+                };
+                self.send_connack(code, None, None);
+                self.flush().await?;
+                Err(End::Revoked)
+            }
+            (Route::Redirect(r), Protocol::V5) => {
+                self.send_connack(reason::SERVER_MOVED, Some(r), None);
+                self.flush().await?;
+                self.redirected(r, "connack");
+                Err(End::Redirected)
+            }
+            _ => {
+                let assigned = (self.protocol == Protocol::V5 && connect.client_id.is_empty())
+                    .then(|| self.identity.device_id.to_hex());
+                self.send_connack(reason::SUCCESS, None, assigned);
+                self.flush().await?;
+                metrics::histogram!(crate::metrics::CONNECT_DURATION_SECONDS)
+                    .record(tls_done.elapsed().as_secs_f64());
+                self.last_status = Some(status_key(&route));
+                Ok(())
+            }
+        }
+    }
+
+    async fn run_loop(&mut self) -> End {
+        let cancel = self.ctx.cancel.clone();
+        let wake = self.handle.wake.clone();
+        loop {
+            let deadline = self.next_deadline();
+            let step = tokio::select! {
+                read = self.io.read_buf(&mut self.rbuf) => match read {
+                    Ok(0) => Err(End::Closed),
+                    Ok(_) => {
+                        self.last_rx = Instant::now();
+                        self.on_input().await
+                    }
+                    Err(_) => Err(End::Io),
+                },
+                () = wake.notified() => self.reevaluate().await,
+                () = cancel.cancelled() => self.on_shutdown().await,
+                () = sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
+                    self.on_deadline().await
+                }
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    /// The earliest of the keep-alive and the redirect-grace deadlines.
+    fn next_deadline(&self) -> Option<Instant> {
+        let ka = self.keep_alive.map(|w| self.last_rx + w);
+        match (ka, self.redirect_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    async fn on_deadline(&mut self) -> Step {
+        let now = Instant::now();
+        if self.redirect_deadline.is_some_and(|d| d <= now) {
+            return Err(End::Redirected);
+        }
+        if self.keep_alive.is_some_and(|w| self.last_rx + w <= now) {
+            self.send_disconnect(reason::KEEP_ALIVE_TIMEOUT, None);
+            let _ = self.flush().await;
+            return Err(End::KeepAliveTimeout);
+        }
+        Ok(())
+    }
+
+    async fn on_shutdown(&mut self) -> Step {
+        let reference = self.ctx.shutdown_server_reference.clone();
+        match reference {
+            Some(r) => self.send_disconnect(reason::USE_ANOTHER_SERVER, Some(r)),
+            None => self.send_disconnect(reason::SERVER_SHUTTING_DOWN, None),
+        }
+        let _ = self.flush().await;
+        Err(End::Shutdown)
+    }
+
+    /// Decodes and handles every complete packet buffered.
+    async fn on_input(&mut self) -> Step {
+        loop {
+            let packet = match codec::decode(
+                &mut self.rbuf,
+                Some(self.protocol),
+                self.ctx.limits.max_packet_size,
+            ) {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "malformed packet");
+                    self.send_disconnect(e.reason_code(), None);
+                    let _ = self.flush().await;
+                    return Err(End::ProtocolError);
+                }
+            };
+            self.on_packet(packet).await?;
+        }
+        self.flush().await
+    }
+
+    async fn on_packet(&mut self, packet: Packet) -> Step {
+        match packet {
+            Packet::PingReq => {
+                self.send(&Packet::PingResp);
+                Ok(())
+            }
+            Packet::Publish(p) => self.on_publish(p).await,
+            Packet::PubAck(ack) => {
+                if self.redirect_pkid == Some(ack.pkid) && self.protocol == Protocol::V311 {
+                    return Err(End::Redirected);
+                }
+                Ok(())
+            }
+            Packet::Subscribe(sub) => self.on_subscribe(sub),
+            Packet::Unsubscribe(unsub) => {
+                self.on_unsubscribe(unsub);
+                Ok(())
+            }
+            Packet::Disconnect(_) => Err(End::Closed),
+            _ => {
+                self.send_disconnect(reason::PROTOCOL_ERROR, None);
+                let _ = self.flush().await;
+                Err(End::ProtocolError)
+            }
+        }
+    }
+
+    async fn on_publish(&mut self, p: Publish) -> Step {
+        if p.properties.topic_alias.is_some() {
+            // CONNACK announced Topic Alias Maximum 0.
+            return self.refuse_hard(reason::TOPIC_ALIAS_INVALID).await;
+        }
+        if p.qos == QoS::ExactlyOnce {
+            return self.refuse_hard(reason::QOS_NOT_SUPPORTED).await;
+        }
+        match self.acl.check_publish(&p.topic) {
+            Ok(()) => {}
+            Err(Refusal::Invalid) => return self.refuse_hard(reason::TOPIC_NAME_INVALID).await,
+            Err(Refusal::NotAuthorized) => {
+                if self.protocol == Protocol::V5 && p.qos == QoS::AtLeastOnce {
+                    self.send_puback(p.pkid, reason::NOT_AUTHORIZED);
+                    return Ok(());
+                }
+                self.send_disconnect(reason::NOT_AUTHORIZED, None);
+                let _ = self.flush().await;
+                return Err(End::Forbidden);
+            }
+        }
+        if p.qos == QoS::AtLeastOnce {
+            self.send_puback(p.pkid, reason::SUCCESS);
+        }
+        if p.topic == self.acl.topic("ack") && self.is_ack_of_sent_redirect(&p.payload) {
+            self.flush().await?;
+            return Err(End::Redirected);
+        }
+        Ok(())
+    }
+
+    /// `{"redirect_id": …}` naming the redirect this session delivered.
+    fn is_ack_of_sent_redirect(&self, payload: &[u8]) -> bool {
+        #[derive(serde::Deserialize)]
+        struct Ack {
+            redirect_id: String,
+        }
+        match (serde_json::from_slice::<Ack>(payload), &self.redirect_sent) {
+            (Ok(ack), Some(sent)) => &ack.redirect_id == sent,
+            _ => false,
+        }
+    }
+
+    /// Closes the connection for a protocol violation (v5 with a DISCONNECT reason first).
+    async fn refuse_hard(&mut self, code: u8) -> Step {
+        self.send_disconnect(code, None);
+        let _ = self.flush().await;
+        Err(End::ProtocolError)
+    }
+
+    fn on_subscribe(&mut self, sub: codec::Subscribe) -> Step {
+        let mut codes = Vec::with_capacity(sub.filters.len());
+        let mut added = Vec::new();
+        for f in &sub.filters {
+            let code = match self.acl.check_subscribe(&f.filter) {
+                Ok(()) => {
+                    let qos = if f.qos == QoS::AtMostOnce {
+                        QoS::AtMostOnce
+                    } else {
+                        QoS::AtLeastOnce
+                    };
+                    if self.subs.add(&f.filter, qos) {
+                        added.push(f.filter.clone());
+                        qos as u8
+                    } else {
+                        self.refusal_code(reason::QUOTA_EXCEEDED)
+                    }
+                }
+                Err(Refusal::Invalid) => self.refusal_code(reason::TOPIC_FILTER_INVALID),
+                Err(Refusal::NotAuthorized) => self.refusal_code(reason::NOT_AUTHORIZED),
+            };
+            codes.push(code);
+        }
+        self.send(&Packet::SubAck(codec::SubAck {
+            pkid: sub.pkid,
+            codes,
+            properties: Default::default(),
+        }));
+        if !added.is_empty() {
+            self.deliver_on_subscribe(&added);
+        }
+        Ok(())
+    }
+
+    /// v3.1.1 has one failure code for SUBACK; v5 says why.
+    fn refusal_code(&self, v5: u8) -> u8 {
+        match self.protocol {
+            Protocol::V311 => 0x80,
+            Protocol::V5 => v5,
+        }
+    }
+
+    fn on_unsubscribe(&mut self, unsub: codec::Unsubscribe) {
+        let codes = unsub
+            .filters
+            .iter()
+            .map(|f| {
+                if self.subs.remove(f) {
+                    reason::SUCCESS
+                } else {
+                    reason::NO_SUBSCRIPTION_EXISTED
+                }
+            })
+            .collect();
+        let codes = match self.protocol {
+            Protocol::V311 => Vec::new(),
+            Protocol::V5 => codes,
+        };
+        self.send(&Packet::UnsubAck(codec::UnsubAck {
+            pkid: unsub.pkid,
+            codes,
+            properties: Default::default(),
+        }));
+    }
+
+    /// After a SUBSCRIBE: the current status, and a due redirect, to the new filters' topics.
+    fn deliver_on_subscribe(&mut self, added: &[String]) {
+        let route = self.route();
+        let matches = |topic: &str| added.iter().any(|f| codec_topic_match(f, topic));
+        if matches(&self.acl.topic("status")) {
+            let (state, tenant) = route.status();
+            self.publish_status(state, tenant.map(str::to_owned).as_deref());
+        }
+        if let Route::Redirect(r) = &route {
+            let to_redirect = matches(&self.acl.topic("redirect"));
+            let to_compat = self.acl.compat_topic().is_some_and(matches);
+            if to_redirect || to_compat {
+                self.publish_redirect(r);
+                self.arm_redirect_grace();
+            }
+        }
+    }
+
+    /// Re-reads the claims map after a wake-up and acts on any change.
+    async fn reevaluate(&mut self) -> Step {
+        if !self
+            .ctx
+            .waiting
+            .is_current(&self.identity.device_id, self.handle.conn_id)
+        {
+            self.send_disconnect(reason::SESSION_TAKEN_OVER, None);
+            let _ = self.flush().await;
+            return Err(End::TakenOver);
+        }
+        let route = self.route();
+        if route == Route::Refuse {
+            self.send_disconnect(reason::NOT_AUTHORIZED, None);
+            let _ = self.flush().await;
+            return Err(End::Revoked);
+        }
+        let key = status_key(&route);
+        if self.last_status.as_ref() != Some(&key) {
+            self.last_status = Some(key.clone());
+            self.publish_status(key.0, key.1.as_deref());
+        }
+        if let Route::Redirect(r) = &route {
+            if self.redirect_sent.as_deref() != Some(r.redirect_id.as_str()) {
+                self.publish_redirect(r);
+                if self.protocol == Protocol::V5 {
+                    self.send_disconnect(reason::SERVER_MOVED, Some(r.server_reference()));
+                    self.flush().await?;
+                    self.redirected(r, "disconnect");
+                    return Err(End::Redirected);
+                }
+                self.arm_redirect_grace();
+            }
+        }
+        self.flush().await
+    }
+
+    fn arm_redirect_grace(&mut self) {
+        if self.protocol == Protocol::V311 && self.redirect_deadline.is_none() {
+            self.redirect_deadline = Some(Instant::now() + self.ctx.limits.redirect_grace);
+        }
+    }
+
+    fn route(&self) -> Route {
+        let id = &self.identity.device_id;
+        let claim = self.ctx.cache.claim(id);
+        let tenant = claim
+            .as_ref()
+            .and_then(|c| c.tenant_id())
+            .and_then(|t| self.ctx.cache.tenant(t));
+        route::decide(
+            claim.as_deref(),
+            tenant.as_ref().map(|t| &t.tenant),
+            &self.identity.thing_name,
+        )
+    }
+
+    /// Records a delivered redirect: metrics and the claim's `redirected_at`.
+    fn redirected(&mut self, r: &Redirect, kind: &'static str) {
+        crate::metrics::redirect(kind);
+        if self.redirect_sent.as_deref() == Some(r.redirect_id.as_str()) && kind == "disconnect" {
+            return; // the publish already counted this redirect
+        }
+        self.redirect_sent = Some(r.redirect_id.clone());
+        let now = crate::claims::model::now_ms();
+        let waited = (now - r.issued_at).max(0) as f64 / 1000.0;
+        metrics::histogram!(crate::metrics::CLAIM_TO_REDIRECT_SECONDS).record(waited);
+        let _ = self
+            .ctx
+            .activity
+            .try_send(crate::claims::service::Activity::Redirected {
+                device_id: self.identity.device_id,
+                redirect_id: r.redirect_id.clone(),
+                at: now,
+            });
+    }
+
+    async fn flush(&mut self) -> Step {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let write = async {
+            self.io.write_all(&self.wbuf).await?;
+            self.io.flush().await
+        };
+        // A device that stops reading must not pin the session forever.
+        match timeout(self.ctx.limits.connect_timeout, write).await {
+            Ok(Ok(())) => {
+                self.wbuf.clear();
+                Ok(())
+            }
+            _ => Err(End::Io),
+        }
+    }
+}
+
+fn status_key(route: &Route) -> (ClaimState, Option<Arc<str>>) {
+    let (state, tenant) = route.status();
+    (state, tenant.map(Arc::from))
+}
+
+fn codec_topic_match(filter: &str, topic: &str) -> bool {
+    super::topic::filter_matches(filter, topic)
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
+}

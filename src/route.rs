@@ -1,0 +1,246 @@
+//! The route decision: given a device's claim and its tenant, what happens to the device now.
+//! Pure (no I/O, no clock), so it is unit-tested and benched on its own; the session acts on it.
+//! Also builds the device-facing payloads of SPEC §4.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::claims::model::{rfc3339, Claim, ClaimState, Mode, Tenant};
+use crate::edge::identity::DeviceId;
+
+/// Where the device should be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Stay connected and wait; `state` is what the status topic says.
+    Wait {
+        state: ClaimState,
+        tenant: Option<Arc<str>>,
+    },
+    /// Go to the tenant's endpoint.
+    Redirect(Redirect),
+    /// Stay and have traffic relayed to the tenant (bridge mode; relaying is a later issue,
+    /// until then the device waits with state `ready`).
+    Bridge { tenant: Arc<str> },
+    /// Revoked: close.
+    Refuse,
+}
+
+/// A due redirect: everything the redirect payload and a v5 Server Reference need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redirect {
+    pub redirect_id: String,
+    pub tenant: Arc<str>,
+    pub endpoint: String,
+    pub port: u16,
+    pub region: Option<String>,
+    pub thing_name: String,
+    /// Unix ms when the claim became ready.
+    pub issued_at: i64,
+}
+
+impl Redirect {
+    /// The v5 Server Reference property value: `endpoint:port`.
+    pub fn server_reference(&self) -> String {
+        format!("{}:{}", self.endpoint, self.port)
+    }
+}
+
+/// Decides the route. `thing_name` is the device's certificate CN, used when the claim has none.
+pub fn decide(claim: Option<&Claim>, tenant: Option<&Tenant>, thing_name: &str) -> Route {
+    let Some(claim) = claim else {
+        return Route::Wait {
+            state: ClaimState::Unclaimed,
+            tenant: None,
+        };
+    };
+    let wait = || Route::Wait {
+        state: claim.state,
+        tenant: claim.tenant.clone(),
+    };
+    match claim.state {
+        ClaimState::Revoked => Route::Refuse,
+        ClaimState::Unclaimed | ClaimState::Registering | ClaimState::Failed => wait(),
+        ClaimState::Ready => {
+            let (Some(tenant), Some(tenant_id)) = (tenant, claim.tenant.clone()) else {
+                return wait();
+            };
+            if tenant.mode == Mode::Bridge {
+                return Route::Bridge { tenant: tenant_id };
+            }
+            match (&tenant.endpoint, &claim.redirect_id) {
+                (Some(endpoint), Some(redirect_id)) if !endpoint.is_empty() => {
+                    Route::Redirect(Redirect {
+                        redirect_id: redirect_id.clone(),
+                        tenant: tenant_id,
+                        endpoint: endpoint.clone(),
+                        port: tenant.port,
+                        region: tenant.region.clone(),
+                        thing_name: claim
+                            .thing_name
+                            .clone()
+                            .unwrap_or_else(|| thing_name.to_owned()),
+                        issued_at: claim.ready_at.or(claim.claimed_at).unwrap_or(0),
+                    })
+                }
+                _ => wait(),
+            }
+        }
+    }
+}
+
+impl Route {
+    /// The state the status topic reports for this route.
+    pub fn status(&self) -> (ClaimState, Option<&str>) {
+        match self {
+            Route::Wait { state, tenant } => (*state, tenant.as_deref()),
+            Route::Redirect(r) => (ClaimState::Ready, Some(&r.tenant)),
+            Route::Bridge { tenant } => (ClaimState::Ready, Some(tenant)),
+            Route::Refuse => (ClaimState::Revoked, None),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct StatusPayload<'a> {
+    v: u8,
+    device_id: &'a str,
+    state: ClaimState,
+    tenant: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct RedirectPayload<'a> {
+    v: u8,
+    redirect_id: &'a str,
+    device_id: &'a str,
+    tenant: &'a str,
+    endpoint: &'a str,
+    port: u16,
+    region: Option<&'a str>,
+    thing_name: &'a str,
+    issued_at: String,
+}
+
+/// `{"v":1,"device_id","state","tenant"}` for `…/status`.
+pub fn status_payload(id: &DeviceId, state: ClaimState, tenant: Option<&str>) -> Vec<u8> {
+    let device_id = id.to_hex();
+    serde_json::to_vec(&StatusPayload {
+        v: 1,
+        device_id: &device_id,
+        state,
+        tenant,
+    })
+    .unwrap_or_default()
+}
+
+/// The `…/redirect` payload.
+pub fn redirect_payload(id: &DeviceId, r: &Redirect) -> Vec<u8> {
+    let device_id = id.to_hex();
+    serde_json::to_vec(&RedirectPayload {
+        v: 1,
+        redirect_id: &r.redirect_id,
+        device_id: &device_id,
+        tenant: &r.tenant,
+        endpoint: &r.endpoint,
+        port: r.port,
+        region: r.region.as_deref(),
+        thing_name: &r.thing_name,
+        issued_at: rfc3339(r.issued_at),
+    })
+    .unwrap_or_default()
+}
+
+/// The topic prefix a device owns: `$lobby/devices/<device_id>/`.
+pub fn device_prefix(id: &DeviceId) -> String {
+    format!("$lobby/devices/{}/", id.to_hex())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(state: ClaimState) -> Claim {
+        Claim {
+            device_id: DeviceId([1; 32]),
+            tenant: Some("acme".into()),
+            state,
+            thing_name: None,
+            redirect_id: Some("r-1".into()),
+            claimed_at: Some(1),
+            ready_at: Some(2),
+            redirected_at: None,
+            error: None,
+        }
+    }
+
+    fn tenant() -> Tenant {
+        serde_json::from_str(
+            r#"{"id":"acme","name":"Acme","endpoint":"iot.acme.example","port":8884,"region":"eu-west-1"}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn unclaimed_waits() {
+        let r = decide(None, None, "cn");
+        assert_eq!(r.status(), (ClaimState::Unclaimed, None));
+    }
+
+    #[test]
+    fn ready_redirects_with_server_reference() {
+        let Route::Redirect(r) = decide(Some(&claim(ClaimState::Ready)), Some(&tenant()), "cn")
+        else {
+            panic!("expected a redirect")
+        };
+        assert_eq!(r.server_reference(), "iot.acme.example:8884");
+        assert_eq!(r.thing_name, "cn");
+        assert_eq!(r.issued_at, 2);
+        let p: serde_json::Value =
+            serde_json::from_slice(&redirect_payload(&DeviceId([1; 32]), &r)).unwrap();
+        assert_eq!(p["redirect_id"], "r-1");
+        assert_eq!(p["port"], 8884);
+        assert_eq!(p["region"], "eu-west-1");
+        assert_eq!(p["v"], 1);
+    }
+
+    #[test]
+    fn registering_failed_revoked_and_missing_tenant() {
+        let t = tenant();
+        for s in [ClaimState::Registering, ClaimState::Failed] {
+            assert_eq!(decide(Some(&claim(s)), Some(&t), "cn").status().0, s);
+        }
+        assert_eq!(
+            decide(Some(&claim(ClaimState::Revoked)), Some(&t), "cn"),
+            Route::Refuse
+        );
+        // A ready claim whose tenant vanished waits rather than redirecting nowhere.
+        assert!(matches!(
+            decide(Some(&claim(ClaimState::Ready)), None, "cn"),
+            Route::Wait { .. }
+        ));
+    }
+
+    #[test]
+    fn bridge_tenant_stays() {
+        let mut t = tenant();
+        t.mode = Mode::Bridge;
+        assert!(matches!(
+            decide(Some(&claim(ClaimState::Ready)), Some(&t), "cn"),
+            Route::Bridge { .. }
+        ));
+    }
+
+    #[test]
+    fn status_json_shape() {
+        let p: serde_json::Value = serde_json::from_slice(&status_payload(
+            &DeviceId([1; 32]),
+            ClaimState::Unclaimed,
+            None,
+        ))
+        .unwrap();
+        assert_eq!(p["state"], "unclaimed");
+        assert!(p["tenant"].is_null());
+        assert_eq!(p["device_id"].as_str().unwrap().len(), 64);
+    }
+}

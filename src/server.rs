@@ -1,0 +1,242 @@
+//! Assembly: builds the store, the claims service, TLS, the MQTT edge and the API from a
+//! `Config`, starts them, and shuts them down (stop accepting → drain within a grace period).
+//!
+//! Tests start a whole lobby with `Lobby::start` on 127.0.0.1:0 and read the bound addresses.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::{self, ApiState};
+use crate::claims::codes::{ClaimKey, CodeError};
+use crate::claims::service::{token_hash, ClaimsService, ServiceError};
+use crate::config::{Config, ConfigError};
+use crate::edge::tls::TlsError;
+use crate::edge::{self, EdgeContext};
+use crate::pki::{self, PkiError};
+use crate::store::{self, StoreError};
+use crate::waiting::WaitingRoom;
+
+/// Why the lobby could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("loading claims: {0}")]
+    Service(#[from] ServiceError),
+    #[error("claims.code_key: {0}")]
+    ClaimKey(#[from] CodeError),
+    #[error("dev PKI: {0}")]
+    Pki(#[from] PkiError),
+    #[error("api.admin_token_file {path}: {message}")]
+    AdminToken { path: String, message: String },
+    #[error("cannot listen on {addr} ({key}): {source}")]
+    Bind {
+        key: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Queue of device activity (delivered redirects) towards the store.
+const ACTIVITY_QUEUE: usize = 4096;
+/// Listen backlog of the MQTT listener: connect storms arrive faster than one accept loop.
+const MQTT_BACKLOG: u32 = 4096;
+
+/// A running lobby.
+#[derive(Debug)]
+pub struct Lobby {
+    mqtt_addr: SocketAddr,
+    api_addr: SocketAddr,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    grace: Duration,
+    service: ClaimsService,
+}
+
+impl Lobby {
+    /// Starts every part from `config`; returns once both listeners are bound.
+    pub async fn start(config: &Config) -> Result<Self, ServerError> {
+        config.validate()?;
+        let metrics = crate::metrics::install();
+        let key = ClaimKey::load(&config.claims.code_key)?;
+        let admin = read_admin_token(&config.api.admin_token_file)?;
+        let store = store::open(&config.store.url).await?;
+        let waiting = WaitingRoom::default();
+        let service = ClaimsService::load(store, key, waiting.clone()).await?;
+        let tls = edge::tls::server_config(&config.tls, service.cache().clone())?;
+
+        let mqtt = bind(config.listener.mqtt, MQTT_BACKLOG, "listener.mqtt")?;
+        let api = bind(config.listener.api, 1024, "listener.api")?;
+        let bound = |l: &TcpListener, key, addr| {
+            l.local_addr()
+                .map_err(|source| ServerError::Bind { key, addr, source })
+        };
+        let mqtt_addr = bound(&mqtt, "listener.mqtt", config.listener.mqtt)?;
+        let api_addr = bound(&api, "listener.api", config.listener.api)?;
+
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let (activity_tx, activity_rx) = mpsc::channel(ACTIVITY_QUEUE);
+        tracker.spawn(service.clone().run_activity(activity_rx));
+
+        let ctx = Arc::new(EdgeContext {
+            cache: service.cache().clone(),
+            waiting,
+            activity: activity_tx,
+            limits: config.limits.clone(),
+            shutdown_server_reference: Some(config.shutdown.server_reference.clone())
+                .filter(|s| !s.is_empty()),
+            compat_aws_device_lobby: config.compat.aws_device_lobby,
+            cancel: cancel.clone(),
+        });
+        let listeners_up = Arc::new(AtomicBool::new(false));
+        let state = ApiState {
+            service: service.clone(),
+            admin_token_hash: token_hash(&admin),
+            metrics,
+            listeners_up: listeners_up.clone(),
+        };
+        tracker.spawn(edge::listener::serve(
+            mqtt,
+            Arc::new(ArcSwap::new(tls)),
+            ctx,
+            tracker.clone(),
+        ));
+        let api_cancel = cancel.clone();
+        tracker.spawn(async move {
+            let app = api::router(state);
+            let served = axum::serve(api, app)
+                .with_graceful_shutdown(async move { api_cancel.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "API server failed");
+            }
+        });
+        listeners_up.store(true, Ordering::Release);
+        tracing::info!(mqtt = %mqtt_addr, api = %api_addr, "lobby listening");
+        Ok(Self {
+            mqtt_addr,
+            api_addr,
+            cancel,
+            tracker,
+            grace: config.shutdown.grace,
+            service,
+        })
+    }
+
+    /// The bound device (MQTT/TLS) address.
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.mqtt_addr
+    }
+
+    /// The bound HTTP API address.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api_addr
+    }
+
+    /// The claims service (tests and embedding).
+    pub fn service(&self) -> &ClaimsService {
+        &self.service
+    }
+
+    /// Stops accepting, tells devices (v5 DISCONNECT 0x8B, or 0x9C with
+    /// `shutdown.server_reference`), and waits up to `shutdown.grace` for tasks to finish.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(self.grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(grace = ?self.grace, "shutdown grace ran out with tasks still running");
+        }
+    }
+
+    /// Runs until SIGTERM or SIGINT, then stops.
+    pub async fn run_until_signal(self) {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        self.stop().await;
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn bind(addr: SocketAddr, backlog: u32, key: &'static str) -> Result<TcpListener, ServerError> {
+    let err = |source| ServerError::Bind { key, addr, source };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(backlog).map_err(err)
+}
+
+fn read_admin_token(path: &Path) -> Result<String, ServerError> {
+    let err = |message: String| ServerError::AdminToken {
+        path: path.display().to_string(),
+        message,
+    };
+    let token = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let token = token.trim();
+    if token.len() < 16 {
+        return Err(err("the token must be at least 16 characters".into()));
+    }
+    Ok(token.to_owned())
+}
+
+/// With `dev.auto_init`, creates the development PKI the config points at when its CA is
+/// missing (first start of a fresh clone). Returns true when it created one.
+pub fn ensure_dev_pki(config: &Config) -> Result<bool, ServerError> {
+    if !config.dev.auto_init {
+        return Ok(false);
+    }
+    let Some(dir) = config.tls.cert.parent() else {
+        return Ok(false);
+    };
+    if dir.join("ca.pem").exists() || config.tls.cert.exists() {
+        return Ok(false);
+    }
+    pki::init(&pki::InitOptions {
+        dir: dir.to_owned(),
+        devices: 3,
+    })?;
+    tracing::info!(dir = %dir.display(), "created the development PKI (dev.auto_init)");
+    Ok(true)
+}

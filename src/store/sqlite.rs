@@ -1,0 +1,323 @@
+//! The embedded store: SQLite in WAL mode with `synchronous = FULL`, so a write has reached the
+//! disk when its future resolves (a claim is durable before the API answers).
+//!
+//! One connection behind a mutex, used from `spawn_blocking`: writes are serialised by SQLite
+//! anyway, and the control plane's write rate is far below what one connection sustains.
+
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{Store, StoreError, StoreUrl, StoredTenant};
+use crate::claims::model::{Claim, ClaimState, Tenant};
+use crate::edge::identity::DeviceId;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS tenants (
+    id TEXT PRIMARY KEY,
+    body TEXT NOT NULL,
+    token_hash TEXT NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS claims (
+    device_id TEXT PRIMARY KEY,
+    tenant TEXT,
+    state TEXT NOT NULL,
+    thing_name TEXT,
+    redirect_id TEXT,
+    claimed_at INTEGER,
+    ready_at INTEGER,
+    redirected_at INTEGER,
+    error TEXT,
+    cert_pem TEXT
+);
+CREATE INDEX IF NOT EXISTS claims_tenant ON claims(tenant);
+";
+
+/// SQLite-backed [`Store`].
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SqliteStore")
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating file, parent directory and schema as needed).
+    pub async fn open(url: StoreUrl) -> Result<Self, StoreError> {
+        let conn = tokio::task::spawn_blocking(move || -> Result<Connection, StoreError> {
+            let conn = match url {
+                StoreUrl::SqliteMemory => Connection::open_in_memory(),
+                StoreUrl::SqliteFile(path) => {
+                    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                        std::fs::create_dir_all(dir).map_err(|e| {
+                            backend(format!("cannot create {}: {e}", dir.display()))
+                        })?;
+                    }
+                    Connection::open(&path)
+                }
+            }
+            .map_err(backend)?;
+            conn.pragma_update(None, "journal_mode", "WAL")
+                .map_err(backend)?;
+            conn.pragma_update(None, "synchronous", "FULL")
+                .map_err(backend)?;
+            conn.busy_timeout(std::time::Duration::from_secs(5))
+                .map_err(backend)?;
+            conn.execute_batch(SCHEMA).map_err(backend)?;
+            Ok(conn)
+        })
+        .await
+        .map_err(backend)??;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `f` on the connection off the async runtime.
+    async fn with<T, F>(&self, op: &'static str, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        let started = std::time::Instant::now();
+        let out = tokio::task::spawn_blocking(move || {
+            let mut guard = conn
+                .lock()
+                .map_err(|_| backend("connection mutex poisoned"))?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(backend)?;
+        crate::metrics::store_operation(op, started.elapsed());
+        out
+    }
+}
+
+fn claim_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, Claim)> {
+    let id: String = row.get(0)?;
+    let tenant: Option<String> = row.get(1)?;
+    let state: String = row.get(2)?;
+    let claim = Claim {
+        device_id: DeviceId([0; 32]),
+        tenant: tenant.map(Arc::from),
+        state: ClaimState::parse(&state).unwrap_or(ClaimState::Failed),
+        thing_name: row.get(3)?,
+        redirect_id: row.get(4)?,
+        claimed_at: row.get(5)?,
+        ready_at: row.get(6)?,
+        redirected_at: row.get(7)?,
+        error: row.get(8)?,
+    };
+    Ok((id, claim))
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.with("ping", |c| {
+            c.query_row("SELECT 1", [], |_| Ok(())).map_err(backend)
+        })
+        .await
+    }
+
+    async fn tenants(&self) -> Result<Vec<StoredTenant>, StoreError> {
+        self.with("load_tenants", |c| {
+            let mut stmt = c
+                .prepare("SELECT body, token_hash FROM tenants ORDER BY id")
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .map_err(backend)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (body, token_hash) = row.map_err(backend)?;
+                let tenant: Tenant = serde_json::from_str(&body)
+                    .map_err(|e| StoreError::Corrupt(format!("tenant body: {e}")))?;
+                out.push(StoredTenant { tenant, token_hash });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn insert_tenant(&self, t: &StoredTenant) -> Result<(), StoreError> {
+        let body = serde_json::to_string(&t.tenant).map_err(backend)?;
+        let (id, hash) = (t.tenant.id.clone(), t.token_hash.clone());
+        self.with("insert_tenant", move |c| {
+            match c.execute(
+                "INSERT INTO tenants (id, body, token_hash) VALUES (?1, ?2, ?3)",
+                params![id, body, hash],
+            ) {
+                Ok(_) => Ok(()),
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    Err(StoreError::Conflict)
+                }
+                Err(e) => Err(backend(e)),
+            }
+        })
+        .await
+    }
+
+    async fn update_tenant(&self, t: &Tenant) -> Result<(), StoreError> {
+        let body = serde_json::to_string(t).map_err(backend)?;
+        let id = t.id.clone();
+        self.with("update_tenant", move |c| {
+            c.execute(
+                "UPDATE tenants SET body = ?2 WHERE id = ?1",
+                params![id, body],
+            )
+            .map_err(backend)
+            .map(drop)
+        })
+        .await
+    }
+
+    async fn delete_tenant(&self, id: &str) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.with("delete_tenant", move |c| {
+            c.execute("DELETE FROM tenants WHERE id = ?1", params![id])
+                .map_err(backend)
+                .map(drop)
+        })
+        .await
+    }
+
+    async fn claims(&self) -> Result<Vec<Claim>, StoreError> {
+        self.with("load_claims", |c| {
+            let mut stmt = c
+                .prepare(
+                    "SELECT device_id, tenant, state, thing_name, redirect_id, claimed_at, \
+                     ready_at, redirected_at, error FROM claims",
+                )
+                .map_err(backend)?;
+            let rows = stmt.query_map([], claim_from_row).map_err(backend)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, mut claim) = row.map_err(backend)?;
+                claim.device_id = DeviceId::parse_hex(&id)
+                    .ok_or_else(|| StoreError::Corrupt(format!("device_id {id:?}")))?;
+                out.push(claim);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn put_claim(&self, cl: &Claim, cert_pem: Option<&str>) -> Result<(), StoreError> {
+        let cl = cl.clone();
+        let cert = cert_pem.map(str::to_owned);
+        self.with("put_claim", move |c| {
+            c.execute(
+                "INSERT INTO claims (device_id, tenant, state, thing_name, redirect_id, \
+                 claimed_at, ready_at, redirected_at, error, cert_pem) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+                 ON CONFLICT(device_id) DO UPDATE SET tenant = ?2, state = ?3, \
+                 thing_name = ?4, redirect_id = ?5, claimed_at = ?6, ready_at = ?7, \
+                 redirected_at = ?8, error = ?9, cert_pem = COALESCE(?10, cert_pem)",
+                params![
+                    cl.device_id.to_hex(),
+                    cl.tenant.as_deref(),
+                    cl.state.as_str(),
+                    cl.thing_name,
+                    cl.redirect_id,
+                    cl.claimed_at,
+                    cl.ready_at,
+                    cl.redirected_at,
+                    cl.error,
+                    cert,
+                ],
+            )
+            .map_err(backend)
+            .map(drop)
+        })
+        .await
+    }
+
+    async fn delete_claim(&self, id: &DeviceId) -> Result<(), StoreError> {
+        let id = id.to_hex();
+        self.with("delete_claim", move |c| {
+            c.execute("DELETE FROM claims WHERE device_id = ?1", params![id])
+                .map_err(backend)
+                .map(drop)
+        })
+        .await
+    }
+
+    async fn cert_pem(&self, id: &DeviceId) -> Result<Option<String>, StoreError> {
+        let id = id.to_hex();
+        self.with("cert_pem", move |c| {
+            c.query_row(
+                "SELECT cert_pem FROM claims WHERE device_id = ?1",
+                params![id],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()
+            .map(Option::flatten)
+            .map_err(backend)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::claims::model::now_ms;
+
+    fn tenant(id: &str) -> StoredTenant {
+        StoredTenant {
+            tenant: serde_json::from_str(&format!(r#"{{"id":"{id}","name":"n"}}"#)).unwrap(),
+            token_hash: format!("hash-{id}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn tenants_and_claims_persist_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = StoreUrl::SqliteFile(dir.path().join("sub/lobby.db"));
+        let store = SqliteStore::open(url.clone()).await.unwrap();
+        store.insert_tenant(&tenant("a")).await.unwrap();
+        assert!(matches!(
+            store.insert_tenant(&tenant("a")).await,
+            Err(StoreError::Conflict)
+        ));
+        let claim = Claim {
+            device_id: DeviceId([7; 32]),
+            tenant: Some("a".into()),
+            state: ClaimState::Ready,
+            thing_name: Some("dev-1".into()),
+            redirect_id: Some("r1".into()),
+            claimed_at: Some(now_ms()),
+            ready_at: Some(now_ms()),
+            redirected_at: None,
+            error: None,
+        };
+        store.put_claim(&claim, Some("PEM")).await.unwrap();
+        store.put_claim(&claim, None).await.unwrap();
+        drop(store);
+
+        let store = SqliteStore::open(url).await.unwrap();
+        assert_eq!(store.tenants().await.unwrap().len(), 1);
+        assert_eq!(store.claims().await.unwrap(), vec![claim.clone()]);
+        assert_eq!(
+            store.cert_pem(&claim.device_id).await.unwrap().as_deref(),
+            Some("PEM")
+        );
+        store.delete_claim(&claim.device_id).await.unwrap();
+        assert!(store.claims().await.unwrap().is_empty());
+        store.delete_tenant("a").await.unwrap();
+        assert!(store.tenants().await.unwrap().is_empty());
+    }
+}
