@@ -140,7 +140,7 @@ pub struct Claim {
     pub claimed_at: Option<i64>,
     /// When the claim became `ready` (the redirect's `issued_at`).
     pub ready_at: Option<i64>,
-    /// When a redirect last reached the device.
+    /// When the current redirect first reached the device.
     pub redirected_at: Option<i64>,
     /// Why registration failed.
     pub error: Option<String>,

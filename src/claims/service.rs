@@ -352,8 +352,11 @@ impl ClaimsService {
             let Some(c) = self.inner.cache.claim(&device_id) else {
                 continue;
             };
-            if c.redirect_id.as_deref() != Some(&redirect_id) {
-                continue; // superseded by a migration or unclaim meanwhile
+            // Superseded by a migration or unclaim meanwhile, or already recorded: a v3.1.1
+            // device that reconnects before leaving is redirected again, but one store write
+            // per redirect is enough.
+            if c.redirect_id.as_deref() != Some(&redirect_id) || c.redirected_at.is_some() {
+                continue;
             }
             let mut c = (*c).clone();
             c.redirected_at = Some(at);

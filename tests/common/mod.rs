@@ -1,0 +1,341 @@
+//! Shared test harness: a real lobby on 127.0.0.1:0 with its own dev PKI and SQLite file in a
+//! temp dir, an HTTP client for the API, device certificates, and clients over real TLS:
+//! rumqttc (v4 and v5) and a raw MQTT client built on the lobby's codec, for what rumqttc
+//! hides (the v5 Server Reference of a refused CONNACK or a DISCONNECT).
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use lobby::claims::codes::ClaimKey;
+use lobby::config::Config;
+use lobby::edge::identity::DeviceId;
+use lobby::mqtt::codec::{self, Packet, Protocol};
+use lobby::pki::{self, Ca};
+use lobby::server::Lobby;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+/// How long a test waits for something that should happen at once.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A device certificate and its claim code.
+#[derive(Clone)]
+pub struct Device {
+    pub name: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub id: DeviceId,
+    pub code: String,
+}
+
+impl Device {
+    pub fn hex(&self) -> String {
+        self.id.to_hex()
+    }
+    pub fn topic(&self, leaf: &str) -> String {
+        format!("$lobby/devices/{}/{leaf}", self.hex())
+    }
+}
+
+/// A running lobby and everything needed to talk to it.
+pub struct TestLobby {
+    pub lobby: Option<Lobby>,
+    pub dir: tempfile::TempDir,
+    pub config: Config,
+    pub admin: String,
+    pub ca: Ca,
+    pub key: ClaimKey,
+    pub http: reqwest::Client,
+}
+
+impl TestLobby {
+    /// A lobby with test-friendly limits.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// A lobby whose config `tweak` adjusts before start.
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        pki::init(&pki::InitOptions {
+            dir: certs.clone(),
+            devices: 2,
+        })
+        .unwrap();
+        let mut config = Config::default();
+        config.listener.mqtt = "127.0.0.1:0".parse().unwrap();
+        config.listener.api = "127.0.0.1:0".parse().unwrap();
+        config.tls.cert = certs.join("server.pem");
+        config.tls.key = certs.join("server.key");
+        config.tls.client_cas = vec![certs.join("ca.pem")];
+        config.store.url = format!("sqlite://{}", dir.path().join("lobby.db").display());
+        config.claims.code_key = certs.join("claim.key");
+        config.api.admin_token_file = certs.join("admin.token");
+        config.limits.redirect_grace = Duration::from_secs(2);
+        config.shutdown.grace = Duration::from_secs(2);
+        tweak(&mut config);
+        let lobby = Lobby::start(&config).await.unwrap();
+        let admin = std::fs::read_to_string(certs.join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        let ca = Ca::load(&certs.join("ca.pem"), &certs.join("ca.key")).unwrap();
+        let key = ClaimKey::load(&certs.join("claim.key")).unwrap();
+        Self {
+            lobby: Some(lobby),
+            dir,
+            config,
+            admin,
+            ca,
+            key,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn running(&self) -> &Lobby {
+        self.lobby.as_ref().expect("lobby is running")
+    }
+
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.running().mqtt_addr()
+    }
+
+    pub fn certs_dir(&self) -> PathBuf {
+        self.dir.path().join("certs")
+    }
+
+    /// Stops the lobby and starts it again on the same files (new ports).
+    pub async fn restart(&mut self) {
+        if let Some(l) = self.lobby.take() {
+            l.stop().await;
+        }
+        self.lobby = Some(Lobby::start(&self.config).await.unwrap());
+    }
+
+    /// A new device certificate from the lobby's CA, made in memory.
+    pub fn device(&self, name: &str) -> Device {
+        let issued = self.ca.issue_device(name).unwrap();
+        self.device_from(name, issued.cert_der, issued.cert_pem, issued.key_pem)
+    }
+
+    pub fn device_from(
+        &self,
+        name: &str,
+        der: Vec<u8>,
+        cert_pem: String,
+        key_pem: String,
+    ) -> Device {
+        let id = DeviceId::from_cert_der(&der);
+        Device {
+            name: name.into(),
+            cert_pem,
+            key_pem,
+            id,
+            code: self.key.code_for(&id),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.running().api_addr())
+    }
+
+    /// An API call with `token`; returns (status, JSON body or Null).
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self.http.request(method, self.url(path)).bearer_auth(token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Creates a redirect-mode tenant; returns its token.
+    pub async fn tenant(&self, id: &str, endpoint: &str) -> String {
+        let (status, body) = self
+            .call(
+                "POST",
+                "/v1/tenants",
+                &self.admin,
+                Some(json!({"id": id, "name": id, "endpoint": endpoint, "port": 8883, "region": "eu-west-1"})),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body["token"].as_str().unwrap().to_owned()
+    }
+
+    /// Claims `device` with the tenant `token`; returns (status, body).
+    pub async fn claim(&self, token: &str, device: &Device) -> (u16, Value) {
+        self.call(
+            "POST",
+            "/v1/claims",
+            token,
+            Some(json!({"code": device.code})),
+        )
+        .await
+    }
+}
+
+/// A rustls client config presenting `device`'s certificate and trusting the lobby's CA.
+pub fn client_tls(lobby: &TestLobby, device: &Device) -> Arc<rustls::ClientConfig> {
+    client_tls_with(
+        &lobby.certs_dir().join("ca.pem"),
+        &device.cert_pem,
+        &device.key_pem,
+    )
+}
+
+pub fn client_tls_with(
+    server_ca: &std::path::Path,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(server_ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain = vec![CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap()];
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    Arc::new(config)
+}
+
+/// A TLS connection to the lobby as `device`.
+pub async fn tls_connect(
+    lobby: &TestLobby,
+    device: &Device,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(lobby.mqtt_addr()).await?;
+    let connector = TlsConnector::from(client_tls(lobby, device));
+    connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+}
+
+/// A minimal MQTT client over TLS built on the lobby's codec: send packets, read packets.
+pub struct RawClient {
+    pub stream: TlsStream<TcpStream>,
+    pub protocol: Protocol,
+    buf: BytesMut,
+}
+
+impl RawClient {
+    pub async fn connect(lobby: &TestLobby, device: &Device, protocol: Protocol) -> Self {
+        let stream = tls_connect(lobby, device).await.unwrap();
+        Self {
+            stream,
+            protocol,
+            buf: BytesMut::new(),
+        }
+    }
+
+    pub async fn send(&mut self, packet: Packet) {
+        let mut out = BytesMut::new();
+        codec::encode(&packet, self.protocol, &mut out).unwrap();
+        self.stream.write_all(&out).await.unwrap();
+        self.stream.flush().await.unwrap();
+    }
+
+    /// CONNECT with `client_id` and keep-alive 30 s.
+    pub async fn send_connect(&mut self, client_id: &str) {
+        let connect = codec::Connect {
+            protocol: self.protocol,
+            client_id: client_id.into(),
+            keep_alive: 30,
+            clean_start: true,
+            ..Default::default()
+        };
+        self.send(Packet::Connect(connect)).await;
+    }
+
+    /// The next packet; `None` when the lobby closed the connection (or after `WAIT`).
+    pub async fn recv(&mut self) -> Option<Packet> {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                if let Some(p) = codec::decode(&mut self.buf, Some(self.protocol), 1 << 20).unwrap()
+                {
+                    return Some(p);
+                }
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .unwrap_or(None)
+    }
+
+    /// The next packet, which must exist.
+    pub async fn expect(&mut self) -> Packet {
+        self.recv()
+            .await
+            .expect("a packet before the connection closed")
+    }
+
+    /// SUBSCRIBE to `filter` at QoS 1; returns the SUBACK codes.
+    pub async fn subscribe(&mut self, pkid: u16, filter: &str) -> Vec<u8> {
+        self.send(Packet::Subscribe(codec::Subscribe {
+            pkid,
+            filters: vec![codec::SubscribeFilter {
+                filter: filter.into(),
+                qos: codec::QoS::AtLeastOnce,
+                ..Default::default()
+            }],
+            properties: Default::default(),
+        }))
+        .await;
+        // Publishes may arrive right after SUBACK, never before it.
+        match self.expect().await {
+            Packet::SubAck(a) => {
+                assert_eq!(a.pkid, pkid);
+                a.codes
+            }
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+}
+
+/// Polls `f` until it returns `Some`, for up to `WAIT`.
+pub async fn eventually<T, F, Fut>(mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached in {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
