@@ -53,6 +53,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/devices/{device_id}", get(devices::get_one))
         .route("/v1/devices/{device_id}/migrate", post(devices::migrate))
         .route("/v1/devices/{device_id}/revoke", post(devices::revoke))
+        .route("/console/", get(console))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -72,6 +73,19 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         handle.render(),
+    )
+        .into_response()
+}
+
+/// The claim console: one static page that talks to this API with the token a person enters
+/// (kept in the tab's session storage only).
+async fn console() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        include_str!("api/console.html"),
     )
         .into_response()
 }

@@ -72,7 +72,8 @@ impl Api {
         let status = response.status();
         let text = response.text().await.unwrap_or_default();
         if status != StatusCode::CREATED {
-            bail!("creating tenant: POST {url} answered {status} (expected 201 Created): {text}");
+            let shown: String = text.chars().take(400).collect(); // an HTML page says little more
+            bail!("creating tenant: POST {url} answered {status} (expected 201 Created): {shown}");
         }
         let created: TenantCreated = serde_json::from_str(&text).with_context(|| {
             format!("creating tenant: POST {url} answered 201 with an unexpected body: {text}")

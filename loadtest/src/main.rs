@@ -196,9 +196,24 @@ impl Common {
     }
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build();
+    let outcome = runtime
+        .context("starting the tokio runtime")
+        .and_then(|rt| rt.block_on(run(cli)));
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
     match net::raise_nofile_limit() {
         Ok(limit) => eprintln!("open files limit: {limit}"),
         Err(e) => eprintln!("warning: {e:#}"),

@@ -253,12 +253,17 @@ impl Conn {
                 event = self.next() => match event? {
                     Event::Publish { qos, pkid, redirect } => {
                         let at = Instant::now();
-                        if qos == 1 {
-                            self.send(&mqtt::puback(pkid)).await?;
-                        }
+                        let acked = if qos == 1 {
+                            self.send(&mqtt::puback(pkid)).await
+                        } else {
+                            Ok(())
+                        };
+                        // A v5 lobby follows the redirect publish with DISCONNECT and closes
+                        // at once, so the PUBACK may meet a closed socket: the redirect counts.
                         if redirect && want_redirect {
                             return Ok(Held::Redirect(at));
                         }
+                        acked?;
                     }
                     Event::Disconnect(mqtt::REASON_SERVER_MOVED) if want_redirect => {
                         return Ok(Held::Redirect(Instant::now()));

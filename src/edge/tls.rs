@@ -73,12 +73,16 @@ pub fn server_config(tls: &TlsConfig, cache: ClaimsCache) -> Result<Arc<ServerCo
         inner: webpki,
         cache,
     });
-    let config = ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(|e| file_err(&tls.key, format!("certificate and key do not match: {e}")))?;
+    // No resumption: a resumed session skips certificate verification, and SPEC §2 wants
+    // every entry checked against the CAs, validity and revocation as they are now.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
