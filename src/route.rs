@@ -42,7 +42,11 @@ pub struct Redirect {
 impl Redirect {
     /// The v5 Server Reference property value: `endpoint:port`.
     pub fn server_reference(&self) -> String {
-        format!("{}:{}", self.endpoint, self.port)
+        if self.endpoint.contains(':') && !self.endpoint.starts_with('[') {
+            format!("[{}]:{}", self.endpoint, self.port) // a bare IPv6 address
+        } else {
+            format!("{}:{}", self.endpoint, self.port)
+        }
     }
 }
 

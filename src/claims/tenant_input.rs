@@ -12,12 +12,16 @@ pub struct TenantInput {
     pub id: Option<String>,
     pub name: Option<String>,
     pub mode: Option<Mode>,
-    pub endpoint: Option<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub endpoint: Option<Option<String>>,
     pub port: Option<u16>,
-    pub region: Option<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub region: Option<Option<String>>,
     pub backend: Option<Backend>,
-    pub bridge: Option<BridgeSettings>,
-    pub max_devices: Option<u64>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub bridge: Option<Option<BridgeSettings>>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub max_devices: Option<Option<u64>>,
 }
 
 fn invalid(msg: impl Into<String>) -> ServiceError {
@@ -34,12 +38,29 @@ pub fn valid_tenant_id(id: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'_')
 }
 
+/// A DNS name, an IPv4 address, or an IPv6 address (bare or in brackets) — never `host:port`,
+/// the port is its own field.
 fn valid_host(h: &str) -> bool {
-    !h.is_empty()
-        && h.len() <= 253
-        && h.bytes().all(|c| {
-            c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_' | b':' | b'[' | b']')
-        })
+    if h.is_empty() || h.len() > 253 {
+        return false;
+    }
+    let inner = h.strip_prefix('[').and_then(|r| r.strip_suffix(']'));
+    match inner {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None if h.contains(':') => h.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => h
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_')),
+    }
+}
+
+/// For PATCH: a field that is absent stays, `null` clears it, a value sets it.
+fn nullable<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 impl TenantInput {
@@ -82,22 +103,22 @@ impl TenantInput {
             t.mode = v;
         }
         if let Some(v) = self.endpoint {
-            t.endpoint = Some(v);
+            t.endpoint = v;
         }
         if let Some(v) = self.port {
             t.port = v;
         }
         if let Some(v) = self.region {
-            t.region = Some(v);
+            t.region = v;
         }
         if let Some(v) = self.backend {
             t.backend = v;
         }
         if let Some(v) = self.bridge {
-            t.bridge = Some(v);
+            t.bridge = v;
         }
         if let Some(v) = self.max_devices {
-            t.max_devices = Some(v);
+            t.max_devices = v;
         }
         validate(&t)?;
         Ok(t)
@@ -143,6 +164,34 @@ mod tests {
             .unwrap();
         assert_eq!(t.endpoint.as_deref(), Some("eu.acme.example"));
         assert_eq!(t.port, 443);
+        let t = input(r#"{"max_devices":5}"#).apply_to(t).unwrap();
+        assert_eq!(t.max_devices, Some(5));
+        let t = input(r#"{"max_devices":null}"#).apply_to(t).unwrap();
+        assert_eq!(t.max_devices, None);
+        assert_eq!(t.endpoint.as_deref(), Some("eu.acme.example"));
+    }
+
+    #[test]
+    fn endpoint_is_a_host_never_host_port() {
+        for ok in [
+            "iot.example.com",
+            "10.0.0.1",
+            "::1",
+            "[2001:db8::1]",
+            "a_b-c",
+        ] {
+            assert!(valid_host(ok), "{ok}");
+        }
+        for bad in [
+            "iot.example.com:8883",
+            "a b",
+            "",
+            "[nope]",
+            "1.2.3.4:1",
+            "ex/ample",
+        ] {
+            assert!(!valid_host(bad), "{bad}");
+        }
     }
 
     #[test]

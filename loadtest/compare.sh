@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Side-by-side connect storm: the lobby and mosquitto, same PKI, same harness, same run.
+#
+#   loadtest/compare.sh [DEVICES] [CONCURRENCY]
+#
+# Starts a release lobby (its own temp dir and dev PKI, MQTT on 127.0.0.1:28883) and a TLS
+# mosquitto (require_certificate, same CA and server certificate, 127.0.0.1:28884), runs
+# `lobby-loadtest connect` against each in turn, and prints the harness's JSON plus the server
+# process's CPU time (utime+stime from /proc) per connection, so the client's cost does not count.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEVICES=${1:-3000}
+CONCURRENCY=${2:-64}
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/lobby-target}"
+cargo build -q --release -p lobby -p lobby-loadtest
+LOBBY=$CARGO_TARGET_DIR/release/lobby
+LT=$CARGO_TARGET_DIR/release/lobby-loadtest
+TICK=$(getconf CLK_TCK)
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+"$LOBBY" certs init --dir "$work/certs" --devices 1 >/dev/null
+cat >"$work/lobby.toml" <<EOF
+[listener]
+mqtt = "127.0.0.1:28883"
+api = "127.0.0.1:28080"
+[tls]
+cert = "$work/certs/server.pem"
+key = "$work/certs/server.key"
+client_cas = ["$work/certs/ca.pem"]
+[store]
+url = "sqlite://$work/lobby.db"
+[claims]
+code_key = "$work/certs/claim.key"
+[api]
+admin_token_file = "$work/certs/admin.token"
+[log]
+level = "warn"
+EOF
+cat >"$work/mosquitto.conf" <<EOF
+listener 28884 127.0.0.1
+cafile $work/certs/ca.pem
+certfile $work/certs/server.pem
+keyfile $work/certs/server.key
+require_certificate true
+allow_anonymous true
+set_tcp_nodelay true
+max_connections -1
+persistence false
+user root
+log_dest none
+EOF
+
+cpu() { awk -v t="$TICK" '{ printf "%.0f", ($14 + $15) * 1000000 / t }' "/proc/$1/stat"; }
+
+run() { # name pid port
+  local before after out
+  before=$(cpu "$2")
+  out=$("$LT" connect --port "$3" --ca "$work/certs/ca.pem" --ca-key "$work/certs/ca.key" \
+    --devices "$DEVICES" --concurrency "$CONCURRENCY" 2>/dev/null | tail -n 1)
+  sleep 1
+  after=$(cpu "$2")
+  echo "$1 $out"
+  echo "$1 server_cpu_us_per_connect $(( (after - before) / DEVICES ))"
+}
+
+(ulimit -n 20000; exec "$LOBBY" serve --config "$work/lobby.toml") &
+pids+=($!)
+(ulimit -n 20000; exec mosquitto -c "$work/mosquitto.conf") &
+pids+=($!)
+sleep 2
+run lobby "${pids[0]}" 28883
+run mosquitto "${pids[1]}" 28884
