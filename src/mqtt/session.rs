@@ -118,6 +118,7 @@ where
         redirect_pkid: None,
         redirect_sent: None,
         redirect_deadline: None,
+        due_redirect: None,
         last_status: None,
         client_max_packet: connect.properties.maximum_packet_size,
     };
@@ -196,6 +197,8 @@ struct Session<S> {
     redirect_sent: Option<String>,
     /// v3.1.1: when the lobby closes a redirected device that has not acknowledged.
     redirect_deadline: Option<Instant>,
+    /// The redirect this session has acted on (published where subscribed, grace armed).
+    due_redirect: Option<String>,
     /// The last status sent, to send it again only on change.
     last_status: Option<(ClaimState, Option<Arc<str>>)>,
     client_max_packet: Option<u32>,
@@ -234,6 +237,11 @@ where
                     .then(|| self.identity.device_id.to_hex());
                 self.send_connack(reason::SUCCESS, None, assigned);
                 self.flush().await?;
+                if let Route::Redirect(r) = &route {
+                    // v3.1.1 with a due redirect: it comes on subscribe, within the grace.
+                    self.due_redirect = Some(r.redirect_id.clone());
+                    self.arm_redirect_grace();
+                }
                 metrics::histogram!(crate::metrics::CONNECT_DURATION_SECONDS)
                     .record(tls_done.elapsed().as_secs_f64());
                 self.last_status = Some(status_key(&route));
@@ -477,7 +485,12 @@ where
             let to_compat = self.acl.compat_topic().is_some_and(matches);
             if to_redirect || to_compat {
                 self.publish_redirect(r);
-                self.arm_redirect_grace();
+                if self.protocol == Protocol::V311 {
+                    self.due_redirect = Some(r.redirect_id.clone());
+                    self.arm_redirect_grace();
+                }
+                // v5: a redirect that became due since CONNACK has a wake-up pending, and
+                // `reevaluate` follows with DISCONNECT 0x9D.
             }
         }
     }
@@ -504,8 +517,10 @@ where
             self.last_status = Some(key.clone());
             self.publish_status(key.0, key.1.as_deref());
         }
-        if let Route::Redirect(r) = &route {
-            if self.redirect_sent.as_deref() != Some(r.redirect_id.as_str()) {
+        match &route {
+            Route::Redirect(r) if self.due_redirect.as_deref() != Some(r.redirect_id.as_str()) => {
+                // A redirect became due (a claim, or a migration replacing an earlier one).
+                self.due_redirect = Some(r.redirect_id.clone());
                 self.publish_redirect(r);
                 if self.protocol == Protocol::V5 {
                     self.send_disconnect(reason::SERVER_MOVED, Some(r.server_reference()));
@@ -513,16 +528,29 @@ where
                     self.redirected(r, "disconnect");
                     return Err(End::Redirected);
                 }
-                self.arm_redirect_grace();
+                self.redirect_deadline = Some(Instant::now() + self.ctx.limits.redirect_grace);
             }
+            Route::Redirect(_) => {}
+            // Unclaimed again, or waiting on registration: nothing is due any more, and the
+            // device may wait as long as it keeps alive.
+            _ => self.withdraw_redirect(),
         }
         self.flush().await
     }
 
+    /// v3.1.1: the device has `limits.redirect_grace` to take a due redirect; a new redirect
+    /// (migration) starts a new grace, a re-subscribe does not extend it.
     fn arm_redirect_grace(&mut self) {
         if self.protocol == Protocol::V311 && self.redirect_deadline.is_none() {
             self.redirect_deadline = Some(Instant::now() + self.ctx.limits.redirect_grace);
         }
+    }
+
+    fn withdraw_redirect(&mut self) {
+        self.due_redirect = None;
+        self.redirect_sent = None;
+        self.redirect_pkid = None;
+        self.redirect_deadline = None;
     }
 
     fn route(&self) -> Route {
