@@ -2,6 +2,7 @@
 # Side-by-side connect storm: the lobby and mosquitto, same PKI, same harness, same run.
 #
 #   loadtest/compare.sh [DEVICES] [CONCURRENCY]
+#   SCENARIO=idle HOLD=20s loadtest/compare.sh 15000 64    # held connections, server RSS each
 #
 # Starts a release lobby (its own temp dir and dev PKI, MQTT on 127.0.0.1:28883) and a TLS
 # mosquitto (require_certificate, same CA and server certificate, 127.0.0.1:28884), runs
@@ -11,6 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICES=${1:-3000}
 CONCURRENCY=${2:-64}
+SCENARIO=${SCENARIO:-connect}
+HOLD=${HOLD:-20s}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/lobby-target}"
 cargo build -q --release -p lobby -p lobby-loadtest
 LOBBY=$CARGO_TARGET_DIR/release/lobby
@@ -59,8 +62,10 @@ cpu() { awk -v t="$TICK" '{ printf "%.0f", ($14 + $15) * 1000000 / t }' "/proc/$
 run() { # name pid port
   local before after out
   before=$(cpu "$2")
-  out=$("$LT" connect --port "$3" --ca "$work/certs/ca.pem" --ca-key "$work/certs/ca.key" \
-    --devices "$DEVICES" --concurrency "$CONCURRENCY" 2>/dev/null | tail -n 1)
+  local extra=()
+  [ "$SCENARIO" = idle ] && extra=(--hold "$HOLD" --server-pid "$2")
+  out=$("$LT" "$SCENARIO" --port "$3" --ca "$work/certs/ca.pem" --ca-key "$work/certs/ca.key" \
+    --devices "$DEVICES" --concurrency "$CONCURRENCY" "${extra[@]}" 2>/dev/null | tail -n 1)
   sleep 1
   after=$(cpu "$2")
   echo "$1 $out"
