@@ -329,3 +329,58 @@ async fn connect_and_connack(lobby: &TestLobby, connector: &TlsConnector) {
     let n = timeout(WAIT, s.read(&mut buf)).await.unwrap().unwrap();
     assert!(n > 0 && buf[0] == 0x20, "expected a CONNACK");
 }
+
+/// A client config for `dev` that offers only `version`.
+fn client_tls_version(
+    lobby: &TestLobby,
+    dev: &Device,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(lobby.certs_dir().join("ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain = vec![CertificateDer::from_pem_slice(dev.cert_pem.as_bytes()).unwrap()];
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(dev.key_pem.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    Arc::new(cfg)
+}
+
+#[tokio::test]
+async fn tls_1_2_and_1_3_clients_both_enter() {
+    let lobby = TestLobby::start().await;
+    for (version, expected) in [
+        (&rustls::version::TLS12, rustls::ProtocolVersion::TLSv1_2),
+        (&rustls::version::TLS13, rustls::ProtocolVersion::TLSv1_3),
+    ] {
+        let dev = lobby.device(&format!("dev-{expected:?}"));
+        let connector = TlsConnector::from(client_tls_version(&lobby, &dev, version));
+        let tcp = TcpStream::connect(lobby.mqtt_addr()).await.unwrap();
+        let s = connector
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        assert_eq!(s.get_ref().1.protocol_version(), Some(expected));
+        drop(s);
+        connect_and_connack(&lobby, &connector).await;
+    }
+    // An untrusted device is refused on TLS 1.2 too, where the client learns it in the handshake.
+    let stranger = pki::throwaway_ca("Stranger CA").unwrap();
+    let issued = stranger.issue_device("stranger").unwrap();
+    let dev = lobby.device_from("stranger", issued.cert_der, issued.cert_pem, issued.key_pem);
+    let tcp = TcpStream::connect(lobby.mqtt_addr()).await.unwrap();
+    let connector = TlsConnector::from(client_tls_version(&lobby, &dev, &rustls::version::TLS12));
+    let handshake = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await;
+    assert!(
+        handshake.is_err(),
+        "TLS 1.2 handshake with an untrusted cert succeeded"
+    );
+}
