@@ -136,12 +136,34 @@ impl Default for ApiConfig {
     }
 }
 
-/// `[aws]`
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `[aws]`. The lobby's own credentials never come from here: they come from the standard
+/// AWS chain (environment, profile, container or instance metadata).
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AwsConfig {
     /// Override for the STS and IoT endpoints (tests, private endpoints). Default empty: AWS's own.
     pub endpoint_url: String,
+    /// RoleSessionName when assuming tenant roles, so tenants see who acts in their account
+    /// (CloudTrail). Default `lobby` (an extension of SPEC §8).
+    pub session_name: String,
+    /// First retry delay after throttling, 5xx or network errors; doubles up to `retry_max`,
+    /// with jitter. Default 500 ms (an extension).
+    #[serde(with = "humantime_serde")]
+    pub retry_base: Duration,
+    /// Longest retry delay. Default 5 min (an extension).
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+}
+
+impl Default for AwsConfig {
+    fn default() -> Self {
+        Self {
+            endpoint_url: String::new(),
+            session_name: "lobby".into(),
+            retry_base: Duration::from_millis(500),
+            retry_max: Duration::from_secs(300),
+        }
+    }
 }
 
 /// `[limits]`: every bound the lobby enforces.
@@ -276,6 +298,24 @@ impl Config {
             return Err(invalid(
                 "store.url",
                 "expected sqlite://<path> or sqlite::memory:",
+            ));
+        }
+        let session = &self.aws.session_name;
+        if session.len() < 2
+            || session.len() > 64
+            || !session
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"+=,.@_-".contains(&c))
+        {
+            return Err(invalid(
+                "aws.session_name",
+                "2-64 characters of letters, digits and +=,.@_-",
+            ));
+        }
+        if self.aws.retry_base.is_zero() || self.aws.retry_max < self.aws.retry_base {
+            return Err(invalid(
+                "aws.retry_base",
+                "must be above 0 and at most aws.retry_max",
             ));
         }
         if !matches!(self.log.format.as_str(), "human" | "json") {

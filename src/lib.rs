@@ -17,8 +17,9 @@
 //! 1. [`api`] (axum) authenticates operator and tenant tokens;
 //! 2. [`claims::service`] validates, writes the [`store`] (durable), updates the map, then wakes
 //!    the device's session through [`waiting`], which re-reads the map and redirects;
-//! 3. provisioning (AWS IoT, later) will be driven by claims in `registering`, a job queue in
-//!    the store; the seam is `ClaimsService::bound_claim`.
+//! 3. [`provision`] registers claims in `registering` with the tenant's backend (AWS IoT:
+//!    [`provision::aws_iot`], the only module that knows the SDK) and removes registrations
+//!    marked `removing`; both queues are stored state, so a restart resumes them.
 //!
 //! Around them: [`config`], [`server`] (assembly, start, shutdown), [`metrics`], [`pki`] (dev
 //! PKI), [`qr`] (claim-code labels).
@@ -32,6 +33,7 @@ pub mod edge;
 pub mod metrics;
 pub mod mqtt;
 pub mod pki;
+pub mod provision;
 pub mod qr;
 pub mod route;
 pub mod server;

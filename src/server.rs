@@ -22,6 +22,9 @@ use crate::config::{Config, ConfigError};
 use crate::edge::tls::TlsError;
 use crate::edge::{self, EdgeContext};
 use crate::pki::{self, PkiError};
+use crate::provision::aws_iot::AwsIotFactory;
+use crate::provision::worker::{Backoff, Worker};
+use crate::provision::{IotApiFactory, Provisioner};
 use crate::store::{self, StoreError};
 use crate::waiting::WaitingRoom;
 
@@ -69,13 +72,23 @@ pub struct Lobby {
 impl Lobby {
     /// Starts every part from `config`; returns once both listeners are bound.
     pub async fn start(config: &Config) -> Result<Self, ServerError> {
+        let aws = AwsIotFactory::new(&config.aws.endpoint_url, &config.aws.session_name);
+        Self::start_with(config, Arc::new(aws)).await
+    }
+
+    /// As [`Lobby::start`], with the given AWS IoT backend (tests use a fake).
+    pub async fn start_with(
+        config: &Config,
+        iot: Arc<dyn IotApiFactory>,
+    ) -> Result<Self, ServerError> {
         config.validate()?;
         let metrics = crate::metrics::install();
         let key = ClaimKey::load(&config.claims.code_key)?;
         let admin = read_admin_token(&config.api.admin_token_file)?;
         let store = store::open(&config.store.url).await?;
         let waiting = WaitingRoom::default();
-        let service = ClaimsService::load(store, key, waiting.clone()).await?;
+        let (provisioner, jobs) = Provisioner::channel();
+        let service = ClaimsService::load(store.clone(), key, waiting.clone(), provisioner).await?;
         let tls = edge::tls::server_config(&config.tls, service.cache().clone())?;
 
         let mqtt = bind(config.listener.mqtt, MQTT_BACKLOG, "listener.mqtt")?;
@@ -91,6 +104,17 @@ impl Lobby {
         let tracker = TaskTracker::new();
         let (activity_tx, activity_rx) = mpsc::channel(ACTIVITY_QUEUE);
         tracker.spawn(service.clone().run_activity(activity_rx));
+        let worker = Worker::new(
+            service.clone(),
+            store,
+            iot,
+            Backoff {
+                base: config.aws.retry_base,
+                max: config.aws.retry_max,
+            },
+            cancel.clone(),
+        );
+        tracker.spawn(worker.run(jobs, tracker.clone()));
 
         let ctx = Arc::new(EdgeContext {
             cache: service.cache().clone(),

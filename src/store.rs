@@ -12,6 +12,7 @@ use async_trait::async_trait;
 
 use crate::claims::model::{Claim, Tenant};
 use crate::edge::identity::DeviceId;
+use crate::provision::Registration;
 
 /// Store failures.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +51,15 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_claim(&self, id: &DeviceId) -> Result<(), StoreError>;
     /// The device certificate captured for a claim, if any.
     async fn cert_pem(&self, id: &DeviceId) -> Result<Option<String>, StoreError>;
+    /// Stores the certificate of a claimed device (captured at its handshake).
+    async fn set_cert_pem(&self, id: &DeviceId, pem: &str) -> Result<(), StoreError>;
+    /// Inserts or replaces what was registered for (device, tenant).
+    async fn put_registration(&self, r: &Registration) -> Result<(), StoreError>;
+    /// Every registration of a device (one per tenant it is or was registered with).
+    async fn registrations(&self, id: &DeviceId) -> Result<Vec<Registration>, StoreError>;
+    /// The clean-up queue: registrations marked `removing`.
+    async fn removing_registrations(&self) -> Result<Vec<Registration>, StoreError>;
+    async fn delete_registration(&self, id: &DeviceId, tenant: &str) -> Result<(), StoreError>;
 }
 
 /// A parsed `store.url`.

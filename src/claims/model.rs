@@ -41,6 +41,17 @@ pub struct AwsIotBackend {
     /// Template with `{cn}` and `{device_id}`; default: the certificate CN.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thing_name: Option<String>,
+    /// Calls per second the lobby makes in this account (an extension; default 10, under AWS
+    /// IoT's control-plane limits of about 10–15 TPS for these APIs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<u32>,
+}
+
+impl AwsIotBackend {
+    /// Calls per second in this account.
+    pub fn rate(&self) -> u32 {
+        self.rate_limit.unwrap_or(10).max(1)
+    }
 }
 
 /// `bridge` settings of a bridge-mode tenant (SPEC §5).

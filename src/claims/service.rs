@@ -16,6 +16,7 @@ use super::codes::ClaimKey;
 use super::model::{now_ms, Backend, Claim, ClaimState, Mode, Tenant};
 use super::tenant_input::TenantInput;
 use crate::edge::identity::{self, DeviceId};
+use crate::provision::{Job, Provisioner};
 use crate::store::{Store, StoreError, StoredTenant};
 use crate::waiting::WaitingRoom;
 
@@ -47,6 +48,11 @@ pub enum Activity {
         redirect_id: String,
         at: i64,
     },
+    /// A device whose registration waits connected: its certificate, from the handshake.
+    CertSeen {
+        device_id: DeviceId,
+        cert_der: Vec<u8>,
+    },
 }
 
 /// The result of a claim request.
@@ -68,6 +74,7 @@ struct Inner {
     cache: ClaimsCache,
     key: ClaimKey,
     waiting: WaitingRoom,
+    provisioner: Provisioner,
     write: Mutex<()>,
 }
 
@@ -96,6 +103,7 @@ impl ClaimsService {
         store: Arc<dyn Store>,
         key: ClaimKey,
         waiting: WaitingRoom,
+        provisioner: Provisioner,
     ) -> Result<Self, ServiceError> {
         let cache = ClaimsCache::default();
         for t in store.tenants().await? {
@@ -117,6 +125,7 @@ impl ClaimsService {
                 cache,
                 key,
                 waiting,
+                provisioner,
                 write: Mutex::new(()),
             }),
         })
@@ -254,12 +263,49 @@ impl ClaimsService {
                 .map(|s| s.thing_name.to_string())
         });
         let claim = self.bound_claim(device_id, &entry.tenant, thing_name, now_ms());
-        self.commit(claim, cert_pem)
-            .await
-            .map(|claim| ClaimOutcome {
-                created: true,
-                claim,
-            })
+        let claim = self.commit(claim, cert_pem).await?;
+        self.after_binding(&claim).await?;
+        Ok(ClaimOutcome {
+            created: true,
+            claim,
+        })
+    }
+
+    /// After a claim or migration: queue its registration, or (ready at once) retire the
+    /// registrations with other tenants.
+    async fn after_binding(&self, claim: &Claim) -> Result<(), ServiceError> {
+        match (claim.state, claim.tenant_id()) {
+            (ClaimState::Registering, _) => {
+                self.inner
+                    .provisioner
+                    .enqueue(Job::Register(claim.device_id));
+                Ok(())
+            }
+            (ClaimState::Ready, Some(t)) => {
+                self.retire_registrations(&claim.device_id, Some(t)).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Marks the device's registrations with every tenant but `keep` for removal and queues
+    /// the clean-up (stored first, so a restart resumes it).
+    async fn retire_registrations(
+        &self,
+        id: &DeviceId,
+        keep: Option<&str>,
+    ) -> Result<(), ServiceError> {
+        for mut reg in self.inner.store.registrations(id).await? {
+            if Some(reg.tenant.as_str()) == keep {
+                continue;
+            }
+            if !reg.removing {
+                reg.removing = true;
+                self.inner.store.put_registration(&reg).await?;
+            }
+            self.inner.provisioner.enqueue(Job::Remove(*id, reg.tenant));
+        }
+        Ok(())
     }
 
     /// Unclaims a device (`by_tenant`: the caller's tenant, `None` for the operator).
@@ -281,7 +327,7 @@ impl ClaimsService {
         gauge_state(existing.state, -1.0);
         self.inner.cache.remove_claim(id);
         self.inner.waiting.wake(id);
-        Ok(())
+        self.retire_registrations(id, None).await
     }
 
     /// Moves a claimed device to another tenant with a new redirect.
@@ -305,7 +351,63 @@ impl ClaimsService {
             }
         }
         let claim = self.bound_claim(*id, &entry.tenant, existing.thing_name.clone(), now_ms());
-        self.commit(claim, None).await
+        // The old registration stays until the new one is ready (see `registration_done`).
+        let claim = self.commit(claim, None).await?;
+        self.after_binding(&claim).await?;
+        Ok(claim)
+    }
+
+    /// The provisioner's verdict on a registration with `tenant`: `Ok(thing_name)` makes the
+    /// claim ready (and retires other tenants' registrations), `Err(reason)` failed. Ignored
+    /// when the claim moved on meanwhile.
+    pub async fn registration_done(
+        &self,
+        id: &DeviceId,
+        tenant: &str,
+        outcome: Result<Option<String>, String>,
+    ) -> Result<(), ServiceError> {
+        let _w = self.inner.write.lock().await;
+        let Some(c) = self.inner.cache.claim(id) else {
+            return Ok(());
+        };
+        if c.state != ClaimState::Registering || c.tenant_id() != Some(tenant) {
+            return Ok(());
+        }
+        let mut c = (*c).clone();
+        match outcome {
+            Ok(thing_name) => {
+                let now = now_ms();
+                c.state = ClaimState::Ready;
+                c.thing_name = thing_name.or(c.thing_name);
+                c.redirect_id = Some(format!("r-{}", random_hex(12)));
+                c.ready_at = Some(now);
+                c.error = None;
+                self.commit(c, None).await?;
+                self.retire_registrations(id, Some(tenant)).await
+            }
+            Err(reason) => {
+                c.state = ClaimState::Failed;
+                c.error = Some(reason);
+                self.commit(c, None).await.map(drop)
+            }
+        }
+    }
+
+    /// Stores the endpoint DescribeEndpoint found for a tenant that had none.
+    pub async fn set_tenant_endpoint(&self, id: &str, endpoint: &str) -> Result<(), ServiceError> {
+        let _w = self.inner.write.lock().await;
+        let entry = self.inner.cache.tenant(id).ok_or(ServiceError::NotFound)?;
+        if entry.tenant.endpoint.is_some() {
+            return Ok(());
+        }
+        let mut tenant = entry.tenant.clone();
+        tenant.endpoint = Some(endpoint.to_owned());
+        self.inner.store.update_tenant(&tenant).await?;
+        self.inner.cache.put_tenant(TenantEntry {
+            tenant,
+            token_hash: entry.token_hash,
+        });
+        Ok(())
     }
 
     /// Revokes a device: refused at the handshake from now on, its connection closed.
@@ -343,11 +445,22 @@ impl ClaimsService {
     /// Applies device-path activity until the channel closes.
     pub async fn run_activity(self, mut rx: mpsc::Receiver<Activity>) {
         while let Some(activity) = rx.recv().await {
-            let Activity::Redirected {
-                device_id,
-                redirect_id,
-                at,
-            } = activity;
+            let (device_id, redirect_id, at) = match activity {
+                Activity::Redirected {
+                    device_id,
+                    redirect_id,
+                    at,
+                } => (device_id, redirect_id, at),
+                Activity::CertSeen {
+                    device_id,
+                    cert_der,
+                } => {
+                    if let Err(e) = self.cert_seen(&device_id, &cert_der).await {
+                        tracing::warn!(error = %e, "storing a device certificate failed");
+                    }
+                    continue;
+                }
+            };
             let _w = self.inner.write.lock().await;
             let Some(c) = self.inner.cache.claim(&device_id) else {
                 continue;
@@ -364,6 +477,27 @@ impl ClaimsService {
                 tracing::warn!(error = %e, "recording a redirect failed");
             }
         }
+    }
+
+    /// A registering device connected: keep its certificate (registration needs the PEM) and
+    /// nudge the provisioner.
+    async fn cert_seen(&self, id: &DeviceId, der: &[u8]) -> Result<(), ServiceError> {
+        let registering = self
+            .inner
+            .cache
+            .claim(id)
+            .is_some_and(|c| c.state == ClaimState::Registering);
+        if !registering {
+            return Ok(());
+        }
+        if self.inner.store.cert_pem(id).await?.is_none() {
+            self.inner
+                .store
+                .set_cert_pem(id, &identity::der_to_pem(der))
+                .await?;
+        }
+        self.inner.provisioner.enqueue(Job::Register(*id));
+        Ok(())
     }
 
     /// The claim of `id` as seen by `by_tenant` (`None`: operator): another tenant's is NotFound.
@@ -398,7 +532,7 @@ impl ClaimsService {
                 ClaimState::Registering
             },
             thing_name,
-            redirect_id: Some(format!("r-{}", random_hex(12))),
+            redirect_id: ready.then(|| format!("r-{}", random_hex(12))),
             claimed_at: Some(now),
             ready_at: ready.then_some(now),
             redirected_at: None,
@@ -451,11 +585,6 @@ impl ClaimsService {
 /// Rejects what this build cannot serve yet, rather than accepting a tenant whose devices would
 /// wait forever.
 fn check_supported(t: &Tenant) -> Result<(), ServiceError> {
-    if matches!(t.backend, Backend::AwsIot(_)) {
-        return Err(ServiceError::Invalid(
-            "backend kind \"aws-iot\" is not available in this build yet".into(),
-        ));
-    }
     if t.mode == Mode::Bridge {
         return Err(ServiceError::Invalid(
             "mode \"bridge\" is not available in this build yet".into(),

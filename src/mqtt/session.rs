@@ -119,6 +119,7 @@ where
         redirect_sent: None,
         redirect_deadline: None,
         due_redirect: None,
+        cert_reported: false,
         last_status: None,
         client_max_packet: connect.properties.maximum_packet_size,
     };
@@ -199,6 +200,8 @@ struct Session<S> {
     redirect_deadline: Option<Instant>,
     /// The redirect this session has acted on (published where subscribed, grace armed).
     due_redirect: Option<String>,
+    /// The certificate went to the control plane for a waiting registration.
+    cert_reported: bool,
     /// The last status sent, to send it again only on change.
     last_status: Option<(ClaimState, Option<Arc<str>>)>,
     client_max_packet: Option<u32>,
@@ -245,6 +248,7 @@ where
                 metrics::histogram!(crate::metrics::CONNECT_DURATION_SECONDS)
                     .record(tls_done.elapsed().as_secs_f64());
                 self.last_status = Some(status_key(&route));
+                self.report_cert_if_registering(&route);
                 Ok(())
             }
         }
@@ -512,6 +516,7 @@ where
             let _ = self.flush().await;
             return Err(End::Revoked);
         }
+        self.report_cert_if_registering(&route);
         let key = status_key(&route);
         if self.last_status.as_ref() != Some(&key) {
             self.last_status = Some(key.clone());
@@ -543,6 +548,27 @@ where
     fn arm_redirect_grace(&mut self) {
         if self.protocol == Protocol::V311 && self.redirect_deadline.is_none() {
             self.redirect_deadline = Some(Instant::now() + self.ctx.limits.redirect_grace);
+        }
+    }
+
+    /// A registration may be waiting for this device's certificate: hand it over, once.
+    fn report_cert_if_registering(&mut self, route: &Route) {
+        let registering = matches!(
+            route,
+            Route::Wait {
+                state: ClaimState::Registering,
+                ..
+            }
+        );
+        if registering && !self.cert_reported {
+            self.cert_reported = true;
+            let _ = self
+                .ctx
+                .activity
+                .try_send(crate::claims::service::Activity::CertSeen {
+                    device_id: self.identity.device_id,
+                    cert_der: self.identity.cert_der.clone(),
+                });
         }
     }
 

@@ -12,6 +12,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::{Store, StoreError, StoreUrl, StoredTenant};
 use crate::claims::model::{Claim, ClaimState, Tenant};
 use crate::edge::identity::DeviceId;
+use crate::provision::{CertRef, Registration};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS tenants (
@@ -32,6 +33,14 @@ CREATE TABLE IF NOT EXISTS claims (
     cert_pem TEXT
 );
 CREATE INDEX IF NOT EXISTS claims_tenant ON claims(tenant);
+CREATE TABLE IF NOT EXISTS registrations (
+    device_id TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    body TEXT NOT NULL,
+    removing INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (device_id, tenant)
+);
+CREATE INDEX IF NOT EXISTS registrations_removing ON registrations(removing);
 ";
 
 /// SQLite-backed [`Store`].
@@ -120,6 +129,48 @@ fn claim_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, Claim)> 
     };
     Ok((id, claim))
 }
+
+/// The stored form of a [`Registration`] (device id and tenant are the key columns).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RegistrationBody {
+    backend: crate::claims::model::AwsIotBackend,
+    thing_name: String,
+    cert: Option<CertRef>,
+}
+
+fn registration_from_row(
+    row: &rusqlite::Row<'_>,
+) -> rusqlite::Result<(String, String, String, bool)> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get::<_, i64>(3)? != 0,
+    ))
+}
+
+fn registrations_from(
+    rows: Vec<(String, String, String, bool)>,
+) -> Result<Vec<Registration>, StoreError> {
+    rows.into_iter()
+        .map(|(id, tenant, body, removing)| {
+            let device_id = DeviceId::parse_hex(&id)
+                .ok_or_else(|| StoreError::Corrupt(format!("registration device_id {id:?}")))?;
+            let b: RegistrationBody = serde_json::from_str(&body)
+                .map_err(|e| StoreError::Corrupt(format!("registration body: {e}")))?;
+            Ok(Registration {
+                device_id,
+                tenant,
+                backend: b.backend,
+                thing_name: b.thing_name,
+                cert: b.cert,
+                removing,
+            })
+        })
+        .collect()
+}
+
+const REGISTRATION_COLUMNS: &str = "SELECT device_id, tenant, body, removing FROM registrations";
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -251,6 +302,82 @@ impl Store for SqliteStore {
             c.execute("DELETE FROM claims WHERE device_id = ?1", params![id])
                 .map_err(backend)
                 .map(drop)
+        })
+        .await
+    }
+
+    async fn set_cert_pem(&self, id: &DeviceId, pem: &str) -> Result<(), StoreError> {
+        let (id, pem) = (id.to_hex(), pem.to_owned());
+        self.with("set_cert_pem", move |c| {
+            c.execute(
+                "UPDATE claims SET cert_pem = ?2 WHERE device_id = ?1",
+                params![id, pem],
+            )
+            .map_err(backend)
+            .map(drop)
+        })
+        .await
+    }
+
+    async fn put_registration(&self, r: &Registration) -> Result<(), StoreError> {
+        let body = serde_json::to_string(&RegistrationBody {
+            backend: r.backend.clone(),
+            thing_name: r.thing_name.clone(),
+            cert: r.cert.clone(),
+        })
+        .map_err(backend)?;
+        let (id, tenant, removing) = (r.device_id.to_hex(), r.tenant.clone(), r.removing);
+        self.with("put_registration", move |c| {
+            c.execute(
+                "INSERT INTO registrations (device_id, tenant, body, removing) \
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT(device_id, tenant) \
+                 DO UPDATE SET body = ?3, removing = ?4",
+                params![id, tenant, body, i64::from(removing)],
+            )
+            .map_err(backend)
+            .map(drop)
+        })
+        .await
+    }
+
+    async fn registrations(&self, id: &DeviceId) -> Result<Vec<Registration>, StoreError> {
+        let id = id.to_hex();
+        let rows = self
+            .with("registrations", move |c| {
+                let mut stmt = c
+                    .prepare(&format!("{REGISTRATION_COLUMNS} WHERE device_id = ?1"))
+                    .map_err(backend)?;
+                let rows = stmt
+                    .query_map(params![id], registration_from_row)
+                    .map_err(backend)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+            })
+            .await?;
+        registrations_from(rows)
+    }
+
+    async fn removing_registrations(&self) -> Result<Vec<Registration>, StoreError> {
+        let rows = self
+            .with("removing_registrations", |c| {
+                let mut stmt = c
+                    .prepare(&format!("{REGISTRATION_COLUMNS} WHERE removing = 1"))
+                    .map_err(backend)?;
+                let rows = stmt.query_map([], registration_from_row).map_err(backend)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+            })
+            .await?;
+        registrations_from(rows)
+    }
+
+    async fn delete_registration(&self, id: &DeviceId, tenant: &str) -> Result<(), StoreError> {
+        let (id, tenant) = (id.to_hex(), tenant.to_owned());
+        self.with("delete_registration", move |c| {
+            c.execute(
+                "DELETE FROM registrations WHERE device_id = ?1 AND tenant = ?2",
+                params![id, tenant],
+            )
+            .map_err(backend)
+            .map(drop)
         })
         .await
     }

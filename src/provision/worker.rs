@@ -1,0 +1,415 @@
+//! The provisioning worker: drains the registration and clean-up queues (stored state), one
+//! task per job, with a per-tenant call rate, exponential backoff with jitter for retryable
+//! failures, and `failed` with the AWS error code for permanent ones.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{thing_name, CertRef, IotApiFactory, IotError, Job, Registration};
+use crate::claims::model::{AwsIotBackend, Backend, ClaimState};
+use crate::claims::service::ClaimsService;
+use crate::edge::identity::{self, DeviceId};
+use crate::store::{Store, StoreError};
+
+/// Jobs running at once (each is paced by its tenant's rate anyway).
+const MAX_JOBS: usize = 64;
+
+/// Retry pacing for retryable failures.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl Backoff {
+    /// The delay before attempt `n` (0-based): exponential, capped, with jitter in [½, 1].
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exp = self.base.saturating_mul(1u32 << attempt.min(20));
+        let cap = exp.min(self.max);
+        cap.mul_f64(rand::rng().random_range(0.5..=1.0))
+    }
+}
+
+/// Paces calls per tenant: at most `rate` per second, no bursts.
+#[derive(Default)]
+struct Pacer {
+    next: Mutex<HashMap<String, Instant>>,
+}
+
+impl Pacer {
+    async fn wait(&self, tenant: &str, rate: u32) {
+        let interval = Duration::from_secs(1) / rate.max(1);
+        let slot = {
+            let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let slot = next.get(tenant).copied().unwrap_or(now).max(now);
+            next.insert(tenant.to_owned(), slot + interval);
+            slot
+        };
+        tokio::time::sleep_until(slot).await;
+    }
+}
+
+/// Drains provisioning jobs. Cheap `Clone`.
+#[derive(Clone)]
+pub struct Worker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    service: ClaimsService,
+    store: Arc<dyn Store>,
+    factory: Arc<dyn IotApiFactory>,
+    backoff: Backoff,
+    pacer: Pacer,
+    /// Jobs running now → whether they were asked for again meanwhile (run once more).
+    running: Mutex<HashMap<Job, bool>>,
+    cancel: CancellationToken,
+}
+
+fn store_err(e: StoreError) -> IotError {
+    IotError::Retryable {
+        code: "StoreError".into(),
+        message: e.to_string(),
+    }
+}
+
+impl Worker {
+    pub fn new(
+        service: ClaimsService,
+        store: Arc<dyn Store>,
+        factory: Arc<dyn IotApiFactory>,
+        backoff: Backoff,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                service,
+                store,
+                factory,
+                backoff,
+                pacer: Pacer::default(),
+                running: Mutex::new(HashMap::new()),
+                cancel,
+            }),
+        }
+    }
+
+    /// Resumes what the store says is pending, then runs jobs until cancelled.
+    pub async fn run(self, mut rx: mpsc::UnboundedReceiver<Job>, tracker: TaskTracker) {
+        let permits = Arc::new(Semaphore::new(MAX_JOBS));
+        let mut pending = Vec::new();
+        self.inner.service.cache().for_each_claim(|c| {
+            if c.state == ClaimState::Registering {
+                pending.push(Job::Register(c.device_id));
+            }
+        });
+        match self.inner.store.removing_registrations().await {
+            Ok(regs) => {
+                pending.extend(regs.into_iter().map(|r| Job::Remove(r.device_id, r.tenant)))
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read the clean-up queue"),
+        }
+        if !pending.is_empty() {
+            tracing::info!(jobs = pending.len(), "resuming provisioning work");
+        }
+        for job in pending {
+            self.start(job, &permits, &tracker);
+        }
+        loop {
+            let job = tokio::select! {
+                j = rx.recv() => match j { Some(j) => j, None => return },
+                () = self.inner.cancel.cancelled() => return,
+            };
+            self.start(job, &permits, &tracker);
+        }
+    }
+
+    fn start(&self, job: Job, permits: &Arc<Semaphore>, tracker: &TaskTracker) {
+        {
+            let mut running = self.inner.running.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(again) = running.get_mut(&job) {
+                *again = true;
+                return;
+            }
+            running.insert(job.clone(), false);
+        }
+        let this = self.clone();
+        let permits = permits.clone();
+        tracker.spawn(async move {
+            let Ok(_permit) = permits.acquire_owned().await else {
+                return;
+            };
+            loop {
+                this.run_job(&job).await;
+                let mut running = this.inner.running.lock().unwrap_or_else(|p| p.into_inner());
+                match running.get_mut(&job) {
+                    Some(again) if *again => *again = false,
+                    _ => {
+                        running.remove(&job);
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    /// One job, retried with backoff until it succeeds, fails for good, or the lobby stops.
+    async fn run_job(&self, job: &Job) {
+        let started = Instant::now();
+        let mut attempt = 0;
+        loop {
+            let result = match job {
+                Job::Register(id) => self.register(id).await,
+                Job::Remove(id, tenant) => self.remove(id, tenant).await,
+            };
+            match result {
+                Ok(()) => return,
+                Err(IotError::Retryable { code, message }) => {
+                    let delay = self.inner.backoff.delay(attempt);
+                    tracing::debug!(?job, code, message, ?delay, "retrying");
+                    attempt += 1;
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = self.inner.cancel.cancelled() => return,
+                    }
+                }
+                Err(e) => {
+                    self.give_up(job, e, started).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn give_up(&self, job: &Job, e: IotError, started: Instant) {
+        match job {
+            Job::Register(id) => {
+                let tenant = self
+                    .inner
+                    .service
+                    .cache()
+                    .claim(id)
+                    .and_then(|c| c.tenant.clone());
+                if let Some(tenant) = tenant {
+                    registration_metric("failed", started);
+                    let _ = self
+                        .inner
+                        .service
+                        .registration_done(id, &tenant, Err(e.to_string()))
+                        .await;
+                }
+            }
+            Job::Remove(_, tenant) => {
+                // The tenant's role or account changed under us: an operator must look.
+                tracing::error!(tenant, error = %e, "removing a device registration failed; it stays queued until the next start");
+            }
+        }
+    }
+
+    async fn pace(&self, tenant: &str, backend: &AwsIotBackend) {
+        self.inner.pacer.wait(tenant, backend.rate()).await;
+    }
+
+    /// Registers a `registering` device in its tenant's account; each step is idempotent.
+    async fn register(&self, id: &DeviceId) -> Result<(), IotError> {
+        let service = &self.inner.service;
+        let Some(claim) = service.cache().claim(id) else {
+            return Ok(());
+        };
+        let (ClaimState::Registering, Some(tenant_id)) = (claim.state, claim.tenant.clone()) else {
+            return Ok(());
+        };
+        let Some(tenant) = service.cache().tenant(&tenant_id) else {
+            return Ok(());
+        };
+        let Backend::AwsIot(backend) = &tenant.tenant.backend else {
+            // The tenant switched to a backend with nothing to register.
+            let _ = service.registration_done(id, &tenant_id, Ok(None)).await;
+            return Ok(());
+        };
+        let Some(pem) = self.inner.store.cert_pem(id).await.map_err(store_err)? else {
+            tracing::debug!(device_id = %id, "registration waits for the device's certificate");
+            return Ok(());
+        };
+        let started = Instant::now();
+        let cn = identity::cert_pem_to_der(&pem)
+            .ok()
+            .and_then(|der| identity::common_name(&der))
+            .unwrap_or_else(|| id.to_hex());
+        let thing = thing_name(backend.thing_name.as_deref(), &cn, id);
+        self.pace(&tenant_id, backend).await;
+        let api = self.inner.factory.client(&tenant_id, backend).await?;
+        let mut reg = self.registration(id, &tenant_id, backend, &thing).await?;
+        let cert = match reg.cert.clone() {
+            Some(c) => c,
+            None => {
+                self.pace(&tenant_id, backend).await;
+                let cert = match api.register_certificate(&pem).await {
+                    Ok(c) => c,
+                    Err(IotError::AlreadyExists {
+                        id: Some(cid),
+                        arn: Some(arn),
+                    }) => CertRef { id: cid, arn },
+                    Err(IotError::AlreadyExists { .. }) => {
+                        return Err(IotError::Permanent {
+                            code: "ResourceAlreadyExistsException".into(),
+                            message: "certificate exists but its id was not returned".into(),
+                        })
+                    }
+                    Err(e) => return Err(e),
+                };
+                reg.cert = Some(cert.clone());
+                self.inner
+                    .store
+                    .put_registration(&reg)
+                    .await
+                    .map_err(store_err)?;
+                cert
+            }
+        };
+        self.pace(&tenant_id, backend).await;
+        api.create_thing(&thing).await?;
+        self.pace(&tenant_id, backend).await;
+        api.attach_thing_principal(&thing, &cert.arn).await?;
+        self.pace(&tenant_id, backend).await;
+        api.attach_policy(&backend.policy_name, &cert.arn).await?;
+        if tenant.tenant.endpoint.is_none() {
+            self.pace(&tenant_id, backend).await;
+            let endpoint = api.describe_endpoint().await?;
+            service
+                .set_tenant_endpoint(&tenant_id, &endpoint)
+                .await
+                .map_err(|e| store_err(StoreError::Backend(e.to_string())))?;
+        }
+        registration_metric("ready", started);
+        service
+            .registration_done(id, &tenant_id, Ok(Some(thing)))
+            .await
+            .map_err(|e| store_err(StoreError::Backend(e.to_string())))?;
+        Ok(())
+    }
+
+    /// The stored registration for (device, tenant), created (and stored) before the first call.
+    async fn registration(
+        &self,
+        id: &DeviceId,
+        tenant: &str,
+        backend: &AwsIotBackend,
+        thing: &str,
+    ) -> Result<Registration, IotError> {
+        let existing = self
+            .inner
+            .store
+            .registrations(id)
+            .await
+            .map_err(store_err)?;
+        let mut reg = existing
+            .into_iter()
+            .find(|r| {
+                r.tenant == tenant
+                    && r.backend.role_arn == backend.role_arn
+                    && r.backend.region == backend.region
+            })
+            .unwrap_or_else(|| Registration {
+                device_id: *id,
+                tenant: tenant.to_owned(),
+                backend: backend.clone(),
+                thing_name: thing.to_owned(),
+                cert: None,
+                removing: false,
+            });
+        reg.backend = backend.clone();
+        reg.thing_name = thing.to_owned();
+        reg.removing = false;
+        self.inner
+            .store
+            .put_registration(&reg)
+            .await
+            .map_err(store_err)?;
+        Ok(reg)
+    }
+
+    /// Removes what the lobby created for (device, tenant): deactivate and detach the
+    /// certificate, delete it, delete the thing. Anything already gone counts as removed.
+    async fn remove(&self, id: &DeviceId, tenant: &str) -> Result<(), IotError> {
+        let regs = self
+            .inner
+            .store
+            .registrations(id)
+            .await
+            .map_err(store_err)?;
+        let Some(reg) = regs.into_iter().find(|r| r.tenant == tenant && r.removing) else {
+            return Ok(());
+        };
+        let b = &reg.backend;
+        self.pace(tenant, b).await;
+        let api = self.inner.factory.client(tenant, b).await?;
+        if let Some(cert) = &reg.cert {
+            self.pace(tenant, b).await;
+            api.deactivate_certificate(&cert.id).await?;
+            self.pace(tenant, b).await;
+            api.detach_thing_principal(&reg.thing_name, &cert.arn)
+                .await?;
+            self.pace(tenant, b).await;
+            api.detach_policy(&b.policy_name, &cert.arn).await?;
+            self.pace(tenant, b).await;
+            api.delete_certificate(&cert.id).await?;
+        }
+        self.pace(tenant, b).await;
+        api.delete_thing(&reg.thing_name).await?;
+        self.inner
+            .store
+            .delete_registration(id, tenant)
+            .await
+            .map_err(store_err)?;
+        metrics::counter!(crate::metrics::REGISTRATIONS_TOTAL, "backend" => "aws-iot", "outcome" => "removed")
+            .increment(1);
+        Ok(())
+    }
+}
+
+fn registration_metric(outcome: &'static str, started: Instant) {
+    metrics::counter!(crate::metrics::REGISTRATIONS_TOTAL, "backend" => "aws-iot", "outcome" => outcome)
+        .increment(1);
+    metrics::histogram!(crate::metrics::REGISTRATION_DURATION_SECONDS, "backend" => "aws-iot")
+        .record(started.elapsed().as_secs_f64());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_jitters() {
+        let b = Backoff {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(2),
+        };
+        for attempt in 0..30 {
+            let d = b.delay(attempt);
+            let cap = (Duration::from_millis(100) * 2u32.pow(attempt.min(20))).min(b.max);
+            assert!(d <= cap && d >= cap / 2, "{attempt}: {d:?} vs {cap:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pacer_spaces_calls_per_tenant() {
+        let p = Pacer::default();
+        let start = Instant::now();
+        for _ in 0..5 {
+            p.wait("a", 10).await;
+        }
+        // Five calls at 10/s: the fifth waits 400 ms; another tenant does not wait.
+        assert_eq!(start.elapsed(), Duration::from_millis(400));
+        p.wait("b", 10).await;
+        assert_eq!(start.elapsed(), Duration::from_millis(400));
+    }
+}
