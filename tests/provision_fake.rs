@@ -1,0 +1,315 @@
+//! Registration failure paths with a trait-level fake AWS account (the worker sees only
+//! `IotApi`): throttling retried, a permanent error ends in `failed` with the AWS code, and a
+//! crash between steps resumes at the next start without duplicating anything.
+mod common;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::*;
+use lobby::claims::model::AwsIotBackend;
+use lobby::provision::{CertRef, IotApi, IotApiFactory, IotError};
+use lobby::server::Lobby;
+use serde_json::{json, Value};
+use tokio::sync::Notify;
+
+/// What a fake AWS account holds, and every call made to it.
+#[derive(Default)]
+struct Account {
+    calls: Mutex<Vec<String>>,
+    certs: Mutex<HashMap<String, CertRef>>,
+    things: Mutex<HashSet<String>>,
+    principals: Mutex<HashSet<(String, String)>>,
+    policies: Mutex<HashSet<(String, String)>>,
+    /// Errors to answer, per operation, before answering normally.
+    failures: Mutex<HashMap<&'static str, VecDeque<IotError>>>,
+    /// When set, this operation never answers (a lobby that dies mid-registration).
+    hang_on: Mutex<Option<&'static str>>,
+}
+
+impl Account {
+    fn fail(&self, op: &'static str, errors: Vec<IotError>) {
+        self.failures.lock().unwrap().insert(op, errors.into());
+    }
+
+    fn count(&self, op: &str) -> usize {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| *c == op)
+            .count()
+    }
+
+    async fn call(&self, op: &'static str) -> Result<(), IotError> {
+        self.calls.lock().unwrap().push(op.to_owned());
+        if *self.hang_on.lock().unwrap() == Some(op) {
+            Notify::new().notified().await; // never
+        }
+        let next = self
+            .failures
+            .lock()
+            .unwrap()
+            .get_mut(op)
+            .and_then(VecDeque::pop_front);
+        match next {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+struct FakeIot(Arc<Account>);
+
+#[async_trait]
+impl IotApi for FakeIot {
+    async fn register_certificate(&self, cert_pem: &str) -> Result<CertRef, IotError> {
+        self.0.call("register_certificate").await?;
+        let mut certs = self.0.certs.lock().unwrap();
+        if let Some(c) = certs.get(cert_pem) {
+            return Err(IotError::AlreadyExists {
+                id: Some(c.id.clone()),
+                arn: Some(c.arn.clone()),
+            });
+        }
+        let id = format!("cert-{}", certs.len() + 1);
+        let c = CertRef {
+            arn: format!("arn:aws:iot:eu-west-1:111122223333:cert/{id}"),
+            id,
+        };
+        certs.insert(cert_pem.to_owned(), c.clone());
+        Ok(c)
+    }
+    async fn create_thing(&self, thing_name: &str) -> Result<(), IotError> {
+        self.0.call("create_thing").await?;
+        self.0.things.lock().unwrap().insert(thing_name.to_owned());
+        Ok(())
+    }
+    async fn attach_thing_principal(&self, thing: &str, arn: &str) -> Result<(), IotError> {
+        self.0.call("attach_thing_principal").await?;
+        self.0
+            .principals
+            .lock()
+            .unwrap()
+            .insert((thing.into(), arn.into()));
+        Ok(())
+    }
+    async fn attach_policy(&self, policy: &str, arn: &str) -> Result<(), IotError> {
+        self.0.call("attach_policy").await?;
+        self.0
+            .policies
+            .lock()
+            .unwrap()
+            .insert((policy.into(), arn.into()));
+        Ok(())
+    }
+    async fn describe_endpoint(&self) -> Result<String, IotError> {
+        self.0.call("describe_endpoint").await?;
+        Ok("fake-ats.iot.eu-west-1.amazonaws.com".into())
+    }
+    async fn deactivate_certificate(&self, _cert_id: &str) -> Result<(), IotError> {
+        self.0.call("deactivate_certificate").await
+    }
+    async fn detach_thing_principal(&self, thing: &str, arn: &str) -> Result<(), IotError> {
+        self.0.call("detach_thing_principal").await?;
+        self.0
+            .principals
+            .lock()
+            .unwrap()
+            .remove(&(thing.into(), arn.into()));
+        Ok(())
+    }
+    async fn detach_policy(&self, policy: &str, arn: &str) -> Result<(), IotError> {
+        self.0.call("detach_policy").await?;
+        self.0
+            .policies
+            .lock()
+            .unwrap()
+            .remove(&(policy.into(), arn.into()));
+        Ok(())
+    }
+    async fn delete_certificate(&self, cert_id: &str) -> Result<(), IotError> {
+        self.0.call("delete_certificate").await?;
+        self.0.certs.lock().unwrap().retain(|_, c| c.id != cert_id);
+        Ok(())
+    }
+    async fn delete_thing(&self, thing: &str) -> Result<(), IotError> {
+        self.0.call("delete_thing").await?;
+        self.0.things.lock().unwrap().remove(thing);
+        Ok(())
+    }
+}
+
+struct FakeFactory(Arc<Account>);
+
+#[async_trait]
+impl IotApiFactory for FakeFactory {
+    async fn client(&self, _t: &str, _b: &AwsIotBackend) -> Result<Arc<dyn IotApi>, IotError> {
+        Ok(Arc::new(FakeIot(self.0.clone())))
+    }
+}
+
+/// A test lobby whose AWS backend is `account`.
+async fn lobby_with(account: &Arc<Account>) -> TestLobby {
+    let mut t = TestLobby::start_with(|c| {
+        c.aws.retry_base = Duration::from_millis(10);
+        c.aws.retry_max = Duration::from_millis(50);
+    })
+    .await;
+    restart_with(&mut t, account).await;
+    t
+}
+
+async fn restart_with(t: &mut TestLobby, account: &Arc<Account>) {
+    if let Some(l) = t.lobby.take() {
+        l.stop().await;
+    }
+    let factory = Arc::new(FakeFactory(account.clone()));
+    t.lobby = Some(Lobby::start_with(&t.config, factory).await.unwrap());
+}
+
+/// An aws-iot tenant (no endpoint: DescribeEndpoint supplies it); returns its token.
+async fn aws_tenant(t: &TestLobby) -> String {
+    let body = json!({
+        "id": "acme", "name": "Acme",
+        "backend": {"kind": "aws-iot", "region": "eu-west-1",
+            "role_arn": "arn:aws:iam::111122223333:role/lobby", "external_id": "x-1",
+            "policy_name": "device-policy", "rate_limit": 100}
+    });
+    let (st, b) = t.call("POST", "/v1/tenants", &t.admin, Some(body)).await;
+    assert_eq!(st, 201, "{b}");
+    b["token"].as_str().unwrap().to_owned()
+}
+
+async fn claim_with_cert(t: &TestLobby, token: &str, dev: &Device) {
+    let body = json!({"code": dev.code, "cert_pem": dev.cert_pem});
+    let (st, b) = t.call("POST", "/v1/claims", token, Some(body)).await;
+    assert_eq!(st, 201, "{b}");
+}
+
+/// Waits until the device's state is `state`; returns the device JSON.
+async fn wait_state(t: &TestLobby, dev: &Device, state: &str) -> Value {
+    eventually(|| async {
+        let (_, d) = t
+            .call("GET", &format!("/v1/devices/{}", dev.hex()), &t.admin, None)
+            .await;
+        (d["state"] == state).then_some(d)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn throttled_twice_then_registered() {
+    let account = Arc::new(Account::default());
+    let throttled = || IotError::Retryable {
+        code: "ThrottlingException".into(),
+        message: "Rate exceeded".into(),
+    };
+    account.fail("create_thing", vec![throttled(), throttled()]);
+    let t = lobby_with(&account).await;
+    let token = aws_tenant(&t).await;
+    let dev = t.device("dev-throttled");
+    claim_with_cert(&t, &token, &dev).await;
+    let d = wait_state(&t, &dev, "ready").await;
+    assert_eq!(d["thing_name"], "dev-throttled");
+    assert!(d["error"].is_null(), "{d}");
+    assert_eq!(account.count("create_thing"), 3);
+    // Retries redo the idempotent steps, never the certificate already recorded.
+    assert_eq!(account.count("register_certificate"), 1);
+    assert_eq!(account.certs.lock().unwrap().len(), 1);
+    // The endpoint was looked up once and stored on the tenant.
+    let (_, tenant) = t.call("GET", "/v1/tenants/acme", &t.admin, None).await;
+    assert_eq!(tenant["endpoint"], "fake-ats.iot.eu-west-1.amazonaws.com");
+}
+
+#[tokio::test]
+async fn access_denied_ends_in_failed_with_the_aws_code() {
+    let account = Arc::new(Account::default());
+    account.fail(
+        "attach_policy",
+        vec![IotError::Permanent {
+            code: "AccessDeniedException".into(),
+            message: "not allowed to iot:AttachPolicy".into(),
+        }],
+    );
+    let t = lobby_with(&account).await;
+    let token = aws_tenant(&t).await;
+    let dev = t.device("dev-denied");
+    claim_with_cert(&t, &token, &dev).await;
+    let d = wait_state(&t, &dev, "failed").await;
+    assert!(
+        d["error"]
+            .as_str()
+            .unwrap()
+            .contains("AccessDeniedException"),
+        "{d}"
+    );
+    assert_eq!(
+        account.count("attach_policy"),
+        1,
+        "permanent errors are not retried"
+    );
+    // The device hears it on its status topic too.
+    let mut c = RawClient::connect(&t, &dev, lobby::mqtt::codec::Protocol::V311).await;
+    c.send_connect("d").await;
+    let _ = c.expect().await;
+    c.subscribe(1, &dev.topic("status")).await;
+    let lobby::mqtt::codec::Packet::Publish(p) = c.expect().await else {
+        panic!("expected the status publish")
+    };
+    let status: Value = serde_json::from_slice(&p.payload).unwrap();
+    assert_eq!(status["state"], "failed");
+}
+
+#[tokio::test]
+async fn crash_between_steps_resumes_without_duplicates() {
+    let account = Arc::new(Account::default());
+    *account.hang_on.lock().unwrap() = Some("attach_thing_principal");
+    let mut t = lobby_with(&account).await;
+    let token = aws_tenant(&t).await;
+    let dev = t.device("dev-crash");
+    claim_with_cert(&t, &token, &dev).await;
+    eventually(|| async { (account.count("attach_thing_principal") == 1).then_some(()) }).await;
+    // The lobby dies mid-registration; the next one resumes from the store.
+    *account.hang_on.lock().unwrap() = None;
+    restart_with(&mut t, &account).await;
+    wait_state(&t, &dev, "ready").await;
+    assert_eq!(account.certs.lock().unwrap().len(), 1);
+    assert_eq!(account.things.lock().unwrap().len(), 1);
+    assert_eq!(account.count("register_certificate"), 1);
+    assert_eq!(account.principals.lock().unwrap().len(), 1);
+    assert_eq!(account.policies.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn unclaim_removes_the_registration() {
+    let account = Arc::new(Account::default());
+    let t = lobby_with(&account).await;
+    let token = aws_tenant(&t).await;
+    let dev = t.device("dev-gone");
+    claim_with_cert(&t, &token, &dev).await;
+    wait_state(&t, &dev, "ready").await;
+    let (st, b) = t
+        .call("DELETE", &format!("/v1/claims/{}", dev.hex()), &token, None)
+        .await;
+    assert_eq!(st, 200, "{b}");
+    eventually(|| async {
+        let empty =
+            account.certs.lock().unwrap().is_empty() && account.things.lock().unwrap().is_empty();
+        empty.then_some(())
+    })
+    .await;
+    for op in [
+        "deactivate_certificate",
+        "detach_thing_principal",
+        "detach_policy",
+        "delete_certificate",
+        "delete_thing",
+    ] {
+        assert_eq!(account.count(op), 1, "{op}");
+    }
+    assert!(account.principals.lock().unwrap().is_empty());
+    assert!(account.policies.lock().unwrap().is_empty());
+}
