@@ -367,12 +367,15 @@ impl ClaimsService {
         outcome: Result<Option<String>, String>,
     ) -> Result<(), ServiceError> {
         let _w = self.inner.write.lock().await;
-        let Some(c) = self.inner.cache.claim(id) else {
-            return Ok(());
+        let current = self.inner.cache.claim(id);
+        let Some(c) =
+            current.filter(|c| c.state == ClaimState::Registering && c.tenant_id() == Some(tenant))
+        else {
+            // Unclaimed or moved on while the registration ran: what it created (perhaps
+            // stored after the unclaim queued the clean-up) must not outlive it.
+            let keep = self.inner.cache.claim(id).and_then(|c| c.tenant.clone());
+            return self.retire_registrations(id, keep.as_deref()).await;
         };
-        if c.state != ClaimState::Registering || c.tenant_id() != Some(tenant) {
-            return Ok(());
-        }
         let mut c = (*c).clone();
         match outcome {
             Ok(thing_name) => {
