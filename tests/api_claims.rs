@@ -5,35 +5,33 @@ mod common;
 use common::*;
 use lobby::claims::codes::ClaimKey;
 use lobby::edge::identity::DeviceId;
-use lobby::mqtt::codec::{Packet, Protocol};
+use lobby::mqtt::codec::Protocol;
 use serde_json::{json, Value};
-
-/// Asserts a SPEC §6 error: `status` and `{"error": code, "message": "..."}`.
-fn assert_error(got: &(u16, Value), status: u16, code: &str) {
-    let (s, body) = got;
-    assert_eq!(*s, status, "{body}");
-    assert_eq!(body["error"], code, "{body}");
-    assert!(body["message"].is_string(), "{body}");
-}
 
 async fn post_claim(lobby: &TestLobby, token: &str, body: Value) -> (u16, Value) {
     lobby.call("POST", "/v1/claims", token, Some(body)).await
 }
 
-async fn device_json(lobby: &TestLobby, token: &str, dev: &Device) -> (u16, Value) {
-    lobby
-        .call("GET", &format!("/v1/devices/{}", dev.hex()), token, None)
-        .await
+/// Claims `dev` with its code and its certificate (`cert_pem`); that must create the claim.
+async fn claim_with_cert(lobby: &TestLobby, token: &str, dev: &Device) {
+    let body = json!({"code": dev.code, "cert_pem": dev.cert_pem});
+    let (s, b) = post_claim(lobby, token, body).await;
+    assert_eq!(s, 201, "{b}");
+}
+
+/// Creates the tenant `small` with a quota of `max_devices`; returns its token.
+async fn small_tenant(lobby: &TestLobby, max_devices: u32) -> String {
+    let body = json!({"id": "small", "name": "Small", "endpoint": "iot.small.example", "max_devices": max_devices});
+    let (s, b) = lobby
+        .call("POST", "/v1/tenants", &lobby.admin, Some(body))
+        .await;
+    assert_eq!(s, 201, "{b}");
+    b["token"].as_str().unwrap().to_owned()
 }
 
 /// Connects `dev` (v5) while it is unclaimed so the lobby has seen it, then disconnects.
 async fn connect_once(lobby: &TestLobby, dev: &Device) {
-    let mut c = RawClient::connect(lobby, dev, Protocol::V5).await;
-    c.send_connect(&dev.name).await;
-    let Packet::ConnAck(ack) = c.expect().await else {
-        panic!("expected CONNACK")
-    };
-    assert_eq!(ack.code, 0);
+    connected(lobby, dev, Protocol::V5).await;
 }
 
 #[tokio::test]
@@ -46,9 +44,9 @@ async fn claim_then_reclaim_then_other_tenant() {
     assert_eq!(lobby.claim(&acme, &dev).await, (201, want.clone()));
     assert_eq!(lobby.claim(&acme, &dev).await, (200, want));
     assert_error(&lobby.claim(&beta, &dev).await, 409, "already_claimed");
-    let (_, d) = device_json(&lobby, &lobby.admin, &dev).await;
+    let (_, d) = lobby.device_json(&lobby.admin, &dev).await;
     assert_eq!(d["tenant"], "acme");
-    assert_error(&device_json(&lobby, &beta, &dev).await, 404, "not_found");
+    assert_error(&lobby.device_json(&beta, &dev).await, 404, "not_found");
 }
 
 #[tokio::test]
@@ -92,7 +90,7 @@ async fn wrong_and_unknown_codes_look_the_same() {
         let got = post_claim(&lobby, &acme, json!({"code": garbage})).await;
         assert_error(&got, 403, "invalid_code");
     }
-    let (_, d) = device_json(&lobby, &lobby.admin, &dev).await;
+    let (_, d) = lobby.device_json(&lobby.admin, &dev).await;
     assert_eq!(d["state"], "unclaimed", "{d}");
 }
 
@@ -177,14 +175,8 @@ async fn cert_pem_must_be_the_device_of_the_code() {
         let got = post_claim(&lobby, &acme, json!({"code": dev.code, "cert_pem": pem})).await;
         assert_error(&got, 400, "invalid_request");
     }
-    let (s, b) = post_claim(
-        &lobby,
-        &acme,
-        json!({"code": dev.code, "cert_pem": dev.cert_pem}),
-    )
-    .await;
-    assert_eq!(s, 201, "{b}");
-    let (s, d) = device_json(&lobby, &acme, &dev).await;
+    claim_with_cert(&lobby, &acme, &dev).await;
+    let (s, d) = lobby.device_json(&acme, &dev).await;
     assert_eq!(
         (s, d["thing_name"].as_str()),
         (200, Some("sensor-7")),
@@ -195,13 +187,7 @@ async fn cert_pem_must_be_the_device_of_the_code() {
 #[tokio::test]
 async fn quota_limits_claims_per_tenant() {
     let lobby = TestLobby::start().await;
-    let body =
-        json!({"id": "small", "name": "Small", "endpoint": "iot.small.example", "max_devices": 1});
-    let (s, b) = lobby
-        .call("POST", "/v1/tenants", &lobby.admin, Some(body))
-        .await;
-    assert_eq!(s, 201, "{b}");
-    let token = b["token"].as_str().unwrap().to_owned();
+    let token = small_tenant(&lobby, 1).await;
     let (a, b2) = (lobby.device("dev-a"), lobby.device("dev-b"));
     assert_eq!(lobby.claim(&token, &a).await.0, 201);
     assert_error(&lobby.claim(&token, &b2).await, 429, "quota_exceeded");
@@ -228,16 +214,10 @@ async fn a_claim_survives_a_restart() {
     let acme = lobby.tenant("acme", "iot.acme.example").await;
     let beta = lobby.tenant("beta", "iot.beta.example").await;
     let dev = lobby.device("dev-a");
-    let (s, b) = post_claim(
-        &lobby,
-        &acme,
-        json!({"code": dev.code, "cert_pem": dev.cert_pem}),
-    )
-    .await;
-    assert_eq!(s, 201, "{b}");
-    let (_, before) = device_json(&lobby, &acme, &dev).await;
+    claim_with_cert(&lobby, &acme, &dev).await;
+    let (_, before) = lobby.device_json(&acme, &dev).await;
     lobby.restart().await;
-    let (s, d) = device_json(&lobby, &acme, &dev).await;
+    let (s, d) = lobby.device_json(&acme, &dev).await;
     assert_eq!(s, 200, "{d}");
     assert_eq!(
         (d["state"].as_str(), d["tenant"].as_str()),
@@ -264,7 +244,7 @@ async fn the_owner_unclaims() {
         404,
         "not_found",
     );
-    let (_, d) = device_json(&lobby, &acme, &dev).await;
+    let (_, d) = lobby.device_json(&acme, &dev).await;
     assert_eq!(
         d["state"], "ready",
         "another tenant's unclaim changed nothing"
@@ -275,8 +255,8 @@ async fn the_owner_unclaims() {
         (b["device_id"].as_str(), b["state"].as_str()),
         (Some(dev.hex().as_str()), Some("unclaimed"))
     );
-    assert_error(&device_json(&lobby, &acme, &dev).await, 404, "not_found");
-    let (s, d) = device_json(&lobby, &lobby.admin, &dev).await;
+    assert_error(&lobby.device_json(&acme, &dev).await, 404, "not_found");
+    let (s, d) = lobby.device_json(&lobby.admin, &dev).await;
     assert_eq!(s, 200, "{d}");
     assert_eq!(
         (d["state"].as_str(), &d["tenant"]),
@@ -306,7 +286,7 @@ async fn the_operator_unclaims_and_unknown_devices_are_not_found() {
         )
         .await;
     assert_eq!((s, b["state"].as_str()), (200, Some("unclaimed")), "{b}");
-    assert_error(&device_json(&lobby, &acme, &dev).await, 404, "not_found");
+    assert_error(&lobby.device_json(&acme, &dev).await, 404, "not_found");
     let never = lobby.device("never-claimed");
     for token in [&lobby.admin, &acme] {
         let got = lobby
@@ -342,12 +322,7 @@ async fn concurrent_claims_have_one_winner_and_respect_the_quota() {
     for r in results.iter().filter(|r| r.0 != 201) {
         assert_error(r, 409, "already_claimed");
     }
-    let body =
-        json!({"id": "small", "name": "Small", "endpoint": "iot.small.example", "max_devices": 2});
-    let (_, b) = lobby
-        .call("POST", "/v1/tenants", &lobby.admin, Some(body))
-        .await;
-    let small = b["token"].as_str().unwrap().to_owned();
+    let small = small_tenant(&lobby, 2).await;
     let devs: Vec<Device> = (0..6).map(|i| lobby.device(&format!("q{i}"))).collect();
     let results = futures_join(devs.iter().map(|d| lobby.claim(&small, d))).await;
     assert_eq!(

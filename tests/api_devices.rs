@@ -21,14 +21,6 @@ const DEVICE_FIELDS: [&str; 10] = [
     "error",
 ];
 
-/// Asserts a SPEC §6 error: `status` and `{"error": code, "message": "..."}`.
-fn assert_error(got: &(u16, Value), status: u16, code: &str) {
-    let (s, body) = got;
-    assert_eq!(*s, status, "{body}");
-    assert_eq!(body["error"], code, "{body}");
-    assert!(body["message"].is_string(), "{body}");
-}
-
 fn assert_device_fields(d: &Value) {
     let obj = d
         .as_object()
@@ -36,12 +28,6 @@ fn assert_device_fields(d: &Value) {
     for k in DEVICE_FIELDS {
         assert!(obj.contains_key(k), "missing {k} in {d}");
     }
-}
-
-async fn device_json(lobby: &TestLobby, token: &str, dev: &Device) -> (u16, Value) {
-    lobby
-        .call("GET", &format!("/v1/devices/{}", dev.hex()), token, None)
-        .await
 }
 
 /// Device ids of a listing page, and its `next`.
@@ -67,22 +53,12 @@ fn sorted(ids: &[&Device]) -> Vec<String> {
 
 /// A connected, unclaimed v5 device waiting in the lobby.
 async fn waiting(lobby: &TestLobby, dev: &Device) -> RawClient {
-    let mut c = RawClient::connect(lobby, dev, Protocol::V5).await;
-    c.send_connect(&dev.name).await;
-    let Packet::ConnAck(ack) = c.expect().await else {
-        panic!("expected CONNACK")
-    };
-    assert_eq!(ack.code, 0);
-    c
+    connected(lobby, dev, Protocol::V5).await
 }
 
 /// The Server Reference a v5 device gets at CONNACK.
 async fn server_reference(lobby: &TestLobby, dev: &Device) -> Option<String> {
-    let mut c = RawClient::connect(lobby, dev, Protocol::V5).await;
-    c.send_connect(&dev.name).await;
-    let Packet::ConnAck(ack) = c.expect().await else {
-        panic!("expected CONNACK")
-    };
+    let (_c, ack) = connack(lobby, dev, Protocol::V5, &dev.name).await;
     assert_eq!(ack.code, 0x9D);
     ack.properties.server_reference
 }
@@ -98,7 +74,7 @@ async fn owner_reads_a_device_with_every_field() {
         lobby.call("POST", "/v1/claims", &acme, Some(body)).await.0,
         201
     );
-    let (s, d) = device_json(&lobby, &acme, &dev).await;
+    let (s, d) = lobby.device_json(&acme, &dev).await;
     assert_eq!(s, 200, "{d}");
     assert_device_fields(&d);
     assert_eq!(d["device_id"], dev.hex());
@@ -114,15 +90,15 @@ async fn owner_reads_a_device_with_every_field() {
         (&d["redirected_at"], &d["error"]),
         (&Value::Null, &Value::Null)
     );
-    assert_eq!(device_json(&lobby, &lobby.admin, &dev).await, (200, d));
-    assert_error(&device_json(&lobby, &beta, &dev).await, 404, "not_found");
+    assert_eq!(lobby.device_json(&lobby.admin, &dev).await, (200, d));
+    assert_error(&lobby.device_json(&beta, &dev).await, 404, "not_found");
     // Once the device has been sent on, the lobby says when and how it was last seen.
     assert_eq!(
         server_reference(&lobby, &dev).await.as_deref(),
         Some("iot.acme.example:8883")
     );
     let d = eventually(|| async {
-        let (_, d) = device_json(&lobby, &acme, &dev).await;
+        let (_, d) = lobby.device_json(&acme, &dev).await;
         d["redirected_at"].is_string().then_some(d)
     })
     .await;
@@ -138,7 +114,7 @@ async fn unknown_and_malformed_device_ids() {
     let acme = lobby.tenant("acme", "iot.acme.example").await;
     let never = lobby.device("never");
     for token in [&lobby.admin, &acme] {
-        assert_error(&device_json(&lobby, token, &never).await, 404, "not_found");
+        assert_error(&lobby.device_json(token, &never).await, 404, "not_found");
         for bad in [
             "xyz",
             "0",
@@ -147,14 +123,10 @@ async fn unknown_and_malformed_device_ids() {
             "%20",
             "..%2F..%2Fetc",
         ] {
-            let (s, b) = lobby
+            let got = lobby
                 .call("GET", &format!("/v1/devices/{bad}"), token, None)
                 .await;
-            assert!(s == 404 || s == 400, "{bad}: {s} {b}");
-            assert!(
-                b["error"].is_string() && b["message"].is_string(),
-                "{bad}: {b}"
-            );
+            assert_json_error(&got, &[404, 400], bad);
         }
     }
 }
@@ -279,10 +251,10 @@ async fn migrate_moves_a_device_to_another_tenant() {
         (b["tenant"].as_str(), b["state"].as_str()),
         (Some("beta"), Some("ready"))
     );
-    let (_, d) = device_json(&lobby, &lobby.admin, &dev).await;
+    let (_, d) = lobby.device_json(&lobby.admin, &dev).await;
     assert_eq!(d["tenant"], "beta");
-    assert_eq!(device_json(&lobby, &beta, &dev).await.0, 200);
-    assert_error(&device_json(&lobby, &acme, &dev).await, 404, "not_found");
+    assert_eq!(lobby.device_json(&beta, &dev).await.0, 200);
+    assert_error(&lobby.device_json(&acme, &dev).await, 404, "not_found");
     assert_eq!(list(&lobby, &acme, "").await.0, Vec::<String>::new());
     assert_eq!(list(&lobby, &beta, "").await.0, vec![dev.hex()]);
     assert_eq!(
@@ -330,7 +302,7 @@ async fn migrate_refuses_unknown_tenants_and_unclaimed_devices() {
             "invalid_request",
         );
     }
-    assert_eq!(device_json(&lobby, &acme, &dev).await.0, 200);
+    assert_eq!(lobby.device_json(&acme, &dev).await.0, 200);
     let free = lobby.device("free");
     let _conn = waiting(&lobby, &free).await;
     let never = lobby.device("never");
@@ -352,7 +324,7 @@ async fn revoke_refuses_a_device_from_now_on() {
     let path = format!("/v1/devices/{}/revoke", dev.hex());
     let (s, b) = lobby.call("POST", &path, &lobby.admin, None).await;
     assert_eq!((s, b["state"].as_str()), (200, Some("revoked")), "{b}");
-    let (_, d) = device_json(&lobby, &acme, &dev).await;
+    let (_, d) = lobby.device_json(&acme, &dev).await;
     assert_eq!(d["state"], "revoked");
     assert_eq!(
         list(&lobby, &lobby.admin, "?state=revoked").await.0,
@@ -372,7 +344,7 @@ async fn revoke_refuses_a_device_from_now_on() {
         "{s} {b}"
     );
     lobby.restart().await;
-    let (_, d) = device_json(&lobby, &lobby.admin, &dev).await;
+    let (_, d) = lobby.device_json(&lobby.admin, &dev).await;
     assert_eq!(d["state"], "revoked", "revocation is durable");
     let never = lobby.device("never");
     let got = lobby
@@ -407,7 +379,7 @@ async fn revoking_a_waiting_device_closes_its_connection() {
     }
     // `recv` also ends after `WAIT`: the device must really be gone.
     let d = eventually(|| async {
-        let (_, d) = device_json(&lobby, &lobby.admin, &dev).await;
+        let (_, d) = lobby.device_json(&lobby.admin, &dev).await;
         (d["connected"] == json!(false)).then_some(d)
     })
     .await;

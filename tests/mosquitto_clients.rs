@@ -9,8 +9,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use common::flows;
 use common::*;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::time::timeout;
@@ -97,14 +98,7 @@ async fn sub_sees_claim_and_redirect(version: &str) {
 
     // Connected, then subscribed: its first message is the unclaimed status.
     eventually(|| async {
-        let (st, d) = lobby
-            .call(
-                "GET",
-                &format!("/v1/devices/{}", dev.hex()),
-                &lobby.admin,
-                None,
-            )
-            .await;
+        let (st, d) = lobby.device_json(&lobby.admin, &dev).await;
         (st == 200 && d["connected"] == true).then_some(())
     })
     .await;
@@ -115,10 +109,7 @@ async fn sub_sees_claim_and_redirect(version: &str) {
         .expect("mosquitto_sub ended before the status");
     let (topic, v) = split_line(&first);
     assert_eq!(topic, dev.topic("status"));
-    assert_eq!(
-        v,
-        json!({"v": 1, "device_id": dev.hex(), "state": "unclaimed", "tenant": null})
-    );
+    assert_eq!(v, flows::status(&dev, "unclaimed", None));
 
     let (st, body) = lobby.claim(&token, &dev).await;
     assert_eq!(st, 201, "{body}");
@@ -145,10 +136,7 @@ async fn sub_sees_claim_and_redirect(version: &str) {
     assert_eq!(rest.len(), 2, "{version}: got {rest:?}; stderr: {err}");
     let (topic, v) = split_line(&rest[0]);
     assert_eq!(topic, dev.topic("status"));
-    assert_eq!(
-        v,
-        json!({"v": 1, "device_id": dev.hex(), "state": "ready", "tenant": "acme"})
-    );
+    assert_eq!(v, flows::status(&dev, "ready", Some("acme")));
     let (topic, v) = split_line(&rest[1]);
     assert_eq!(topic, dev.topic("redirect"));
     assert_eq!(v["v"], 1, "{v}");

@@ -2,7 +2,7 @@
 mod common;
 
 use common::*;
-use lobby::mqtt::codec::{Packet, Protocol};
+use lobby::mqtt::codec::Protocol;
 
 #[tokio::test]
 async fn claimed_v5_device_is_sent_on_at_connack() {
@@ -10,14 +10,6 @@ async fn claimed_v5_device_is_sent_on_at_connack() {
     let token = lobby.tenant("acme", "iot.acme.example").await;
     let dev = lobby.device("dev-a");
     assert_eq!(lobby.claim(&token, &dev).await.0, 201);
-    let mut c = RawClient::connect(&lobby, &dev, Protocol::V5).await;
-    c.send_connect("anything").await;
-    let Packet::ConnAck(ack) = c.expect().await else {
-        panic!()
-    };
-    assert_eq!(ack.code, 0x9D);
-    assert_eq!(
-        ack.properties.server_reference.as_deref(),
-        Some("iot.acme.example:8883")
-    );
+    let (_c, ack) = connack(&lobby, &dev, Protocol::V5, "anything").await;
+    assert_sent_on(&ack, "iot.acme.example:8883");
 }

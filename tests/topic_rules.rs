@@ -8,80 +8,8 @@ use std::time::Duration;
 use common::*;
 use lobby::mqtt::codec::{self, Packet, Protocol, QoS};
 use tokio::io::AsyncWriteExt;
-use tokio::time::Instant;
 
 // ---- local helpers -------------------------------------------------------------------------
-
-async fn connected(lobby: &TestLobby, dev: &Device, protocol: Protocol) -> RawClient {
-    let mut c = RawClient::connect(lobby, dev, protocol).await;
-    c.send_connect(&dev.name).await;
-    match c.expect().await {
-        Packet::ConnAck(a) => assert_eq!(a.code, 0, "{a:?}"),
-        other => panic!("expected CONNACK, got {other:?}"),
-    }
-    c
-}
-
-/// The next packet, or `None` when the lobby closed; panics if it stayed open and silent.
-async fn next_or_close(c: &mut RawClient) -> Option<Packet> {
-    let t = Instant::now();
-    let p = c.recv().await;
-    if p.is_none() {
-        assert!(
-            t.elapsed() < WAIT,
-            "the connection stayed open for {WAIT:?}"
-        );
-    }
-    p
-}
-
-/// Reads until the lobby closes the connection; returns what came before.
-async fn expect_closed(c: &mut RawClient) -> Vec<Packet> {
-    let mut got = Vec::new();
-    while let Some(p) = next_or_close(c).await {
-        got.push(p);
-        assert!(got.len() < 16, "too many packets before close: {got:?}");
-    }
-    got
-}
-
-/// Expects exactly one DISCONNECT with `reason`, then the close.
-async fn expect_disconnect(c: &mut RawClient, reason: u8) {
-    match expect_closed(c).await.as_slice() {
-        [Packet::Disconnect(d)] => assert_eq!(d.reason, reason, "{d:?}"),
-        other => panic!("expected DISCONNECT {reason:#04x} then close, got {other:?}"),
-    }
-}
-
-async fn ping_ok(c: &mut RawClient) {
-    c.send(Packet::PingReq).await;
-    match c.expect().await {
-        Packet::PingResp => {}
-        other => panic!("expected PINGRESP, got {other:?}"),
-    }
-}
-
-/// SUBSCRIBE `filter` at `qos`; returns the SUBACK codes. Publishes the lobby sends after the
-/// SUBACK (status) are left in the stream.
-async fn subscribe_qos(c: &mut RawClient, pkid: u16, filter: &str, qos: QoS) -> Vec<u8> {
-    c.send(Packet::Subscribe(codec::Subscribe {
-        pkid,
-        filters: vec![codec::SubscribeFilter {
-            filter: filter.into(),
-            qos,
-            ..Default::default()
-        }],
-        properties: Default::default(),
-    }))
-    .await;
-    match c.expect().await {
-        Packet::SubAck(a) => {
-            assert_eq!(a.pkid, pkid);
-            a.codes
-        }
-        other => panic!("expected SUBACK, got {other:?}"),
-    }
-}
 
 fn publish(topic: &str, qos: QoS, pkid: u16, payload: &[u8]) -> Packet {
     Packet::Publish(codec::Publish {
@@ -90,6 +18,14 @@ fn publish(topic: &str, qos: QoS, pkid: u16, payload: &[u8]) -> Packet {
         pkid,
         payload: bytes::Bytes::copy_from_slice(payload),
         ..Default::default()
+    })
+}
+
+fn unsubscribe(pkid: u16, filters: Vec<String>) -> Packet {
+    Packet::Unsubscribe(codec::Unsubscribe {
+        pkid,
+        filters,
+        properties: Default::default(),
     })
 }
 
@@ -118,7 +54,7 @@ async fn subscribe_outside_prefix_v3_gets_0x80() {
     // Still connected, and its own prefix works: QoS 1 granted 1, QoS 0 granted 0.
     assert_eq!(c.subscribe(50, &dev.topic("redirect")).await, vec![1]);
     assert_eq!(
-        subscribe_qos(&mut c, 51, &dev.topic("+"), QoS::AtMostOnce).await,
+        c.subscribe_qos(51, &dev.topic("+"), QoS::AtMostOnce).await,
         vec![0]
     );
     match c.expect().await {
@@ -128,7 +64,7 @@ async fn subscribe_outside_prefix_v3_gets_0x80() {
         }
         other => panic!("expected the status publish, got {other:?}"),
     }
-    ping_ok(&mut c).await;
+    c.ping_ok().await;
 }
 
 #[tokio::test]
@@ -142,10 +78,11 @@ async fn subscribe_outside_prefix_v5_gets_0x87() {
     }
     assert_eq!(c.subscribe(50, &dev.topic("redirect")).await, vec![1]);
     assert_eq!(
-        subscribe_qos(&mut c, 51, &dev.topic("redirect"), QoS::AtMostOnce).await,
+        c.subscribe_qos(51, &dev.topic("redirect"), QoS::AtMostOnce)
+            .await,
         vec![0]
     );
-    ping_ok(&mut c).await;
+    c.ping_ok().await;
 }
 
 #[tokio::test]
@@ -189,11 +126,11 @@ async fn invalid_filter_v5_gets_0x8f() {
     assert_eq!(c.subscribe(1, "a/#/b").await, vec![0x8F]);
     let own_bad = format!("{}st#", dev.topic(""));
     assert_eq!(c.subscribe(2, &own_bad).await, vec![0x8F]);
-    ping_ok(&mut c).await;
+    c.ping_ok().await;
 
     let mut c = connected(&lobby, &dev, Protocol::V311).await;
     assert_eq!(c.subscribe(1, "a/#/b").await, vec![0x80]);
-    ping_ok(&mut c).await;
+    c.ping_ok().await;
 }
 
 #[tokio::test]
@@ -202,11 +139,10 @@ async fn unsubscribe_codes() {
     let dev = lobby.device("unsub");
     let mut c = connected(&lobby, &dev, Protocol::V5).await;
     assert_eq!(c.subscribe(1, &dev.topic("redirect")).await, vec![1]);
-    c.send(Packet::Unsubscribe(codec::Unsubscribe {
-        pkid: 2,
-        filters: vec![dev.topic("redirect"), dev.topic("status")],
-        properties: Default::default(),
-    }))
+    c.send(unsubscribe(
+        2,
+        vec![dev.topic("redirect"), dev.topic("status")],
+    ))
     .await;
     match c.expect().await {
         Packet::UnsubAck(a) => {
@@ -218,17 +154,12 @@ async fn unsubscribe_codes() {
 
     let mut c = connected(&lobby, &dev, Protocol::V311).await;
     assert_eq!(c.subscribe(1, &dev.topic("redirect")).await, vec![1]);
-    c.send(Packet::Unsubscribe(codec::Unsubscribe {
-        pkid: 3,
-        filters: vec![dev.topic("redirect")],
-        properties: Default::default(),
-    }))
-    .await;
+    c.send(unsubscribe(3, vec![dev.topic("redirect")])).await;
     match c.expect().await {
         Packet::UnsubAck(a) => assert_eq!(a.pkid, 3),
         other => panic!("expected UNSUBACK, got {other:?}"),
     }
-    ping_ok(&mut c).await;
+    c.ping_ok().await;
 }
 
 /// After UNSUBSCRIBE the device is no longer sent what the filter matched.
@@ -243,12 +174,7 @@ async fn unsubscribed_status_is_not_sent() {
         Packet::Publish(p) => assert_eq!(p.topic, dev.topic("status")),
         other => panic!("expected status, got {other:?}"),
     }
-    c.send(Packet::Unsubscribe(codec::Unsubscribe {
-        pkid: 2,
-        filters: vec![dev.topic("status")],
-        properties: Default::default(),
-    }))
-    .await;
+    c.send(unsubscribe(2, vec![dev.topic("status")])).await;
     assert!(matches!(c.expect().await, Packet::UnsubAck(_)));
     assert_eq!(lobby.claim(&token, &dev).await.0, 201);
     // The claim is ready at once; a ping answered with nothing before it means no status came.
@@ -271,13 +197,13 @@ async fn forbidden_publish_v3_closes() {
         for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
             let mut c = connected(&lobby, &dev, Protocol::V311).await;
             c.send(publish(&topic, qos, 1, b"{}")).await;
-            let got = expect_closed(&mut c).await;
+            let got = c.expect_closed().await;
             assert!(got.is_empty(), "{topic} {qos:?}: {got:?}");
         }
     }
     // The lobby keeps serving the device.
     let mut c = connected(&lobby, &dev, Protocol::V311).await;
-    ping_ok(&mut c).await;
+    c.ping_ok().await;
 }
 
 #[tokio::test]
@@ -295,7 +221,7 @@ async fn forbidden_publish_v5_qos1_gets_puback_0x87_and_stays() {
         }
         other => panic!("expected PUBACK 0x87, got {other:?}"),
     }
-    ping_ok(&mut c).await;
+    c.ping_ok().await;
     // Its own topic is accepted: PUBACK 0.
     c.send(publish(&dev.topic("ack"), QoS::AtLeastOnce, 12, b"{}"))
         .await;
@@ -315,7 +241,7 @@ async fn forbidden_publish_v5_qos0_gets_disconnect_0x87() {
     let mut c = connected(&lobby, &dev, Protocol::V5).await;
     c.send(publish("some/topic", QoS::AtMostOnce, 0, b"{}"))
         .await;
-    expect_disconnect(&mut c, 0x87).await;
+    c.expect_disconnect(0x87).await;
 }
 
 #[tokio::test]
@@ -334,7 +260,7 @@ async fn own_publish_v3_is_acked() {
         Packet::PubAck(a) => assert_eq!(a.pkid, 5),
         other => panic!("expected PUBACK, got {other:?}"),
     }
-    ping_ok(&mut c).await;
+    c.ping_ok().await;
 }
 
 #[tokio::test]
@@ -344,7 +270,7 @@ async fn qos2_publish_v5_gets_0x9b() {
     let mut c = connected(&lobby, &dev, Protocol::V5).await;
     c.send(publish(&dev.topic("ack"), QoS::ExactlyOnce, 3, b"{}"))
         .await;
-    expect_disconnect(&mut c, 0x9B).await;
+    c.expect_disconnect(0x9B).await;
 }
 
 #[tokio::test]
@@ -354,7 +280,7 @@ async fn qos2_publish_v3_closes() {
     let mut c = connected(&lobby, &dev, Protocol::V311).await;
     c.send(publish(&dev.topic("ack"), QoS::ExactlyOnce, 3, b"{}"))
         .await;
-    assert!(expect_closed(&mut c).await.is_empty());
+    assert!(c.expect_closed().await.is_empty());
 }
 
 // ---- limits and malformed input ------------------------------------------------------------
@@ -371,7 +297,7 @@ async fn oversized_packet_v5_gets_0x95() {
         &[b'x'; 4096],
     ))
     .await;
-    expect_disconnect(&mut c, 0x95).await;
+    c.expect_disconnect(0x95).await;
 }
 
 #[tokio::test]
@@ -386,7 +312,7 @@ async fn oversized_packet_v3_closes() {
         &[b'x'; 4096],
     ))
     .await;
-    assert!(expect_closed(&mut c).await.is_empty());
+    assert!(c.expect_closed().await.is_empty());
 }
 
 #[tokio::test]
@@ -402,7 +328,7 @@ async fn oversized_connect_closes() {
         ..Default::default()
     }))
     .await;
-    let got = expect_closed(&mut c).await;
+    let got = c.expect_closed().await;
     assert!(
         got.iter()
             .all(|p| !matches!(p, Packet::ConnAck(a) if a.code == 0)),
@@ -418,7 +344,7 @@ async fn garbage_after_tls_closes_and_lobby_keeps_serving() {
     let mut c = RawClient::connect(&lobby, &dev, Protocol::V311).await;
     c.stream.write_all(&[0xFF; 32]).await.unwrap();
     c.stream.flush().await.unwrap();
-    let got = expect_closed(&mut c).await;
+    let got = c.expect_closed().await;
     assert!(
         got.iter().all(|p| !matches!(p, Packet::ConnAck(_))),
         "{got:?}"
@@ -428,7 +354,7 @@ async fn garbage_after_tls_closes_and_lobby_keeps_serving() {
         let mut c = connected(&lobby, &dev, protocol).await;
         c.stream.write_all(&[0xFF; 32]).await.unwrap();
         c.stream.flush().await.unwrap();
-        let got = expect_closed(&mut c).await;
+        let got = c.expect_closed().await;
         assert!(
             got.iter().all(|p| matches!(p, Packet::Disconnect(_))),
             "{got:?}"
@@ -437,7 +363,7 @@ async fn garbage_after_tls_closes_and_lobby_keeps_serving() {
     // A fresh device still gets in.
     let fresh = lobby.device("after-garbage");
     let mut c = connected(&lobby, &fresh, Protocol::V5).await;
-    ping_ok(&mut c).await;
+    c.ping_ok().await;
 }
 
 #[tokio::test]
@@ -470,7 +396,7 @@ async fn plain_mqtt_without_tls_is_refused_and_lobby_keeps_serving() {
     }
     let dev = lobby.device("after-plain");
     let mut c = connected(&lobby, &dev, Protocol::V311).await;
-    ping_ok(&mut c).await;
+    c.ping_ok().await;
 }
 
 #[tokio::test]
@@ -480,7 +406,7 @@ async fn second_connect_closes() {
     for protocol in [Protocol::V311, Protocol::V5] {
         let mut c = connected(&lobby, &dev, protocol).await;
         c.send_connect("again").await;
-        let got = expect_closed(&mut c).await;
+        let got = c.expect_closed().await;
         match (protocol, got.as_slice()) {
             (Protocol::V311, []) => {}
             (Protocol::V5, []) => {}
@@ -494,11 +420,7 @@ async fn second_connect_closes() {
 async fn v5_connack_properties() {
     let lobby = TestLobby::start_with(|c| c.limits.max_packet_size = 4096).await;
     let dev = lobby.device("props");
-    let mut c = RawClient::connect(&lobby, &dev, Protocol::V5).await;
-    c.send_connect("props").await;
-    let Packet::ConnAck(ack) = c.expect().await else {
-        panic!("expected CONNACK")
-    };
+    let (_c, ack) = connack(&lobby, &dev, Protocol::V5, "props").await;
     assert_eq!(ack.code, 0);
     assert!(!ack.session_present);
     assert_eq!(ack.properties.maximum_qos, Some(1));
@@ -506,11 +428,7 @@ async fn v5_connack_properties() {
     assert_eq!(ack.properties.maximum_packet_size, Some(4096));
     assert_eq!(ack.properties.server_reference, None);
     // An empty client id is given one.
-    let mut c = RawClient::connect(&lobby, &dev, Protocol::V5).await;
-    c.send_connect("").await;
-    let Packet::ConnAck(ack) = c.expect().await else {
-        panic!("expected CONNACK")
-    };
+    let (_c, ack) = connack(&lobby, &dev, Protocol::V5, "").await;
     assert_eq!(ack.code, 0);
     assert!(ack
         .properties
@@ -522,11 +440,7 @@ async fn v5_connack_properties() {
 async fn v3_connack_is_plain() {
     let lobby = TestLobby::start().await;
     let dev = lobby.device("props-v3");
-    let mut c = RawClient::connect(&lobby, &dev, Protocol::V311).await;
-    c.send_connect("").await;
-    let Packet::ConnAck(ack) = c.expect().await else {
-        panic!("expected CONNACK")
-    };
+    let (_c, ack) = connack(&lobby, &dev, Protocol::V311, "").await;
     assert_eq!(ack.code, 0);
     assert!(!ack.session_present);
 }
@@ -538,11 +452,12 @@ async fn subscribe_qos2_is_granted_qos1() {
     for protocol in [Protocol::V311, Protocol::V5] {
         let mut c = connected(&lobby, &dev, protocol).await;
         assert_eq!(
-            subscribe_qos(&mut c, 1, &dev.topic("redirect"), QoS::ExactlyOnce).await,
+            c.subscribe_qos(1, &dev.topic("redirect"), QoS::ExactlyOnce)
+                .await,
             vec![1],
             "{protocol:?}: CONNACK says maximum QoS 1"
         );
-        ping_ok(&mut c).await;
+        c.ping_ok().await;
     }
 }
 
@@ -560,5 +475,5 @@ async fn topic_alias_v5_gets_0x94() {
     };
     p.properties.topic_alias = Some(1);
     c.send(Packet::Publish(p)).await;
-    expect_disconnect(&mut c, 0x94).await;
+    c.expect_disconnect(0x94).await;
 }

@@ -5,16 +5,12 @@ mod common;
 
 use std::sync::Arc;
 
-use bytes::BytesMut;
 use common::*;
-use lobby::mqtt::codec::{self, Packet, Protocol};
+use lobby::mqtt::codec::{Packet, Protocol};
 use lobby::pki;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
-use serde_json::Value;
+use rustls::pki_types::CertificateDer;
 use time::{Duration as TimeDuration, OffsetDateTime};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 use tokio_rustls::TlsConnector;
 
@@ -22,43 +18,55 @@ use tokio_rustls::TlsConnector;
 /// fails, or (TLS 1.3, where the client finishes before the server has judged its certificate)
 /// the first read after sending CONNECT fails or hits EOF without a single MQTT byte.
 async fn assert_refused(lobby: &TestLobby, cfg: Arc<rustls::ClientConfig>) {
-    let tcp = TcpStream::connect(lobby.mqtt_addr()).await.unwrap();
     let connector = TlsConnector::from(cfg);
-    let connecting = connector.connect(ServerName::try_from("localhost").unwrap(), tcp);
-    let mut stream = match timeout(WAIT, connecting).await.expect("handshake hung") {
+    let connecting = RawClient::with_connector(lobby, &connector, Protocol::V5);
+    let mut c = match timeout(WAIT, connecting).await.expect("handshake hung") {
         Err(_) => return,
-        Ok(s) => s,
+        Ok(c) => c,
     };
-    let mut out = BytesMut::new();
-    let connect = codec::Connect {
-        protocol: Protocol::V5,
-        client_id: "intruder".into(),
-        keep_alive: 30,
-        clean_start: true,
-        ..Default::default()
-    };
-    codec::encode(&Packet::Connect(connect), Protocol::V5, &mut out).unwrap();
     // The write itself may already fail on the alert.
-    if stream.write_all(&out).await.is_err() || stream.flush().await.is_err() {
+    if c.try_send_connect("intruder").await.is_err() {
         return;
     }
-    let mut buf = [0u8; 256];
-    match timeout(WAIT, stream.read(&mut buf)).await {
-        Ok(Err(_)) | Ok(Ok(0)) => {}
-        Ok(Ok(n)) => panic!("the lobby answered an untrusted client with {n} bytes"),
-        Err(_) => panic!("the connection of an untrusted client stayed open"),
-    }
+    expect_closed_without_bytes(&mut c.stream, "the lobby answered an untrusted client").await;
 }
 
 /// A trusted device still connects: CONNACK 0.
 async fn assert_trusted_connects(lobby: &TestLobby, name: &str) {
-    let dev = lobby.device(name);
-    let mut c = RawClient::connect(lobby, &dev, Protocol::V5).await;
-    c.send_connect(name).await;
-    match c.expect().await {
-        Packet::ConnAck(a) => assert_eq!(a.code, 0),
-        other => panic!("expected CONNACK, got {other:?}"),
-    }
+    connected(lobby, &lobby.device(name), Protocol::V5).await;
+}
+
+/// The operator revokes `dev`; that must succeed.
+async fn revoke(lobby: &TestLobby, dev: &Device) {
+    let (st, body) = lobby
+        .call(
+            "POST",
+            &format!("/v1/devices/{}/revoke", dev.hex()),
+            &lobby.admin,
+            None,
+        )
+        .await;
+    assert!(st == 200 || st == 204, "{st} {body}");
+}
+
+/// A raw client of `dev` that connected (client id `r`, CONNACK 0), and then `dev` revoked.
+async fn connected_then_revoked(lobby: &TestLobby, dev: &Device, protocol: Protocol) -> RawClient {
+    let (c, ack) = connack(lobby, dev, protocol, "r").await;
+    assert_eq!(ack.code, 0);
+    revoke(lobby, dev).await;
+    c
+}
+
+/// A client config (trusting the lobby) with a certificate `device` from a throwaway CA `ca`
+/// that the lobby does not trust.
+fn rogue_client_tls(lobby: &TestLobby, ca: &str, device: &str) -> Arc<rustls::ClientConfig> {
+    let rogue = pki::throwaway_ca(ca).unwrap();
+    let issued = rogue.issue_device(device).unwrap();
+    client_tls_with(
+        &lobby.certs_dir().join("ca.pem"),
+        &issued.cert_pem,
+        &issued.key_pem,
+    )
 }
 
 fn device_with_validity(
@@ -77,13 +85,7 @@ fn device_with_validity(
 #[tokio::test]
 async fn untrusted_ca_is_refused_at_handshake() {
     let lobby = TestLobby::start().await;
-    let rogue = pki::throwaway_ca("Rogue Manufacturing CA").unwrap();
-    let issued = rogue.issue_device("rogue-device").unwrap();
-    let cfg = client_tls_with(
-        &lobby.certs_dir().join("ca.pem"),
-        &issued.cert_pem,
-        &issued.key_pem,
-    );
+    let cfg = rogue_client_tls(&lobby, "Rogue Manufacturing CA", "rogue-device");
     assert_refused(&lobby, cfg).await;
     assert_trusted_connects(&lobby, "after-rogue").await;
 }
@@ -136,13 +138,7 @@ async fn client_without_certificate_is_refused_at_handshake() {
 #[tokio::test]
 async fn handshake_failures_show_in_metrics() {
     let lobby = TestLobby::start().await;
-    let rogue = pki::throwaway_ca("Rogue CA 2").unwrap();
-    let issued = rogue.issue_device("rogue-2").unwrap();
-    let cfg = client_tls_with(
-        &lobby.certs_dir().join("ca.pem"),
-        &issued.cert_pem,
-        &issued.key_pem,
-    );
+    let cfg = rogue_client_tls(&lobby, "Rogue CA 2", "rogue-2");
     assert_refused(&lobby, cfg).await;
     let text = eventually(|| async {
         let resp = lobby.http.get(lobby.url("/metrics")).send().await.ok()?;
@@ -168,21 +164,7 @@ async fn handshake_failures_show_in_metrics() {
 async fn revoke_connected_v5_device() {
     let lobby = TestLobby::start().await;
     let dev = lobby.device("to-revoke");
-    let mut c = RawClient::connect(&lobby, &dev, Protocol::V5).await;
-    c.send_connect("r").await;
-    match c.expect().await {
-        Packet::ConnAck(a) => assert_eq!(a.code, 0),
-        other => panic!("expected CONNACK, got {other:?}"),
-    }
-    let (st, body) = lobby
-        .call(
-            "POST",
-            &format!("/v1/devices/{}/revoke", dev.hex()),
-            &lobby.admin,
-            None,
-        )
-        .await;
-    assert!(st == 200 || st == 204, "{st} {body}");
+    let mut c = connected_then_revoked(&lobby, &dev, Protocol::V5).await;
     let t = Instant::now();
     match c.recv().await {
         Some(Packet::Disconnect(d)) => {
@@ -195,15 +177,7 @@ async fn revoke_connected_v5_device() {
     }
     // A new connection fails at the TLS handshake.
     assert_refused(&lobby, client_tls(&lobby, &dev)).await;
-    let (st, d) = lobby
-        .call(
-            "GET",
-            &format!("/v1/devices/{}", dev.hex()),
-            &lobby.admin,
-            None,
-        )
-        .await;
-    assert_eq!(st, 200, "{d}");
+    let d = lobby.admin_device(&dev).await;
     assert_eq!(d["state"], "revoked", "{d}");
     assert_eq!(d["connected"], false, "{d}");
     // Claiming a revoked device is a conflict.
@@ -223,21 +197,7 @@ async fn revoke_connected_v5_device() {
 async fn revoke_connected_v3_device_closes_it() {
     let lobby = TestLobby::start().await;
     let dev = lobby.device("to-revoke-v3");
-    let mut c = RawClient::connect(&lobby, &dev, Protocol::V311).await;
-    c.send_connect("r").await;
-    match c.expect().await {
-        Packet::ConnAck(a) => assert_eq!(a.code, 0),
-        other => panic!("expected CONNACK, got {other:?}"),
-    }
-    let (st, body) = lobby
-        .call(
-            "POST",
-            &format!("/v1/devices/{}/revoke", dev.hex()),
-            &lobby.admin,
-            None,
-        )
-        .await;
-    assert!(st == 200 || st == 204, "{st} {body}");
+    let mut c = connected_then_revoked(&lobby, &dev, Protocol::V311).await;
     let t = Instant::now();
     let got = c.recv().await;
     assert!(got.is_none(), "expected a close, got {got:?}");
@@ -252,19 +212,9 @@ async fn revoke_claimed_device() {
     let token = lobby.tenant("acme", "iot.acme.example").await;
     let dev = lobby.device("claimed-revoked");
     assert_eq!(lobby.claim(&token, &dev).await.0, 201);
-    let (st, body) = lobby
-        .call(
-            "POST",
-            &format!("/v1/devices/{}/revoke", dev.hex()),
-            &lobby.admin,
-            None,
-        )
-        .await;
-    assert!(st == 200 || st == 204, "{st} {body}");
+    revoke(&lobby, &dev).await;
     assert_refused(&lobby, client_tls(&lobby, &dev)).await;
-    let (st, d): (u16, Value) = lobby
-        .call("GET", &format!("/v1/devices/{}", dev.hex()), &token, None)
-        .await;
+    let (st, d) = lobby.device_json(&token, &dev).await;
     assert_eq!(st, 200, "{d}");
     assert_eq!(d["state"], "revoked", "{d}");
     // Claiming it again (same tenant) must not bring it back.
@@ -284,50 +234,27 @@ async fn revoked_device_cannot_resume_tls_session() {
     let mut kinds = Vec::new();
     for _ in 0..2 {
         connect_and_connack(&lobby, &connector).await;
-        let tcp = TcpStream::connect(lobby.mqtt_addr()).await.unwrap();
-        let s = connector
-            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        let c = RawClient::with_connector(&lobby, &connector, Protocol::V5)
             .await
             .unwrap();
-        kinds.push(s.get_ref().1.handshake_kind());
+        kinds.push(c.stream.get_ref().1.handshake_kind());
     }
     if !kinds.contains(&Some(rustls::HandshakeKind::Resumed)) {
         // Not a SPEC requirement: without resumption this is a plain revoked-device check.
         eprintln!("note: the lobby did not resume a TLS session ({kinds:?})");
     }
-    let (st, body) = lobby
-        .call(
-            "POST",
-            &format!("/v1/devices/{}/revoke", dev.hex()),
-            &lobby.admin,
-            None,
-        )
-        .await;
-    assert!(st == 200 || st == 204, "{st} {body}");
+    revoke(&lobby, &dev).await;
     assert_refused(&lobby, cfg).await;
 }
 
-/// TLS + CONNECT + CONNACK with `connector` (its session cache gets the server's tickets).
+/// TLS + CONNECT + CONNACK (of any code) with `connector` (its session cache gets the server's
+/// tickets).
 async fn connect_and_connack(lobby: &TestLobby, connector: &TlsConnector) {
-    let tcp = TcpStream::connect(lobby.mqtt_addr()).await.unwrap();
-    let mut s = connector
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+    let mut c = RawClient::with_connector(lobby, connector, Protocol::V5)
         .await
         .unwrap();
-    let mut out = BytesMut::new();
-    let connect = codec::Connect {
-        protocol: Protocol::V5,
-        client_id: "resumer".into(),
-        keep_alive: 30,
-        clean_start: true,
-        ..Default::default()
-    };
-    codec::encode(&Packet::Connect(connect), Protocol::V5, &mut out).unwrap();
-    s.write_all(&out).await.unwrap();
-    s.flush().await.unwrap();
-    let mut buf = [0u8; 256];
-    let n = timeout(WAIT, s.read(&mut buf)).await.unwrap().unwrap();
-    assert!(n > 0 && buf[0] == 0x20, "expected a CONNACK");
+    c.send_connect("resumer").await;
+    c.expect_connack().await;
 }
 
 /// A client config for `dev` that offers only `version`.
@@ -361,24 +288,19 @@ async fn tls_1_2_and_1_3_clients_both_enter() {
     ] {
         let dev = lobby.device(&format!("dev-{expected:?}"));
         let connector = TlsConnector::from(client_tls_version(&lobby, &dev, version));
-        let tcp = TcpStream::connect(lobby.mqtt_addr()).await.unwrap();
-        let s = connector
-            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        let c = RawClient::with_connector(&lobby, &connector, Protocol::V5)
             .await
             .unwrap();
-        assert_eq!(s.get_ref().1.protocol_version(), Some(expected));
-        drop(s);
+        assert_eq!(c.stream.get_ref().1.protocol_version(), Some(expected));
+        drop(c);
         connect_and_connack(&lobby, &connector).await;
     }
     // An untrusted device is refused on TLS 1.2 too, where the client learns it in the handshake.
     let stranger = pki::throwaway_ca("Stranger CA").unwrap();
     let issued = stranger.issue_device("stranger").unwrap();
     let dev = lobby.device_from("stranger", issued.cert_der, issued.cert_pem, issued.key_pem);
-    let tcp = TcpStream::connect(lobby.mqtt_addr()).await.unwrap();
     let connector = TlsConnector::from(client_tls_version(&lobby, &dev, &rustls::version::TLS12));
-    let handshake = connector
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await;
+    let handshake = RawClient::with_connector(&lobby, &connector, Protocol::V5).await;
     assert!(
         handshake.is_err(),
         "TLS 1.2 handshake with an untrusted cert succeeded"
