@@ -33,9 +33,10 @@ pub enum IotError {
         id: Option<String>,
         arn: Option<String>,
     },
-    /// The resource is not there (fine when removing).
-    #[error("not found")]
-    NotFound,
+    /// The resource is not there: fine when removing, permanent when registering (a missing
+    /// policy, say), where the message says what is missing.
+    #[error("ResourceNotFoundException: {message}")]
+    NotFound { message: String },
     /// AccessDenied and everything else that a retry will not fix.
     #[error("{code}: {message}")]
     Permanent { code: String, message: String },
@@ -53,6 +54,8 @@ pub struct CertRef {
 pub trait IotApi: Send + Sync {
     /// RegisterCertificateWithoutCA, status ACTIVE.
     async fn register_certificate(&self, cert_pem: &str) -> Result<CertRef, IotError>;
+    /// UpdateCertificate ACTIVE (a certificate the lobby had begun to remove is wanted again).
+    async fn activate_certificate(&self, cert_id: &str) -> Result<(), IotError>;
     async fn create_thing(&self, thing_name: &str) -> Result<(), IotError>;
     async fn attach_thing_principal(
         &self,
@@ -106,6 +109,15 @@ pub enum Job {
     Register(DeviceId),
     /// Remove the registration of a device with a tenant.
     Remove(DeviceId, String),
+}
+
+impl Job {
+    /// The device the job is about.
+    pub fn device(&self) -> DeviceId {
+        match self {
+            Job::Register(id) | Job::Remove(id, _) => *id,
+        }
+    }
 }
 
 /// The service's handle on the worker: a nudge, never the work itself.

@@ -82,6 +82,9 @@ impl IotApi for FakeIot {
         certs.insert(cert_pem.to_owned(), c.clone());
         Ok(c)
     }
+    async fn activate_certificate(&self, _cert_id: &str) -> Result<(), IotError> {
+        self.0.call("activate_certificate").await
+    }
     async fn create_thing(&self, thing_name: &str) -> Result<(), IotError> {
         self.0.call("create_thing").await?;
         self.0.things.lock().unwrap().insert(thing_name.to_owned());

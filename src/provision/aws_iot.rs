@@ -145,7 +145,7 @@ pub fn classify(code: &str, status: u16, message: String) -> IotError {
             id: None,
             arn: None,
         },
-        "ResourceNotFoundException" => IotError::NotFound,
+        "ResourceNotFoundException" => IotError::NotFound { message },
         "ThrottlingException"
         | "Throttling"
         | "ServiceUnavailableException"
@@ -196,7 +196,7 @@ where
 /// A result whose not-found is fine (removing what may be gone already).
 fn gone_ok(r: Result<(), IotError>) -> Result<(), IotError> {
     match r {
-        Err(IotError::NotFound) => Ok(()),
+        Err(IotError::NotFound { .. }) => Ok(()),
         other => other,
     }
 }
@@ -232,6 +232,17 @@ impl IotApi for AwsIot {
                 _ => Err(map_sdk_error(&e)),
             },
         }
+    }
+
+    async fn activate_certificate(&self, cert_id: &str) -> Result<(), IotError> {
+        self.client
+            .update_certificate()
+            .certificate_id(cert_id)
+            .new_status(CertificateStatus::Active)
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| map_sdk_error(&e))
     }
 
     async fn create_thing(&self, thing_name: &str) -> Result<(), IotError> {
@@ -377,8 +388,10 @@ mod tests {
             IotError::Permanent { code, .. } if code == "AccessDeniedException"
         ));
         assert_eq!(
-            classify("ResourceNotFoundException", 404, String::new()),
-            IotError::NotFound
+            classify("ResourceNotFoundException", 404, "no policy p".into()),
+            IotError::NotFound {
+                message: "no policy p".into()
+            }
         );
     }
 }

@@ -2,7 +2,7 @@
 //! task per job, with a per-tenant call rate, exponential backoff with jitter for retryable
 //! failures, and `failed` with the AWS error code for permanent ones.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -69,8 +69,8 @@ struct Inner {
     factory: Arc<dyn IotApiFactory>,
     backoff: Backoff,
     pacer: Pacer,
-    /// Jobs running now → whether they were asked for again meanwhile (run once more).
-    running: Mutex<HashMap<Job, bool>>,
+    /// Devices with a job running → their jobs waiting behind it.
+    running: Mutex<HashMap<DeviceId, VecDeque<Job>>>,
     cancel: CancellationToken,
 }
 
@@ -132,14 +132,20 @@ impl Worker {
         }
     }
 
+    /// Runs `job`, after any job of the same device already running: a device's jobs run one
+    /// at a time, in order, so a clean-up and a new registration in the same account (migrated
+    /// away and straight back) never interleave. A job asked for again while queued runs once.
     fn start(&self, job: Job, permits: &Arc<Semaphore>, tracker: &TaskTracker) {
+        let device = job.device();
         {
             let mut running = self.inner.running.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(again) = running.get_mut(&job) {
-                *again = true;
+            if let Some(queue) = running.get_mut(&device) {
+                if !queue.contains(&job) {
+                    queue.push_back(job);
+                }
                 return;
             }
-            running.insert(job.clone(), false);
+            running.insert(device, VecDeque::new());
         }
         let this = self.clone();
         let permits = permits.clone();
@@ -147,13 +153,14 @@ impl Worker {
             let Ok(_permit) = permits.acquire_owned().await else {
                 return;
             };
+            let mut job = job;
             loop {
                 this.run_job(&job).await;
                 let mut running = this.inner.running.lock().unwrap_or_else(|p| p.into_inner());
-                match running.get_mut(&job) {
-                    Some(again) if *again => *again = false,
-                    _ => {
-                        running.remove(&job);
+                match running.get_mut(&device).and_then(VecDeque::pop_front) {
+                    Some(next) => job = next,
+                    None => {
+                        running.remove(&device);
                         return;
                     }
                 }
@@ -247,34 +254,10 @@ impl Worker {
         let thing = thing_name(backend.thing_name.as_deref(), &cn, id);
         self.pace(&tenant_id, backend).await;
         let api = self.inner.factory.client(&tenant_id, backend).await?;
-        let mut reg = self.registration(id, &tenant_id, backend, &thing).await?;
-        let cert = match reg.cert.clone() {
-            Some(c) => c,
-            None => {
-                self.pace(&tenant_id, backend).await;
-                let cert = match api.register_certificate(&pem).await {
-                    Ok(c) => c,
-                    Err(IotError::AlreadyExists {
-                        id: Some(cid),
-                        arn: Some(arn),
-                    }) => CertRef { id: cid, arn },
-                    Err(IotError::AlreadyExists { .. }) => {
-                        return Err(IotError::Permanent {
-                            code: "ResourceAlreadyExistsException".into(),
-                            message: "certificate exists but its id was not returned".into(),
-                        })
-                    }
-                    Err(e) => return Err(e),
-                };
-                reg.cert = Some(cert.clone());
-                self.inner
-                    .store
-                    .put_registration(&reg)
-                    .await
-                    .map_err(store_err)?;
-                cert
-            }
-        };
+        let (mut reg, revived) = self.registration(id, &tenant_id, backend, &thing).await?;
+        let cert = self
+            .ensure_certificate(api.as_ref(), &mut reg, revived, &pem)
+            .await?;
         self.pace(&tenant_id, backend).await;
         api.create_thing(&thing).await?;
         self.pace(&tenant_id, backend).await;
@@ -297,14 +280,65 @@ impl Worker {
         Ok(())
     }
 
-    /// The stored registration for (device, tenant), created (and stored) before the first call.
+    /// The certificate registered and ACTIVE: the stored one (re-activated when the
+    /// registration was being removed), or a new registration (an existing one re-activated:
+    /// it may be left over from a clean-up that stopped half-way).
+    async fn ensure_certificate(
+        &self,
+        api: &dyn super::IotApi,
+        reg: &mut Registration,
+        revived: bool,
+        pem: &str,
+    ) -> Result<CertRef, IotError> {
+        let (tenant, backend) = (reg.tenant.clone(), reg.backend.clone());
+        if let Some(c) = reg.cert.clone() {
+            if !revived {
+                return Ok(c);
+            }
+            self.pace(&tenant, &backend).await;
+            match api.activate_certificate(&c.id).await {
+                Ok(()) => return Ok(c),
+                Err(IotError::NotFound { .. }) => {} // deleted meanwhile: register again
+                Err(e) => return Err(e),
+            }
+        }
+        self.pace(&tenant, &backend).await;
+        let cert = match api.register_certificate(pem).await {
+            Ok(c) => c,
+            Err(IotError::AlreadyExists {
+                id: Some(id),
+                arn: Some(arn),
+            }) => {
+                self.pace(&tenant, &backend).await;
+                api.activate_certificate(&id).await?;
+                CertRef { id, arn }
+            }
+            Err(IotError::AlreadyExists { .. }) => {
+                return Err(IotError::Permanent {
+                    code: "ResourceAlreadyExistsException".into(),
+                    message: "certificate exists but its id was not returned".into(),
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        reg.cert = Some(cert.clone());
+        self.inner
+            .store
+            .put_registration(reg)
+            .await
+            .map_err(store_err)?;
+        Ok(cert)
+    }
+
+    /// The stored registration for (device, tenant), created (and stored) before the first call;
+    /// `true` when it was queued for removal (a device migrated away and straight back).
     async fn registration(
         &self,
         id: &DeviceId,
         tenant: &str,
         backend: &AwsIotBackend,
         thing: &str,
-    ) -> Result<Registration, IotError> {
+    ) -> Result<(Registration, bool), IotError> {
         let existing = self
             .inner
             .store
@@ -326,6 +360,7 @@ impl Worker {
                 cert: None,
                 removing: false,
             });
+        let revived = reg.removing;
         reg.backend = backend.clone();
         reg.thing_name = thing.to_owned();
         reg.removing = false;
@@ -334,7 +369,7 @@ impl Worker {
             .put_registration(&reg)
             .await
             .map_err(store_err)?;
-        Ok(reg)
+        Ok((reg, revived))
     }
 
     /// Removes what the lobby created for (device, tenant): deactivate and detach the
