@@ -37,7 +37,8 @@ impl Backoff {
     }
 }
 
-/// Paces calls per tenant: at most `rate` per second, no bursts.
+/// Paces calls per tenant: a token bucket of `rate` tokens refilled at `rate` per second, so a
+/// lone registration runs at once and a burst is held to `rate` calls per second.
 #[derive(Default)]
 struct Pacer {
     next: Mutex<HashMap<String, Instant>>,
@@ -49,7 +50,11 @@ impl Pacer {
         let slot = {
             let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
-            let slot = next.get(tenant).copied().unwrap_or(now).max(now);
+            // Unused capacity of the last second (at most `rate` calls) may be spent now.
+            let earliest = now
+                .checked_sub(Duration::from_secs(1).saturating_sub(interval))
+                .unwrap_or(now);
+            let slot = next.get(tenant).copied().unwrap_or(earliest).max(earliest);
             next.insert(tenant.to_owned(), slot + interval);
             slot
         };
@@ -437,14 +442,21 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn pacer_spaces_calls_per_tenant() {
+        // Let the paused clock run past the process start, so "a second ago" exists.
+        tokio::time::advance(Duration::from_secs(5)).await;
         let p = Pacer::default();
         let start = Instant::now();
+        for _ in 0..10 {
+            p.wait("a", 10).await;
+        }
+        // A full bucket: ten calls at 10/s go at once.
+        assert_eq!(start.elapsed(), Duration::ZERO);
         for _ in 0..5 {
             p.wait("a", 10).await;
         }
-        // Five calls at 10/s: the fifth waits 400 ms; another tenant does not wait.
-        assert_eq!(start.elapsed(), Duration::from_millis(400));
+        // Then one every 100 ms; another tenant has its own bucket.
+        assert_eq!(start.elapsed(), Duration::from_millis(500));
         p.wait("b", 10).await;
-        assert_eq!(start.elapsed(), Duration::from_millis(400));
+        assert_eq!(start.elapsed(), Duration::from_millis(500));
     }
 }
