@@ -29,4 +29,6 @@ pub struct EdgeContext {
     pub compat_aws_device_lobby: bool,
     /// Cancelled when the lobby shuts down.
     pub cancel: CancellationToken,
+    /// The bridge-mode tenants' upstream pools.
+    pub bridge: crate::bridge::BridgeHub,
 }

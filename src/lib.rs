@@ -27,6 +27,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod bridge;
 pub mod claims;
 pub mod config;
 pub mod edge;

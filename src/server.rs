@@ -125,6 +125,7 @@ impl Lobby {
                 .filter(|s| !s.is_empty()),
             compat_aws_device_lobby: config.compat.aws_device_lobby,
             cancel: cancel.clone(),
+            bridge: crate::bridge::BridgeHub::new(cancel.clone(), tracker.clone()),
         });
         let listeners_up = Arc::new(AtomicBool::new(false));
         let state = ApiState {

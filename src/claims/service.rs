@@ -588,10 +588,9 @@ impl ClaimsService {
 /// Rejects what this build cannot serve yet, rather than accepting a tenant whose devices would
 /// wait forever.
 fn check_supported(t: &Tenant) -> Result<(), ServiceError> {
-    if t.mode == Mode::Bridge {
-        return Err(ServiceError::Invalid(
-            "mode \"bridge\" is not available in this build yet".into(),
-        ));
+    if let (Mode::Bridge, Some(b)) = (t.mode, &t.bridge) {
+        // Load the upstream TLS files now, so a typo is a 400 rather than devices that wait.
+        crate::bridge::client_tls(b).map_err(|e| ServiceError::Invalid(e.to_string()))?;
     }
     Ok(())
 }

@@ -139,8 +139,10 @@ fn validate(t: &Tenant) -> Result<(), ServiceError> {
         )),
         _ => Ok(()),
     }?;
-    if t.mode == Mode::Bridge && t.bridge.is_none() {
-        return Err(invalid("bridge settings are required for mode \"bridge\""));
+    if t.mode == Mode::Bridge && (t.bridge.is_none() || t.endpoint.is_none()) {
+        return Err(invalid(
+            "bridge settings and an endpoint are required for mode \"bridge\"",
+        ));
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! The session never touches the store: it reads the claims map, and reports redirects through
 //! the bounded activity channel. Control-plane changes arrive as wake-ups from the waiting room.
 
+mod bridged;
 mod outbound;
 
 use std::sync::Arc;
@@ -37,6 +38,7 @@ pub mod reason {
     pub const TOPIC_NAME_INVALID: u8 = 0x90;
     pub const TOPIC_ALIAS_INVALID: u8 = 0x94;
     pub const QUOTA_EXCEEDED: u8 = 0x97;
+    pub const SERVER_BUSY: u8 = 0x89;
     pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
     pub const USE_ANOTHER_SERVER: u8 = 0x9C;
     pub const SERVER_MOVED: u8 = 0x9D;
@@ -56,6 +58,10 @@ pub enum End {
     ProtocolError,
     Forbidden,
     Shutdown,
+    /// Bridge mode: more un-acknowledged publishes than the device may have in flight.
+    QuotaExceeded,
+    /// Bridge mode: the tenant's upstream queue is full.
+    ServerBusy,
     Io,
 }
 
@@ -72,6 +78,8 @@ impl End {
             End::ProtocolError => "protocol_error",
             End::Forbidden => "forbidden",
             End::Shutdown => "shutdown",
+            End::QuotaExceeded => "quota_exceeded",
+            End::ServerBusy => "server_busy",
             End::Io => "io_error",
         }
     }
@@ -120,6 +128,7 @@ where
         redirect_deadline: None,
         due_redirect: None,
         cert_reported: false,
+        bridge: None,
         last_status: None,
         client_max_packet: connect.properties.maximum_packet_size,
     };
@@ -129,6 +138,7 @@ where
         Err(end) => end,
     };
     metrics::gauge!(crate::metrics::CONNECTIONS_ACTIVE, "protocol" => proto_label).decrement(1.0);
+    s.detach_bridge();
     s.ctx
         .waiting
         .deregister(&s.identity.device_id, s.handle.conn_id);
@@ -202,6 +212,8 @@ struct Session<S> {
     due_redirect: Option<String>,
     /// The certificate went to the control plane for a waiting registration.
     cert_reported: bool,
+    /// Set while the device's tenant bridges its traffic.
+    bridge: Option<bridged::BridgeLink>,
     /// The last status sent, to send it again only on change.
     last_status: Option<(ClaimState, Option<Arc<str>>)>,
     client_max_packet: Option<u32>,
@@ -236,6 +248,7 @@ where
                 Err(End::Redirected)
             }
             _ => {
+                self.follow_bridge(&route);
                 let assigned = (self.protocol == Protocol::V5 && connect.client_id.is_empty())
                     .then(|| self.identity.device_id.to_hex());
                 self.send_connack(reason::SUCCESS, None, assigned);
@@ -269,6 +282,23 @@ where
                     Err(_) => Err(End::Io),
                 },
                 () = wake.notified() => self.reevaluate().await,
+                event = bridged::next_event(&mut self.bridge) => match event {
+                    bridged::BridgeEvent::Inbound(msg) => {
+                        self.deliver_inbound(msg);
+                        self.flush().await
+                    }
+                    bridged::BridgeEvent::Acked(Ok(pkid)) => {
+                        self.send_puback(pkid, reason::SUCCESS);
+                        self.flush().await
+                    }
+                    bridged::BridgeEvent::Acked(Err(())) => {
+                        // The tenant's pool was replaced before it answered: the device keeps
+                        // the message and sends it again on its next connection.
+                        self.send_disconnect(reason::SERVER_BUSY, None);
+                        let _ = self.flush().await;
+                        Err(End::ServerBusy)
+                    }
+                },
                 () = cancel.cancelled() => self.on_shutdown().await,
                 () = sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
                     self.on_deadline().await
@@ -372,6 +402,14 @@ where
         match self.acl.check_publish(&p.topic) {
             Ok(()) => {}
             Err(Refusal::Invalid) => return self.refuse_hard(reason::TOPIC_NAME_INVALID).await,
+            Err(Refusal::NotAuthorized)
+                if self
+                    .bridge
+                    .as_ref()
+                    .is_some_and(|b| b.allows_publish(&p.topic)) =>
+            {
+                return self.bridge_publish(p).await;
+            }
             Err(Refusal::NotAuthorized) => {
                 if self.protocol == Protocol::V5 && p.qos == QoS::AtLeastOnce {
                     self.send_puback(p.pkid, reason::NOT_AUTHORIZED);
@@ -430,6 +468,23 @@ where
                     }
                 }
                 Err(Refusal::Invalid) => self.refusal_code(reason::TOPIC_FILTER_INVALID),
+                Err(Refusal::NotAuthorized)
+                    if self
+                        .bridge
+                        .as_ref()
+                        .is_some_and(|b| b.allows_subscribe(&f.filter)) =>
+                {
+                    let qos = if f.qos == QoS::AtMostOnce {
+                        QoS::AtMostOnce
+                    } else {
+                        QoS::AtLeastOnce
+                    };
+                    if self.subs.add(&f.filter, qos) && self.bridge_subscribe(&f.filter) {
+                        qos as u8
+                    } else {
+                        self.refusal_code(reason::QUOTA_EXCEEDED)
+                    }
+                }
                 Err(Refusal::NotAuthorized) => self.refusal_code(reason::NOT_AUTHORIZED),
             };
             codes.push(code);
@@ -458,6 +513,7 @@ where
             .filters
             .iter()
             .map(|f| {
+                self.bridge_unsubscribe(f);
                 if self.subs.remove(f) {
                     reason::SUCCESS
                 } else {
@@ -517,6 +573,7 @@ where
             return Err(End::Revoked);
         }
         self.report_cert_if_registering(&route);
+        self.follow_bridge(&route);
         let key = status_key(&route);
         if self.last_status.as_ref() != Some(&key) {
             self.last_status = Some(key.clone());

@@ -54,6 +54,9 @@ where
                 props.subscription_identifiers_available = Some(false);
                 props.wildcard_subscription_available = Some(true);
                 props.assigned_client_identifier = assigned_client_id;
+                if self.bridge.is_some() {
+                    props.receive_maximum = u16::try_from(super::bridged::DEVICE_INFLIGHT).ok();
+                }
             }
             if let Some(r) = redirect {
                 props.server_reference = Some(r.server_reference());
@@ -131,7 +134,7 @@ where
     }
 
     /// Publishes at `qos`; returns the packet id for QoS 1.
-    fn publish(&mut self, topic: String, qos: QoS, payload: Vec<u8>) -> Option<u16> {
+    pub(super) fn publish(&mut self, topic: String, qos: QoS, payload: Vec<u8>) -> Option<u16> {
         let pkid = match qos {
             QoS::AtMostOnce => 0,
             _ => {
