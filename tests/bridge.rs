@@ -686,3 +686,46 @@ async fn harness_broker_restart_keeps_the_observer_session() {
     assert_eq!(m.qos, 1, "{m:?}");
     assert!(obs.connections() >= 2, "the observer reconnected");
 }
+
+#[tokio::test]
+async fn switching_the_tenant_to_redirect_and_back_moves_devices() {
+    let s = setup(THINGS, 1).await;
+    let (_dev, mut c) = s.bridged("switcher", Protocol::V5).await;
+    let patch = |body: Value| {
+        let path = format!("/v1/tenants/{TENANT}");
+        let lobby = &s.lobby;
+        async move { lobby.call("PATCH", &path, &lobby.admin, Some(body)).await }
+    };
+    // Bridge → redirect: the connected v5 device is sent to the endpoint at once.
+    let (st, body) = patch(json!({"mode": "redirect"})).await;
+    assert_eq!(st, 200, "{body}");
+    let d = c.expect_disconnect(0x9D).await;
+    assert_eq!(
+        d.properties.server_reference,
+        Some(format!("localhost:{}", s.up.port()))
+    );
+    // Redirect → bridge: a device connecting now is bridged again.
+    let (st, body) = patch(json!({"mode": "bridge"})).await;
+    assert_eq!(st, 200, "{body}");
+    let dev = s.lobby.device("switcher-2");
+    let (st, body) = s.lobby.claim(&s.token, &dev).await;
+    assert_eq!(st, 201, "{body}");
+    let (mut c2, ack) = connack(&s.lobby, &dev, Protocol::V5, "switcher-2").await;
+    assert_eq!(ack.code, 0, "{ack:?}");
+    publish(
+        &mut c2,
+        1,
+        "things/switcher-2/telemetry",
+        QoS::AtLeastOnce,
+        "back",
+    )
+    .await;
+    expect_puback(&mut c2, 1, 0).await;
+    s.obs
+        .wait_for(
+            "things/switcher-2/telemetry",
+            b"back",
+            Duration::from_secs(10),
+        )
+        .await;
+}
