@@ -15,8 +15,10 @@ use super::cache::{ClaimsCache, TenantEntry};
 use super::codes::ClaimKey;
 use super::model::{now_ms, Backend, Claim, ClaimState, Mode, Tenant};
 use super::tenant_input::TenantInput;
+
+mod registrations;
 use crate::edge::identity::{self, DeviceId};
-use crate::provision::{Job, Provisioner};
+use crate::provision::Provisioner;
 use crate::store::{Store, StoreError, StoredTenant};
 use crate::waiting::WaitingRoom;
 
@@ -271,43 +273,6 @@ impl ClaimsService {
         })
     }
 
-    /// After a claim or migration: queue its registration, or (ready at once) retire the
-    /// registrations with other tenants.
-    async fn after_binding(&self, claim: &Claim) -> Result<(), ServiceError> {
-        match (claim.state, claim.tenant_id()) {
-            (ClaimState::Registering, _) => {
-                self.inner
-                    .provisioner
-                    .enqueue(Job::Register(claim.device_id));
-                Ok(())
-            }
-            (ClaimState::Ready, Some(t)) => {
-                self.retire_registrations(&claim.device_id, Some(t)).await
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// Marks the device's registrations with every tenant but `keep` for removal and queues
-    /// the clean-up (stored first, so a restart resumes it).
-    async fn retire_registrations(
-        &self,
-        id: &DeviceId,
-        keep: Option<&str>,
-    ) -> Result<(), ServiceError> {
-        for mut reg in self.inner.store.registrations(id).await? {
-            if Some(reg.tenant.as_str()) == keep {
-                continue;
-            }
-            if !reg.removing {
-                reg.removing = true;
-                self.inner.store.put_registration(&reg).await?;
-            }
-            self.inner.provisioner.enqueue(Job::Remove(*id, reg.tenant));
-        }
-        Ok(())
-    }
-
     /// Unclaims a device (`by_tenant`: the caller's tenant, `None` for the operator).
     pub async fn unclaim(
         &self,
@@ -355,62 +320,6 @@ impl ClaimsService {
         let claim = self.commit(claim, None).await?;
         self.after_binding(&claim).await?;
         Ok(claim)
-    }
-
-    /// The provisioner's verdict on a registration with `tenant`: `Ok(thing_name)` makes the
-    /// claim ready (and retires other tenants' registrations), `Err(reason)` failed. Ignored
-    /// when the claim moved on meanwhile.
-    pub async fn registration_done(
-        &self,
-        id: &DeviceId,
-        tenant: &str,
-        outcome: Result<Option<String>, String>,
-    ) -> Result<(), ServiceError> {
-        let _w = self.inner.write.lock().await;
-        let current = self.inner.cache.claim(id);
-        let Some(c) =
-            current.filter(|c| c.state == ClaimState::Registering && c.tenant_id() == Some(tenant))
-        else {
-            // Unclaimed or moved on while the registration ran: what it created (perhaps
-            // stored after the unclaim queued the clean-up) must not outlive it.
-            let keep = self.inner.cache.claim(id).and_then(|c| c.tenant.clone());
-            return self.retire_registrations(id, keep.as_deref()).await;
-        };
-        let mut c = (*c).clone();
-        match outcome {
-            Ok(thing_name) => {
-                let now = now_ms();
-                c.state = ClaimState::Ready;
-                c.thing_name = thing_name.or(c.thing_name);
-                c.redirect_id = Some(format!("r-{}", random_hex(12)));
-                c.ready_at = Some(now);
-                c.error = None;
-                self.commit(c, None).await?;
-                self.retire_registrations(id, Some(tenant)).await
-            }
-            Err(reason) => {
-                c.state = ClaimState::Failed;
-                c.error = Some(reason);
-                self.commit(c, None).await.map(drop)
-            }
-        }
-    }
-
-    /// Stores the endpoint DescribeEndpoint found for a tenant that had none.
-    pub async fn set_tenant_endpoint(&self, id: &str, endpoint: &str) -> Result<(), ServiceError> {
-        let _w = self.inner.write.lock().await;
-        let entry = self.inner.cache.tenant(id).ok_or(ServiceError::NotFound)?;
-        if entry.tenant.endpoint.is_some() {
-            return Ok(());
-        }
-        let mut tenant = entry.tenant.clone();
-        tenant.endpoint = Some(endpoint.to_owned());
-        self.inner.store.update_tenant(&tenant).await?;
-        self.inner.cache.put_tenant(TenantEntry {
-            tenant,
-            token_hash: entry.token_hash,
-        });
-        Ok(())
     }
 
     /// Revokes a device: refused at the handshake from now on, its connection closed.
@@ -480,27 +389,6 @@ impl ClaimsService {
                 tracing::warn!(error = %e, "recording a redirect failed");
             }
         }
-    }
-
-    /// A registering device connected: keep its certificate (registration needs the PEM) and
-    /// nudge the provisioner.
-    async fn cert_seen(&self, id: &DeviceId, der: &[u8]) -> Result<(), ServiceError> {
-        let registering = self
-            .inner
-            .cache
-            .claim(id)
-            .is_some_and(|c| c.state == ClaimState::Registering);
-        if !registering {
-            return Ok(());
-        }
-        if self.inner.store.cert_pem(id).await?.is_none() {
-            self.inner
-                .store
-                .set_cert_pem(id, &identity::der_to_pem(der))
-                .await?;
-        }
-        self.inner.provisioner.enqueue(Job::Register(*id));
-        Ok(())
     }
 
     /// The claim of `id` as seen by `by_tenant` (`None`: operator): another tenant's is NotFound.

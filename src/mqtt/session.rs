@@ -6,6 +6,7 @@
 //! the bounded activity channel. Control-plane changes arrive as wake-ups from the waiting room.
 
 mod bridged;
+mod inbound;
 mod outbound;
 
 use std::sync::Arc;
@@ -15,8 +16,8 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{sleep_until, timeout, Instant};
 
-use super::acl::{Acl, Refusal, Subscriptions};
-use super::codec::{self, CodecError, Connect, Packet, Protocol, Publish, QoS};
+use super::acl::{Acl, Subscriptions};
+use super::codec::{self, CodecError, Connect, Packet, Protocol};
 use crate::claims::model::ClaimState;
 use crate::edge::identity::Identity;
 use crate::edge::EdgeContext;
@@ -387,170 +388,6 @@ where
                 self.send_disconnect(reason::PROTOCOL_ERROR, None);
                 let _ = self.flush().await;
                 Err(End::ProtocolError)
-            }
-        }
-    }
-
-    async fn on_publish(&mut self, p: Publish) -> Step {
-        if p.properties.topic_alias.is_some() {
-            // CONNACK announced Topic Alias Maximum 0.
-            return self.refuse_hard(reason::TOPIC_ALIAS_INVALID).await;
-        }
-        if p.qos == QoS::ExactlyOnce {
-            return self.refuse_hard(reason::QOS_NOT_SUPPORTED).await;
-        }
-        match self.acl.check_publish(&p.topic) {
-            Ok(()) => {}
-            Err(Refusal::Invalid) => return self.refuse_hard(reason::TOPIC_NAME_INVALID).await,
-            Err(Refusal::NotAuthorized)
-                if self
-                    .bridge
-                    .as_ref()
-                    .is_some_and(|b| b.allows_publish(&p.topic)) =>
-            {
-                return self.bridge_publish(p).await;
-            }
-            Err(Refusal::NotAuthorized) => {
-                if self.protocol == Protocol::V5 && p.qos == QoS::AtLeastOnce {
-                    self.send_puback(p.pkid, reason::NOT_AUTHORIZED);
-                    return Ok(());
-                }
-                self.send_disconnect(reason::NOT_AUTHORIZED, None);
-                let _ = self.flush().await;
-                return Err(End::Forbidden);
-            }
-        }
-        if p.qos == QoS::AtLeastOnce {
-            self.send_puback(p.pkid, reason::SUCCESS);
-        }
-        if p.topic == self.acl.topic("ack") && self.is_ack_of_sent_redirect(&p.payload) {
-            self.flush().await?;
-            return Err(End::Redirected);
-        }
-        Ok(())
-    }
-
-    /// `{"redirect_id": …}` naming the redirect this session delivered.
-    fn is_ack_of_sent_redirect(&self, payload: &[u8]) -> bool {
-        #[derive(serde::Deserialize)]
-        struct Ack {
-            redirect_id: String,
-        }
-        match (serde_json::from_slice::<Ack>(payload), &self.redirect_sent) {
-            (Ok(ack), Some(sent)) => &ack.redirect_id == sent,
-            _ => false,
-        }
-    }
-
-    /// Closes the connection for a protocol violation (v5 with a DISCONNECT reason first).
-    async fn refuse_hard(&mut self, code: u8) -> Step {
-        self.send_disconnect(code, None);
-        let _ = self.flush().await;
-        Err(End::ProtocolError)
-    }
-
-    fn on_subscribe(&mut self, sub: codec::Subscribe) -> Step {
-        let mut codes = Vec::with_capacity(sub.filters.len());
-        let mut added = Vec::new();
-        for f in &sub.filters {
-            let code = match self.acl.check_subscribe(&f.filter) {
-                Ok(()) => {
-                    let qos = if f.qos == QoS::AtMostOnce {
-                        QoS::AtMostOnce
-                    } else {
-                        QoS::AtLeastOnce
-                    };
-                    if self.subs.add(&f.filter, qos) {
-                        added.push(f.filter.clone());
-                        qos as u8
-                    } else {
-                        self.refusal_code(reason::QUOTA_EXCEEDED)
-                    }
-                }
-                Err(Refusal::Invalid) => self.refusal_code(reason::TOPIC_FILTER_INVALID),
-                Err(Refusal::NotAuthorized)
-                    if self
-                        .bridge
-                        .as_ref()
-                        .is_some_and(|b| b.allows_subscribe(&f.filter)) =>
-                {
-                    let qos = if f.qos == QoS::AtMostOnce {
-                        QoS::AtMostOnce
-                    } else {
-                        QoS::AtLeastOnce
-                    };
-                    if self.subs.add(&f.filter, qos) && self.bridge_subscribe(&f.filter) {
-                        qos as u8
-                    } else {
-                        self.refusal_code(reason::QUOTA_EXCEEDED)
-                    }
-                }
-                Err(Refusal::NotAuthorized) => self.refusal_code(reason::NOT_AUTHORIZED),
-            };
-            codes.push(code);
-        }
-        self.send(&Packet::SubAck(codec::SubAck {
-            pkid: sub.pkid,
-            codes,
-            properties: Default::default(),
-        }));
-        if !added.is_empty() {
-            self.deliver_on_subscribe(&added);
-        }
-        Ok(())
-    }
-
-    /// v3.1.1 has one failure code for SUBACK; v5 says why.
-    fn refusal_code(&self, v5: u8) -> u8 {
-        match self.protocol {
-            Protocol::V311 => 0x80,
-            Protocol::V5 => v5,
-        }
-    }
-
-    fn on_unsubscribe(&mut self, unsub: codec::Unsubscribe) {
-        let codes = unsub
-            .filters
-            .iter()
-            .map(|f| {
-                self.bridge_unsubscribe(f);
-                if self.subs.remove(f) {
-                    reason::SUCCESS
-                } else {
-                    reason::NO_SUBSCRIPTION_EXISTED
-                }
-            })
-            .collect();
-        let codes = match self.protocol {
-            Protocol::V311 => Vec::new(),
-            Protocol::V5 => codes,
-        };
-        self.send(&Packet::UnsubAck(codec::UnsubAck {
-            pkid: unsub.pkid,
-            codes,
-            properties: Default::default(),
-        }));
-    }
-
-    /// After a SUBSCRIBE: the current status, and a due redirect, to the new filters' topics.
-    fn deliver_on_subscribe(&mut self, added: &[String]) {
-        let route = self.route();
-        let matches = |topic: &str| added.iter().any(|f| codec_topic_match(f, topic));
-        if matches(&self.acl.topic("status")) {
-            let (state, tenant) = route.status();
-            self.publish_status(state, tenant.map(str::to_owned).as_deref());
-        }
-        if let Route::Redirect(r) = &route {
-            let to_redirect = matches(&self.acl.topic("redirect"));
-            let to_compat = self.acl.compat_topic().is_some_and(matches);
-            if to_redirect || to_compat {
-                self.publish_redirect(r);
-                if self.protocol == Protocol::V311 {
-                    self.due_redirect = Some(r.redirect_id.clone());
-                    self.arm_redirect_grace();
-                }
-                // v5: a redirect that became due since CONNACK has a wake-up pending, and
-                // `reevaluate` follows with DISCONNECT 0x9D.
             }
         }
     }
