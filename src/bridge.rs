@@ -229,8 +229,17 @@ impl Pool {
             qos,
             done,
         };
-        self.conn_for(device).try_send(cmd).map_err(|_| Busy)?;
-        Ok(rx)
+        match self.conn_for(device).try_send(cmd) {
+            Ok(()) => Ok(rx),
+            // QoS 0 is best effort: past the queue it is dropped (and counted), the device is
+            // not cut off for it.
+            Err(_) if qos == QoS::AtMostOnce => {
+                metrics::counter!("lobby_bridge_dropped_total", "reason" => "upstream_busy")
+                    .increment(1);
+                Ok(None)
+            }
+            Err(_) => Err(Busy),
+        }
     }
 
     /// Adds `session`'s subscription to `filter`; the first one subscribes upstream.

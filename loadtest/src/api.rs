@@ -1,4 +1,4 @@
-//! The lobby's HTTP API as the claim scenario uses it (SPEC §6): create a tenant, claim devices.
+//! The lobby's HTTP API as the claim and bridge scenarios use it (SPEC §6): create a tenant, claim devices.
 
 use std::path::Path;
 
@@ -53,7 +53,6 @@ impl Api {
     /// Creates a redirect-mode tenant named `loadtest-<random>` with backend `none`; returns its
     /// id (as text) and token.
     pub async fn create_tenant(&self, admin_token: &str) -> Result<(String, String)> {
-        let url = format!("{}/v1/tenants", self.base);
         let body = json!({
             "name": format!("loadtest-{:08x}", rand::random::<u32>()),
             "mode": "redirect",
@@ -61,11 +60,22 @@ impl Api {
             "port": 8883,
             "backend": {"kind": "none"},
         });
+        self.create_tenant_from(admin_token, &body).await
+    }
+
+    /// Creates the tenant described by `body` (`POST /v1/tenants`, expects 201); returns its id
+    /// (as text) and token.
+    pub async fn create_tenant_from(
+        &self,
+        admin_token: &str,
+        body: &serde_json::Value,
+    ) -> Result<(String, String)> {
+        let url = format!("{}/v1/tenants", self.base);
         let response = self
             .client
             .post(&url)
             .bearer_auth(admin_token)
-            .json(&body)
+            .json(body)
             .send()
             .await
             .with_context(|| format!("creating tenant: cannot reach POST {url}"))?;

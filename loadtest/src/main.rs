@@ -4,7 +4,7 @@
 //! 2. pacing — [`run`]: one task per device under `--concurrency` and `--rate`;
 //! 3. connection — [`net`] (source addresses, TCP) → [`tls`] (mTLS) → [`session`] with the
 //!    hand-written codec in [`mqtt`];
-//! 4. scenarios — [`scenario`]: `connect`, `idle`, `claim` (with [`api`]);
+//! 4. scenarios — [`scenario`]: `connect`, `idle`, `claim` (with [`api`]), `bridge`;
 //! 5. results — [`stats`]: HDR histograms, progress bar, the JSON line on stdout.
 #![forbid(unsafe_code)]
 
@@ -78,6 +78,14 @@ enum Scenario {
         /// How long to wait for the last redirects after the last claim.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         redirect_timeout: Duration,
+    },
+    /// Devices publish through a bridge; an observer on the upstream broker measures
+    /// messages per second and end-to-end latency.
+    Bridge {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        bridge: scenario::bridge::BridgeArgs,
     },
 }
 
@@ -246,6 +254,9 @@ async fn run(cli: Cli) -> Result<()> {
                 redirect_timeout,
             };
             scenario::claim::run(common.context().await?, common.pace(), opts).await?
+        }
+        Scenario::Bridge { common, bridge } => {
+            scenario::bridge::run(common.context().await?, common.pace(), bridge).await?
         }
     };
     println!(

@@ -23,7 +23,7 @@ pub enum Version {
 pub enum Packet<'a> {
     /// CONNACK with its return code (v3.1.1) or reason code (v5).
     ConnAck(u8),
-    /// PUBLISH: topic, QoS and packet id (0 for QoS 0).
+    /// PUBLISH: topic, QoS, packet id (0 for QoS 0) and payload.
     Publish {
         /// Topic name as sent.
         topic: &'a [u8],
@@ -31,7 +31,11 @@ pub enum Packet<'a> {
         qos: u8,
         /// Packet identifier, 0 for QoS 0.
         pkid: u16,
+        /// Application payload.
+        payload: &'a [u8],
     },
+    /// PUBACK for a packet id.
+    PubAck(u16),
     /// SUBACK with the first return/reason code.
     SubAck(u8),
     /// PINGRESP.
@@ -114,6 +118,22 @@ pub fn subscribe(out: &mut Vec<u8>, version: Version, pkid: u16, filter: &str) {
     out.push(0x01);
 }
 
+/// Appends a PUBLISH (no DUP, no RETAIN) at QoS 0 or 1; `pkid` is ignored at QoS 0.
+pub fn publish(out: &mut Vec<u8>, version: Version, topic: &str, qos: u8, pkid: u16, body: &[u8]) {
+    let props = usize::from(version == Version::V5);
+    let id = if qos > 0 { 2 } else { 0 };
+    out.push(0x30 | (qos.min(1) << 1));
+    put_len(out, 2 + topic.len() + id + props + body.len());
+    put_str(out, topic.as_bytes());
+    if qos > 0 {
+        out.extend_from_slice(&pkid.to_be_bytes());
+    }
+    if version == Version::V5 {
+        out.push(0);
+    }
+    out.extend_from_slice(body);
+}
+
 /// PUBACK for `pkid` (success; the same bytes are valid v3.1.1 and v5).
 pub fn puback(pkid: u16) -> [u8; 4] {
     let id = pkid.to_be_bytes();
@@ -172,7 +192,8 @@ pub fn parse(buf: &[u8], version: Version) -> Result<Option<(Packet<'_>, usize)>
     };
     let packet = match first >> 4 {
         2 => Packet::ConnAck(*body.get(1).ok_or(DecodeError("short CONNACK"))?),
-        3 => publish(first, body, version)?,
+        3 => parse_publish(first, body, version)?,
+        4 => Packet::PubAck(u16_at(body, 0)?),
         9 => Packet::SubAck(suback_code(body, version)?),
         13 => Packet::PingResp,
         14 => Packet::Disconnect(body.first().copied().unwrap_or(0)),
@@ -181,7 +202,7 @@ pub fn parse(buf: &[u8], version: Version) -> Result<Option<(Packet<'_>, usize)>
     Ok(Some((packet, header + remaining)))
 }
 
-fn publish(first: u8, body: &[u8], version: Version) -> Result<Packet<'_>, DecodeError> {
+fn parse_publish(first: u8, body: &[u8], version: Version) -> Result<Packet<'_>, DecodeError> {
     let qos = (first >> 1) & 0x03;
     let topic_len = usize::from(u16_at(body, 0)?);
     let topic = body
@@ -200,7 +221,13 @@ fn publish(first: u8, body: &[u8], version: Version) -> Result<Packet<'_>, Decod
             return Err(DecodeError("short PUBLISH properties"));
         }
     }
-    Ok(Packet::Publish { topic, qos, pkid })
+    let payload = body.get(at..).ok_or(DecodeError("short PUBLISH"))?;
+    Ok(Packet::Publish {
+        topic,
+        qos,
+        pkid,
+        payload,
+    })
 }
 
 fn suback_code(body: &[u8], version: Version) -> Result<u8, DecodeError> {
@@ -252,8 +279,36 @@ mod tests {
             Packet::Publish {
                 topic: b"a/redirect",
                 qos: 1,
-                pkid: 7
+                pkid: 7,
+                payload: b"{}",
             }
+        );
+    }
+
+    #[test]
+    fn publish_round_trip() {
+        for version in [Version::V4, Version::V5] {
+            for qos in [0, 1] {
+                let mut out = Vec::new();
+                publish(&mut out, version, "things/a/t", qos, 9, b"xyz");
+                let (pkt, used) = parse(&out, version).unwrap().unwrap();
+                assert_eq!(used, out.len());
+                let pkid = if qos == 1 { 9 } else { 0 };
+                let payload = b"xyz";
+                assert_eq!(
+                    pkt,
+                    Packet::Publish {
+                        topic: b"things/a/t",
+                        qos,
+                        pkid,
+                        payload
+                    }
+                );
+            }
+        }
+        assert_eq!(
+            parse(&puback(300), Version::V4),
+            Ok(Some((Packet::PubAck(300), 4)))
         );
     }
 

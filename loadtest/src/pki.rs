@@ -154,16 +154,28 @@ pub fn load_dir(
     stems
         .into_iter()
         .map(|stem| {
-            let pem = dir.join(format!("{stem}.pem"));
-            let chain = CertificateDer::pem_file_iter(&pem)
-                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .with_context(|| format!("reading {}", pem.display()))?;
-            let key_path = dir.join(format!("{stem}.key"));
-            let key = PrivateKeyDer::from_pem_file(&key_path)
-                .with_context(|| format!("reading {}", key_path.display()))?;
-            device_from(stem, chain, key, provider)
+            let (pem, key) = (
+                dir.join(format!("{stem}.pem")),
+                dir.join(format!("{stem}.key")),
+            );
+            load_pair(stem, &pem, &key, provider)
         })
         .collect()
+}
+
+/// Loads one identity from a certificate chain file and its key file (both PEM).
+pub fn load_pair(
+    name: String,
+    pem: &Path,
+    key_path: &Path,
+    provider: &CryptoProvider,
+) -> Result<Device> {
+    let chain = CertificateDer::pem_file_iter(pem)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("reading {}", pem.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key_path)
+        .with_context(|| format!("reading {}", key_path.display()))?;
+    device_from(name, chain, key, provider)
 }
 
 /// Reads a claim key file: 64 hex characters (surrounding whitespace ignored) = 32 bytes.

@@ -58,6 +58,8 @@ pub enum Event {
     },
     /// SUBACK with its first code.
     SubAck(u8),
+    /// PUBACK for a packet id.
+    PubAck(u16),
     /// PINGRESP.
     PingResp,
     /// DISCONNECT with reason.
@@ -136,17 +138,9 @@ impl Ctx {
         .map_err(|_| timed_out("tls"))?
         .map_err(|e| Failure::new("tls", e))?;
         let t2 = Instant::now();
-        let mut conn = Conn {
-            stream,
-            buf: Vec::new(),
-            version: self.version,
-        };
         let name = &self.devices[index].name;
-        let mut out = Vec::with_capacity(24 + name.len());
-        mqtt::connect(&mut out, self.version, name, self.keep_alive);
-        let code = timeout(self.timeout, conn.connack(&out))
-            .await
-            .map_err(|_| timed_out("connack"))??;
+        let (conn, code) =
+            Conn::start(stream, self.version, name, self.keep_alive, self.timeout).await?;
         let timings = Timings {
             tcp: t1 - t0,
             tls: t2 - t1,
@@ -157,6 +151,53 @@ impl Ctx {
 }
 
 impl Conn {
+    /// CONNECT → CONNACK over an established TLS stream, within `limit`; returns the
+    /// connection and the CONNACK code.
+    pub async fn start(
+        stream: TlsStream<TcpStream>,
+        version: Version,
+        client_id: &str,
+        keep_alive: u16,
+        limit: Duration,
+    ) -> Result<(Self, u8), Failure> {
+        let mut conn = Conn {
+            stream,
+            buf: Vec::new(),
+            version,
+        };
+        let mut out = Vec::with_capacity(24 + client_id.len());
+        mqtt::connect(&mut out, version, client_id, keep_alive);
+        let code = timeout(limit, conn.connack(&out))
+            .await
+            .map_err(|_| timed_out("connack"))??;
+        Ok((conn, code))
+    }
+
+    /// Hands every complete packet in the buffer to `on`, reading from the socket first when
+    /// there is none; returns how many were handled. Cancel-safe (only the read awaits).
+    pub async fn read_batch(&mut self, mut on: impl FnMut(Packet<'_>)) -> Result<usize, Failure> {
+        loop {
+            let mut at = 0;
+            let mut count = 0;
+            while let Some((packet, used)) =
+                mqtt::parse(&self.buf[at..], self.version).map_err(|e| Failure::new("mqtt", e))?
+            {
+                on(packet);
+                at += used;
+                count += 1;
+            }
+            self.buf.drain(..at);
+            if count > 0 {
+                return Ok(count);
+            }
+            match self.stream.read_buf(&mut self.buf).await {
+                Ok(0) => return Err(Failure::new("read", "closed by server")),
+                Ok(_) => {}
+                Err(e) => return Err(Failure::new("read", e)),
+            }
+        }
+    }
+
     /// Writes `bytes` and flushes them through TLS.
     pub async fn send(&mut self, bytes: &[u8]) -> Result<(), Failure> {
         self.stream
@@ -185,12 +226,15 @@ impl Conn {
                 Ok(Some((packet, used))) => {
                     let event = match packet {
                         Packet::ConnAck(c) => Event::ConnAck(c),
-                        Packet::Publish { topic, qos, pkid } => Event::Publish {
+                        Packet::Publish {
+                            topic, qos, pkid, ..
+                        } => Event::Publish {
                             qos,
                             pkid,
                             redirect: topic.ends_with(b"/redirect"),
                         },
                         Packet::SubAck(c) => Event::SubAck(c),
+                        Packet::PubAck(id) => Event::PubAck(id),
                         Packet::PingResp => Event::PingResp,
                         Packet::Disconnect(r) => Event::Disconnect(r),
                         Packet::Other(t) => Event::Other(t),

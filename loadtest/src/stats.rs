@@ -39,7 +39,7 @@ impl Failure {
     }
 }
 
-fn histogram() -> Histogram<u64> {
+pub fn histogram() -> Histogram<u64> {
     // 1 µs .. 10 min at 3 significant digits; the bounds are valid constants.
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("constant bounds are valid")
 }
@@ -212,9 +212,12 @@ pub struct Report {
     /// Claim request → redirect.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub claim_to_redirect_ms: Option<Latency>,
-    /// Bridge throughput (not measured yet).
+    /// Bridge throughput: messages the observer received per second.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub messages_per_sec: Option<f64>,
+    /// Bridge end-to-end latency, device send → observer receive (extension of SPEC §11).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub e2e_ms: Option<Latency>,
     /// Server RSS growth per held connection.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_rss_per_conn_bytes: Option<u64>,
@@ -244,6 +247,7 @@ impl Report {
             latency_ms: (s.connected > 0).then_some(latency),
             claim_to_redirect_ms: Latency::of(&s.claim),
             messages_per_sec: None,
+            e2e_ms: None,
             server_rss_per_conn_bytes: None,
         }
     }

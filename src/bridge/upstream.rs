@@ -27,6 +27,8 @@ use crate::mqtt::codec::{self, Packet, Protocol, QoS};
 pub const MAX_INFLIGHT: usize = 64;
 const KEEP_ALIVE: u16 = 30;
 const MAX_PACKET: usize = 1 << 20;
+/// Most bytes written in one batch.
+const BATCH_BYTES: usize = 64 * 1024;
 
 /// What an upstream connection is asked to do.
 #[derive(Debug)]
@@ -236,7 +238,7 @@ impl State {
                     return Ok(());
                 }
                 cmd = commands.recv(), if self.inflight.len() < MAX_INFLIGHT => match cmd {
-                    Some(cmd) => self.command(&mut conn, cmd).await?,
+                    Some(cmd) => self.commands_batch(&mut conn, cmd, commands).await?,
                     None => return Ok(()),
                 },
                 read = conn.read_buf(&mut buf) => {
@@ -256,18 +258,19 @@ impl State {
         }
     }
 
-    async fn command(&mut self, conn: &mut Conn, cmd: Command) -> std::io::Result<()> {
-        match cmd {
+    /// Encodes one command into `out` (written by the caller, batched with the next ones).
+    fn command(&mut self, out: &mut BytesMut, cmd: Command) -> std::io::Result<()> {
+        let packet = match cmd {
             Command::Publish {
                 topic,
                 payload,
                 qos: QoS::AtMostOnce,
                 done,
             } => {
-                write(conn, &publish(0, topic, payload, QoS::AtMostOnce, false)).await?;
                 if let Some(done) = done {
                     let _ = done.send(());
                 }
+                publish(0, topic, payload, QoS::AtMostOnce, false)
             }
             Command::Publish {
                 topic,
@@ -276,40 +279,53 @@ impl State {
                 ..
             } => {
                 let pkid = self.pkid();
-                self.inflight.insert(
-                    pkid,
-                    InFlight {
-                        topic: topic.clone(),
-                        payload: payload.clone(),
-                        done,
-                    },
-                );
-                // If this write fails the publish stays in `inflight` and goes on reconnect.
-                write(
-                    conn,
-                    &publish(pkid, topic, payload, QoS::AtLeastOnce, false),
-                )
-                .await?;
+                // Kept until its PUBACK: if the write fails it goes again after a reconnect.
+                let in_flight = InFlight {
+                    topic: topic.clone(),
+                    payload: payload.clone(),
+                    done,
+                };
+                self.inflight.insert(pkid, in_flight);
+                publish(pkid, topic, payload, QoS::AtLeastOnce, false)
             }
             Command::Subscribe(filter) => {
-                if self.subscriptions.insert(filter.clone()) {
-                    let pkid = self.pkid();
-                    write(conn, &subscribe(pkid, filter)).await?;
+                if !self.subscriptions.insert(filter.clone()) {
+                    return Ok(());
                 }
+                subscribe(self.pkid(), filter)
             }
             Command::Unsubscribe(filter) => {
-                if self.subscriptions.remove(&filter) {
-                    let pkid = self.pkid();
-                    let p = Packet::Unsubscribe(codec::Unsubscribe {
-                        pkid,
-                        filters: vec![filter],
-                        properties: Default::default(),
-                    });
-                    write(conn, &p).await?;
+                if !self.subscriptions.remove(&filter) {
+                    return Ok(());
                 }
+                Packet::Unsubscribe(codec::Unsubscribe {
+                    pkid: self.pkid(),
+                    filters: vec![filter],
+                    properties: Default::default(),
+                })
+            }
+        };
+        codec::encode(&packet, Protocol::V311, out).map_err(|e| other_err(e.to_string()))
+    }
+
+    /// Takes `first` and whatever else is queued (within the in-flight window and one batch),
+    /// and writes them in one go: one TLS record and one flush for many small publishes.
+    async fn commands_batch(
+        &mut self,
+        conn: &mut Conn,
+        first: Command,
+        commands: &mut mpsc::Receiver<Command>,
+    ) -> std::io::Result<()> {
+        let mut out = BytesMut::with_capacity(4096);
+        self.command(&mut out, first)?;
+        while self.inflight.len() < MAX_INFLIGHT && out.len() < BATCH_BYTES {
+            match commands.try_recv() {
+                Ok(cmd) => self.command(&mut out, cmd)?,
+                Err(_) => break,
             }
         }
-        Ok(())
+        conn.write_all(&out).await?;
+        conn.flush().await
     }
 
     async fn input(
