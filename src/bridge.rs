@@ -30,6 +30,8 @@ use upstream::{Command, Target};
 /// Commands queued per upstream connection beyond its in-flight window; past this, devices
 /// are told the server is busy rather than queued without bound.
 const UPSTREAM_QUEUE: usize = 1024;
+/// How long a device's publish waits for room in a full upstream queue.
+pub const BUSY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
 /// Messages from the tenant waiting to be fanned out.
 const FANOUT_QUEUE: usize = 1024;
 /// Messages waiting for one device; a device that does not keep up loses QoS 0 and QoS 1
@@ -209,7 +211,10 @@ impl Pool {
     }
 
     /// Relays a device's publish. For QoS 1 the receiver resolves once the tenant acknowledged.
-    pub fn publish(
+    /// A full upstream queue is waited on for [`BUSY_AFTER`] (the device's session stops
+    /// reading meanwhile: TCP flow control, not loss); past that QoS 0 is dropped and counted,
+    /// QoS 1 is `Busy`.
+    pub async fn publish(
         &self,
         device: &DeviceId,
         topic: String,
@@ -229,10 +234,9 @@ impl Pool {
             qos,
             done,
         };
-        match self.conn_for(device).try_send(cmd) {
+        match self.conn_for(device).send_timeout(cmd, BUSY_AFTER).await {
             Ok(()) => Ok(rx),
-            // QoS 0 is best effort: past the queue it is dropped (and counted), the device is
-            // not cut off for it.
+            // QoS 0 is best effort: the device is not cut off for it.
             Err(_) if qos == QoS::AtMostOnce => {
                 metrics::counter!("lobby_bridge_dropped_total", "reason" => "upstream_busy")
                     .increment(1);

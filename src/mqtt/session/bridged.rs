@@ -143,6 +143,7 @@ where
         match link
             .pool
             .publish(&self.identity.device_id, p.topic, p.payload, p.qos)
+            .await
         {
             Ok(Some(rx)) => link.pending.push_back((p.pkid, rx)),
             Ok(None) => {}
