@@ -290,6 +290,7 @@ where
                     }
                     bridged::BridgeEvent::Acked(Ok(pkid)) => {
                         self.send_puback(pkid, reason::SUCCESS);
+                        self.ack_ready();
                         self.flush().await
                     }
                     bridged::BridgeEvent::Acked(Err(())) => {

@@ -178,6 +178,26 @@ where
         }
     }
 
+    /// PUBACKs every further pending publish the tenant has already acknowledged, so one write
+    /// carries a run of acknowledgements (still in the order the device sent them).
+    pub(super) fn ack_ready(&mut self) {
+        let mut ready = Vec::new();
+        if let Some(link) = self.bridge.as_mut() {
+            while let Some((pkid, rx)) = link.pending.front_mut() {
+                match rx.try_recv() {
+                    Ok(()) => {
+                        ready.push(*pkid);
+                        link.pending.pop_front();
+                    }
+                    Err(_) => break, // not yet, or gone: `next_event` reports it
+                }
+            }
+        }
+        for pkid in ready {
+            self.send_puback(pkid, reason::SUCCESS);
+        }
+    }
+
     /// Delivers a message from the tenant at the QoS the device was granted.
     pub(super) fn deliver_inbound(&mut self, msg: Inbound) {
         if let Some(granted) = self.subs.granted(&msg.topic) {
