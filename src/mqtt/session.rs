@@ -114,7 +114,7 @@ where
     let mut s = Session {
         io,
         rbuf,
-        wbuf: BytesMut::with_capacity(256),
+        wbuf: BytesMut::new(),
         protocol,
         acl: Acl::new(route::device_prefix(&identity.device_id), compat_topic),
         identity,
@@ -135,7 +135,10 @@ where
     };
     metrics::gauge!(crate::metrics::CONNECTIONS_ACTIVE, "protocol" => proto_label).increment(1.0);
     let end = match s.start(&connect, tls_done).await {
-        Ok(()) => s.run_loop().await,
+        Ok(()) => {
+            s.release_idle_read_buffer();
+            s.run_loop().await
+        }
         Err(end) => end,
     };
     metrics::gauge!(crate::metrics::CONNECTIONS_ACTIVE, "protocol" => proto_label).decrement(1.0);
@@ -363,6 +366,7 @@ where
             };
             self.on_packet(packet).await?;
         }
+        self.release_idle_read_buffer();
         self.flush().await
     }
 
@@ -508,6 +512,14 @@ where
             });
     }
 
+    /// An empty read buffer holds no memory while the device is quiet (most of its life); the
+    /// next read allocates what it needs.
+    fn release_idle_read_buffer(&mut self) {
+        if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
+            self.rbuf = BytesMut::new();
+        }
+    }
+
     async fn flush(&mut self) -> Step {
         if self.wbuf.is_empty() {
             return Ok(());
@@ -519,7 +531,8 @@ where
         // A device that stops reading must not pin the session forever.
         match timeout(self.ctx.limits.connect_timeout, write).await {
             Ok(Ok(())) => {
-                self.wbuf.clear();
+                // Most sessions then sit idle for hours: give the buffer back.
+                self.wbuf = BytesMut::new();
                 Ok(())
             }
             _ => Err(End::Io),
