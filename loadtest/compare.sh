@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Side-by-side connect storm: the lobby and mosquitto, same PKI, same harness, same run.
+# Side-by-side connect storm: the lobby, mosquitto and a bare tokio-rustls server (the floor,
+# examples/bare_tls.rs), same PKI, same harness, same run.
 #
 #   loadtest/compare.sh [DEVICES] [CONCURRENCY]
 #   SCENARIO=idle HOLD=20s loadtest/compare.sh 15000 64    # held connections, server RSS each
@@ -15,8 +16,9 @@ CONCURRENCY=${2:-64}
 SCENARIO=${SCENARIO:-connect}
 HOLD=${HOLD:-20s}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/lobby-target}"
-cargo build -q --release -p lobby -p lobby-loadtest
+cargo build -q --release -p lobby -p lobby-loadtest --example bare_tls
 LOBBY=$CARGO_TARGET_DIR/release/lobby
+BARE=$CARGO_TARGET_DIR/release/examples/bare_tls   # the floor: handshake + CONNACK only
 LT=$CARGO_TARGET_DIR/release/lobby-loadtest
 TICK=$(getconf CLK_TCK)
 
@@ -76,6 +78,10 @@ run() { # name pid port
 pids+=($!)
 (ulimit -n 20000; exec mosquitto -c "$work/mosquitto.conf") &
 pids+=($!)
+(ulimit -n 20000; exec "$BARE" 127.0.0.1:28885 "$work/certs/server.pem" "$work/certs/server.key" \
+  "$work/certs/ca.pem") &
+pids+=($!)
 sleep 2
 run lobby "${pids[0]}" 28883
 run mosquitto "${pids[1]}" 28884
+run bare_tls "${pids[2]}" 28885
