@@ -49,7 +49,9 @@ fn main() -> Result<()> {
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
                 let mut buf = BytesMut::with_capacity(256);
                 let protocol = loop {
                     match codec::decode(&mut buf, None, 4096) {

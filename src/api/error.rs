@@ -6,7 +6,8 @@ use axum::Json;
 
 use crate::claims::service::ServiceError;
 
-/// Every error the API answers with.
+/// Every error the API answers with: its own (authentication, parsing) or the claims
+/// service's, each mapped to a SPEC §6 code in one place.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("missing or invalid token")]
@@ -15,31 +16,33 @@ pub enum ApiError {
     OperatorOnly,
     #[error("not found")]
     NotFound,
-    #[error("invalid claim code")]
-    InvalidCode,
-    #[error("device is claimed by another tenant")]
-    AlreadyClaimed,
-    #[error("{0}")]
-    Conflict(String),
-    #[error("tenant has reached max_devices")]
-    QuotaExceeded,
     #[error("{0}")]
     InvalidRequest(String),
-    #[error("internal error")]
-    Internal,
+    #[error(transparent)]
+    Service(#[from] ServiceError),
 }
 
 impl ApiError {
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             Self::Unauthorized | Self::OperatorOnly => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
-            Self::InvalidCode => (StatusCode::FORBIDDEN, "invalid_code"),
-            Self::AlreadyClaimed => (StatusCode::CONFLICT, "already_claimed"),
-            Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            Self::QuotaExceeded => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
-            Self::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
-            Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            Self::NotFound | Self::Service(ServiceError::NotFound) => {
+                (StatusCode::NOT_FOUND, "not_found")
+            }
+            Self::Service(ServiceError::InvalidCode) => (StatusCode::FORBIDDEN, "invalid_code"),
+            Self::Service(ServiceError::AlreadyClaimed) => {
+                (StatusCode::CONFLICT, "already_claimed")
+            }
+            Self::Service(ServiceError::Conflict(_)) => (StatusCode::CONFLICT, "conflict"),
+            Self::Service(ServiceError::QuotaExceeded) => {
+                (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded")
+            }
+            Self::InvalidRequest(_) | Self::Service(ServiceError::Invalid(_)) => {
+                (StatusCode::BAD_REQUEST, "invalid_request")
+            }
+            Self::Service(ServiceError::Store(_)) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
         }
     }
 }
@@ -47,25 +50,16 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        let body = serde_json::json!({ "error": code, "message": self.to_string() });
-        (status, Json(body)).into_response()
-    }
-}
-
-impl From<ServiceError> for ApiError {
-    fn from(e: ServiceError) -> Self {
-        match e {
-            ServiceError::NotFound => Self::NotFound,
-            ServiceError::InvalidCode => Self::InvalidCode,
-            ServiceError::AlreadyClaimed => Self::AlreadyClaimed,
-            ServiceError::Conflict(m) => Self::Conflict(m),
-            ServiceError::QuotaExceeded => Self::QuotaExceeded,
-            ServiceError::Invalid(m) => Self::InvalidRequest(m),
-            ServiceError::Store(e) => {
+        let message = match &self {
+            Self::Service(ServiceError::Store(e)) => {
+                // The operator must look at the store; the caller learns only that it failed.
                 tracing::error!(error = %e, "store operation failed");
-                Self::Internal
+                "internal error".to_owned()
             }
-        }
+            other => other.to_string(),
+        };
+        let body = serde_json::json!({ "error": code, "message": message });
+        (status, Json(body)).into_response()
     }
 }
 
