@@ -129,10 +129,44 @@ fn lookup_and_route_benches(c: &mut Criterion) {
     });
 }
 
+/// Resident memory of this process, from /proc (Linux), in bytes.
+fn rss() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+/// 10M claims: lookup cost at that size, and memory per claim (printed; RSS delta / claims).
+fn ten_million_benches(c: &mut Criterion) {
+    let n = 10_000_000u64;
+    let tenant_id: Arc<str> = Arc::from("acme");
+    let before = rss();
+    let cache = ClaimsCache::default();
+    let started = std::time::Instant::now();
+    for i in 0..n {
+        cache.put_claim(claim(i, &tenant_id));
+    }
+    let took = started.elapsed();
+    let per_claim = (rss().saturating_sub(before)) / n;
+    eprintln!("10M claims: inserted in {took:?}, {per_claim} bytes of RSS per claim");
+    let probes: Vec<DeviceId> = (0..100_000u64)
+        .map(|i| claim(i * 97 % n, &tenant_id).device_id)
+        .collect();
+    c.bench_function("claims map lookup, random hit (10M claims)", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % probes.len();
+            black_box(cache.claim(black_box(&probes[i])))
+        })
+    });
+}
+
 criterion_group!(
     benches,
     codec_benches,
     identity_benches,
-    lookup_and_route_benches
+    lookup_and_route_benches,
+    ten_million_benches
 );
 criterion_main!(benches);
