@@ -238,7 +238,7 @@ impl Pool {
             Ok(()) => Ok(rx),
             // QoS 0 is best effort: the device is not cut off for it.
             Err(_) if qos == QoS::AtMostOnce => {
-                metrics::counter!("lobby_bridge_dropped_total", "reason" => "upstream_busy")
+                metrics::counter!(crate::metrics::BRIDGE_DROPPED_TOTAL, "reason" => "upstream_busy")
                     .increment(1);
                 Ok(None)
             }
@@ -325,7 +325,7 @@ async fn fan_out(
         };
         for tx in targets {
             if tx.try_send(msg.clone()).is_err() {
-                metrics::counter!("lobby_bridge_dropped_total", "reason" => "device_slow")
+                metrics::counter!(crate::metrics::BRIDGE_DROPPED_TOTAL, "reason" => "device_slow")
                     .increment(1);
             }
         }

@@ -19,6 +19,9 @@ pub const REGISTRATION_DURATION_SECONDS: &str = "lobby_registration_duration_sec
 pub const BRIDGE_MESSAGES_TOTAL: &str = "lobby_bridge_messages_total";
 pub const BRIDGE_UPSTREAM_CONNECTED: &str = "lobby_bridge_upstream_connected";
 pub const STORE_OPERATION_DURATION_SECONDS: &str = "lobby_store_operation_duration_seconds";
+/// An extension of SPEC §9: bridge messages dropped, by reason (`upstream_busy` for QoS 0
+/// past a full upstream queue, `device_slow` for a device that does not keep up).
+pub const BRIDGE_DROPPED_TOTAL: &str = "lobby_bridge_dropped_total";
 
 /// Buckets for sub-second operations (handshakes, store writes, redirects), in seconds.
 const FAST_BUCKETS: &[f64] = &[
