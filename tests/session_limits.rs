@@ -111,3 +111,38 @@ async fn shutdown_with_server_reference_sends_0x9c() {
     let (_, d) = tokio::join!(l.stop(), c.expect_disconnect(0x9C));
     assert_eq!(d.properties.server_reference.as_deref(), Some("other:8883"));
 }
+
+// ---- connection limit ------------------------------------------------------------------------
+
+#[tokio::test]
+async fn max_connections_holds_the_next_device_until_one_leaves() {
+    let lobby = TestLobby::start_with(|c| c.limits.max_connections = 2).await;
+    let first = connected(&lobby, &lobby.device("limit-1"), Protocol::V311).await;
+    let _second = connected(&lobby, &lobby.device("limit-2"), Protocol::V311).await;
+    // The third is not accepted (its TCP connection waits in the backlog), so its handshake
+    // cannot finish while two devices hold both permits.
+    let third = lobby.device("limit-3");
+    let waiting = tokio::spawn({
+        let cfg = client_tls(&lobby, &third);
+        let addr = lobby.mqtt_addr();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a third connection got past a limit of two"
+    );
+    // One leaves: its permit goes to the waiting device, which then gets through.
+    drop(first);
+    let tls = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("the waiting device was never accepted")
+        .unwrap();
+    assert!(tls.is_ok(), "{:?}", tls.err());
+}
