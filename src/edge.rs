@@ -5,6 +5,7 @@
 
 pub mod identity;
 pub mod listener;
+pub mod proxy;
 pub mod tls;
 
 use tokio::sync::mpsc;
@@ -24,6 +25,8 @@ pub struct EdgeContext {
     /// which loses only a `redirected_at` timestamp, never a redirect).
     pub activity: mpsc::Sender<Activity>,
     pub limits: LimitsConfig,
+    /// `listener.proxy_protocol`: every connection starts with a PROXY v2 header.
+    pub proxy_protocol: bool,
     /// `shutdown.server_reference`, when set.
     pub shutdown_server_reference: Option<String>,
     pub compat_aws_device_lobby: bool,

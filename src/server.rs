@@ -121,6 +121,7 @@ impl Lobby {
             waiting,
             activity: activity_tx,
             limits: config.limits.clone(),
+            proxy_protocol: config.listener.proxy_protocol,
             shutdown_server_reference: Some(config.shutdown.server_reference.clone())
                 .filter(|s| !s.is_empty()),
             compat_aws_device_lobby: config.compat.aws_device_lobby,

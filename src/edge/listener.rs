@@ -46,7 +46,12 @@ pub async fn serve(
             Ok((tcp, peer)) => {
                 let _ = tcp.set_nodelay(true);
                 let acceptor = TlsAcceptor::from(tls.load_full());
-                let span = tracing::debug_span!("conn", %peer, device_id = tracing::field::Empty);
+                let span = tracing::debug_span!(
+                    "conn",
+                    %peer,
+                    client = tracing::field::Empty,
+                    device_id = tracing::field::Empty
+                );
                 tracker
                     .spawn(connection(tcp, peer, acceptor, ctx.clone(), permit).instrument(span));
             }
@@ -60,13 +65,37 @@ pub async fn serve(
 }
 
 async fn connection(
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     ctx: Arc<EdgeContext>,
     _permit: OwnedSemaphorePermit,
 ) {
     let started = Instant::now();
+    if ctx.proxy_protocol {
+        // The balancer's header comes first, under the same deadline as the handshake.
+        match timeout(
+            ctx.limits.handshake_timeout,
+            super::proxy::read_v2(&mut tcp),
+        )
+        .await
+        {
+            Ok(Ok(client)) => {
+                if let Some(client) = client {
+                    tracing::Span::current().record("client", tracing::field::display(client));
+                }
+            }
+            Ok(Err(e)) => {
+                metrics::handshake_failure("proxy_protocol");
+                tracing::debug!(%peer, error = %e, "PROXY header refused");
+                return;
+            }
+            Err(_) => {
+                metrics::handshake_failure("timeout");
+                return;
+            }
+        }
+    }
     let stream = match timeout(ctx.limits.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
