@@ -34,4 +34,6 @@ pub struct EdgeContext {
     pub cancel: CancellationToken,
     /// The bridge-mode tenants' upstream pools.
     pub bridge: crate::bridge::BridgeHub,
+    /// What the edge trusts now; replaced on reload (SIGHUP).
+    pub trust: arc_swap::ArcSwap<tls::Trust>,
 }

@@ -133,7 +133,7 @@ fn serve(path: &Path, log_json: bool) -> Result<()> {
         .context("starting the runtime")?;
     runtime.block_on(async {
         let lobby = Lobby::start(&config).await?;
-        lobby.run_until_signal().await;
+        lobby.run_until_signal(path).await;
         Ok(())
     })
 }

@@ -67,6 +67,7 @@ pub struct Lobby {
     tracker: TaskTracker,
     grace: Duration,
     service: ClaimsService,
+    edge: Arc<EdgeContext>,
 }
 
 impl Lobby {
@@ -89,7 +90,7 @@ impl Lobby {
         let waiting = WaitingRoom::default();
         let (provisioner, jobs) = Provisioner::channel();
         let service = ClaimsService::load(store.clone(), key, waiting.clone(), provisioner).await?;
-        let tls = edge::tls::server_config(&config.tls, service.cache().clone())?;
+        let trust = edge::tls::trust(&config.tls, service.cache().clone(), 0)?;
 
         let mqtt = bind(config.listener.mqtt, MQTT_BACKLOG, "listener.mqtt")?;
         let api = bind(config.listener.api, 1024, "listener.api")?;
@@ -127,6 +128,7 @@ impl Lobby {
             compat_aws_device_lobby: config.compat.aws_device_lobby,
             cancel: cancel.clone(),
             bridge: crate::bridge::BridgeHub::new(cancel.clone(), tracker.clone()),
+            trust: ArcSwap::from_pointee(trust),
         });
         let listeners_up = Arc::new(AtomicBool::new(false));
         let state = ApiState {
@@ -135,12 +137,7 @@ impl Lobby {
             metrics,
             listeners_up: listeners_up.clone(),
         };
-        tracker.spawn(edge::listener::serve(
-            mqtt,
-            Arc::new(ArcSwap::new(tls)),
-            ctx,
-            tracker.clone(),
-        ));
+        tracker.spawn(edge::listener::serve(mqtt, ctx.clone(), tracker.clone()));
         let api_cancel = cancel.clone();
         tracker.spawn(async move {
             let app = api::router(state);
@@ -160,6 +157,7 @@ impl Lobby {
             tracker,
             grace: config.shutdown.grace,
             service,
+            edge: ctx,
         })
     }
 
@@ -178,6 +176,18 @@ impl Lobby {
         &self.service
     }
 
+    /// Applies `config`'s `[tls]` again (server certificate, CAs, CRLs) without a restart:
+    /// new connections get it at once, and every live device is re-checked against it; those
+    /// no longer trusted are disconnected. On error the old trust stays.
+    pub fn reload_tls(&self, config: &Config) -> Result<(), ServerError> {
+        let generation = self.edge.trust.load().generation + 1;
+        let trust = edge::tls::trust(&config.tls, self.service.cache().clone(), generation)?;
+        self.edge.trust.store(Arc::new(trust));
+        self.edge.waiting.wake_all();
+        tracing::info!(generation, "TLS trust reloaded");
+        Ok(())
+    }
+
     /// Stops accepting, tells devices (v5 DISCONNECT 0x8B, or 0x9C with
     /// `shutdown.server_reference`), and waits up to `shutdown.grace` for tasks to finish.
     pub async fn stop(self) {
@@ -191,33 +201,38 @@ impl Lobby {
         }
     }
 
-    /// Runs until SIGTERM or SIGINT, then stops.
-    pub async fn run_until_signal(self) {
-        wait_for_signal().await;
-        tracing::info!("shutting down");
-        self.stop().await;
-    }
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
+    /// Runs until SIGTERM or SIGINT, then stops. SIGHUP re-reads `config_path` and reloads
+    /// the TLS trust (`reload_tls`); a bad file is logged and the running trust kept.
+    pub async fn run_until_signal(self, config_path: &Path) {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
+        let (mut term, mut hup) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(t), Ok(h)) => (t, h),
+            _ => {
+                tracing::warn!("cannot listen for SIGTERM/SIGHUP; only Ctrl-C stops the lobby");
+                let _ = tokio::signal::ctrl_c().await;
+                self.stop().await;
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+                _ = hup.recv() => {
+                    let reloaded = Config::load(config_path)
+                        .map_err(ServerError::from)
+                        .and_then(|c| self.reload_tls(&c));
+                    if let Err(e) = reloaded {
+                        tracing::error!(error = %e, "reload failed; the running TLS trust stays");
+                    }
                 }
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down");
+        self.stop().await;
     }
 }
 

@@ -8,8 +8,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout, Instant};
@@ -23,12 +21,7 @@ use crate::metrics;
 use crate::mqtt::session;
 
 /// Accepts device connections until `ctx.cancel` fires.
-pub async fn serve(
-    listener: TcpListener,
-    tls: Arc<ArcSwap<ServerConfig>>,
-    ctx: Arc<EdgeContext>,
-    tracker: TaskTracker,
-) {
+pub async fn serve(listener: TcpListener, ctx: Arc<EdgeContext>, tracker: TaskTracker) {
     let permits = Arc::new(Semaphore::new(ctx.limits.max_connections));
     loop {
         let permit = tokio::select! {
@@ -45,15 +38,19 @@ pub async fn serve(
         match accepted {
             Ok((tcp, peer)) => {
                 let _ = tcp.set_nodelay(true);
-                let acceptor = TlsAcceptor::from(tls.load_full());
+                let trust = ctx.trust.load();
+                let acceptor = TlsAcceptor::from(trust.server_config.clone());
+                let generation = trust.generation;
                 let span = tracing::debug_span!(
                     "conn",
                     %peer,
                     client = tracing::field::Empty,
                     device_id = tracing::field::Empty
                 );
-                tracker
-                    .spawn(connection(tcp, peer, acceptor, ctx.clone(), permit).instrument(span));
+                tracker.spawn(
+                    connection(tcp, peer, (acceptor, generation), ctx.clone(), permit)
+                        .instrument(span),
+                );
             }
             Err(e) => {
                 // EMFILE/ENFILE and friends: back off instead of spinning on the error.
@@ -67,7 +64,7 @@ pub async fn serve(
 async fn connection(
     mut tcp: TcpStream,
     peer: SocketAddr,
-    acceptor: TlsAcceptor,
+    (acceptor, trust_generation): (TlsAcceptor, u64),
     ctx: Arc<EdgeContext>,
     _permit: OwnedSemaphorePermit,
 ) {
@@ -129,7 +126,11 @@ async fn connection(
         return;
     }
     tracing::Span::current().record("device_id", tracing::field::display(&identity.device_id));
-    let end = session::run(stream, identity, ctx, tls_done).await;
+    let accepted = session::Accepted {
+        tls_done,
+        trust_generation,
+    };
+    let end = session::run(stream, identity, ctx, accepted).await;
     metrics::connection_outcome(end.label());
     tracing::debug!(outcome = end.label(), "connection closed");
 }

@@ -40,8 +40,42 @@ fn file_err(path: &Path, e: impl std::fmt::Display) -> TlsError {
     }
 }
 
+/// What the edge trusts now: the TLS configuration new connections get, and the verifier that
+/// re-checks live connections after a reload (SIGHUP).
+#[derive(Debug)]
+pub struct Trust {
+    pub server_config: Arc<ServerConfig>,
+    pub verifier: Arc<dyn ClientCertVerifier>,
+    /// Bumped on every reload, so a session re-checks its certificate once per change.
+    pub generation: u64,
+}
+
+impl Trust {
+    /// Is a device certificate (leaf DER) still trusted: chained to a configured CA, in its
+    /// validity period, not on a CRL, not revoked?
+    pub fn still_trusts(&self, leaf_der: &[u8]) -> bool {
+        let leaf = CertificateDer::from(leaf_der);
+        self.verifier
+            .verify_client_cert(&leaf, &[], UnixTime::now())
+            .is_ok()
+    }
+}
+
+/// Builds the edge's trust from `[tls]`; `generation` numbers successive reloads.
+pub fn trust(tls: &TlsConfig, cache: ClaimsCache, generation: u64) -> Result<Trust, TlsError> {
+    let (server_config, verifier) = server_config(tls, cache)?;
+    Ok(Trust {
+        server_config,
+        verifier,
+        generation,
+    })
+}
+
 /// Builds the edge's `ServerConfig` from `[tls]`. Revocation via the API is read from `cache`.
-pub fn server_config(tls: &TlsConfig, cache: ClaimsCache) -> Result<Arc<ServerConfig>, TlsError> {
+fn server_config(
+    tls: &TlsConfig,
+    cache: ClaimsCache,
+) -> Result<(Arc<ServerConfig>, Arc<dyn ClientCertVerifier>), TlsError> {
     let provider = Arc::new(aws_lc_rs::default_provider());
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert)
         .map_err(|e| file_err(&tls.cert, e))?
@@ -69,21 +103,21 @@ pub fn server_config(tls: &TlsConfig, cache: ClaimsCache) -> Result<Arc<ServerCo
         .with_crls(crls)
         .build()
         .map_err(|e| TlsError::Config(format!("client verifier: {e}")))?;
-    let verifier = Arc::new(DeviceVerifier {
+    let verifier: Arc<dyn ClientCertVerifier> = Arc::new(DeviceVerifier {
         inner: webpki,
         cache,
     });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(verifier.clone())
         .with_single_cert(chain, key)
         .map_err(|e| file_err(&tls.key, format!("certificate and key do not match: {e}")))?;
     // No resumption: a resumed session skips certificate verification, and SPEC §2 wants
     // every entry checked against the CAs, validity and revocation as they are now.
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), verifier))
 }
 
 /// Reads every `*.pem`, `*.crl` and `*.der` file of `dir` (none when `dir` is empty).

@@ -86,11 +86,19 @@ impl End {
     }
 }
 
+/// How the connection got in: when its handshake finished, and under which trust.
+#[derive(Debug, Clone, Copy)]
+pub struct Accepted {
+    pub tls_done: Instant,
+    /// The generation of the trust its certificate was verified against.
+    pub trust_generation: u64,
+}
+
 /// Control flow inside the session: keep going, or end with a reason.
 type Step = Result<(), End>;
 
 /// Runs a device's session to its end over an established TLS stream.
-pub async fn run<S>(io: S, identity: Identity, ctx: Arc<EdgeContext>, tls_done: Instant) -> End
+pub async fn run<S>(io: S, identity: Identity, ctx: Arc<EdgeContext>, accepted: Accepted) -> End
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -129,12 +137,13 @@ where
         redirect_deadline: None,
         due_redirect: None,
         cert_reported: false,
+        trust_generation: accepted.trust_generation,
         bridge: None,
         last_status: None,
         client_max_packet: connect.properties.maximum_packet_size,
     };
     metrics::gauge!(crate::metrics::CONNECTIONS_ACTIVE, "protocol" => proto_label).increment(1.0);
-    let end = match s.start(&connect, tls_done).await {
+    let end = match s.start(&connect, accepted.tls_done).await {
         Ok(()) => {
             s.release_idle_read_buffer();
             s.run_loop().await
@@ -216,6 +225,8 @@ struct Session<S> {
     due_redirect: Option<String>,
     /// The certificate went to the control plane for a waiting registration.
     cert_reported: bool,
+    /// The trust generation this device's certificate was last checked against.
+    trust_generation: u64,
     /// Set while the device's tenant bridges its traffic.
     bridge: Option<bridged::BridgeLink>,
     /// The last status sent, to send it again only on change.
@@ -409,7 +420,7 @@ where
             return Err(End::TakenOver);
         }
         let route = self.route();
-        if route == Route::Refuse {
+        if route == Route::Refuse || !self.still_trusted() {
             self.send_disconnect(reason::NOT_AUTHORIZED, None);
             let _ = self.flush().await;
             return Err(End::Revoked);
@@ -444,6 +455,17 @@ where
 
     /// v3.1.1: the device has `limits.redirect_grace` to take a due redirect; a new redirect
     /// (migration) starts a new grace, a re-subscribe does not extend it.
+    /// After a trust reload: is this device's certificate still accepted (CA still configured,
+    /// not on a new CRL, still valid)? Checked once per reload.
+    fn still_trusted(&mut self) -> bool {
+        let trust = self.ctx.trust.load();
+        if trust.generation == self.trust_generation {
+            return true;
+        }
+        self.trust_generation = trust.generation;
+        trust.still_trusts(&self.identity.cert_der)
+    }
+
     fn arm_redirect_grace(&mut self) {
         if self.protocol == Protocol::V311 && self.redirect_deadline.is_none() {
             self.redirect_deadline = Some(Instant::now() + self.ctx.limits.redirect_grace);
