@@ -18,6 +18,8 @@ use x509_parser::extensions::ParsedExtension;
 
 use crate::claims::codes::ClaimKey;
 
+mod crl;
+
 /// Common name of the development manufacturing CA.
 pub const CA_COMMON_NAME: &str = "Lobby Dev Manufacturing CA";
 

@@ -50,3 +50,37 @@ async fn a_bad_reload_keeps_the_running_trust() {
     c.ping_ok().await;
     let _ = connected(&t, &t.device("steady-2"), Protocol::V5).await;
 }
+
+#[tokio::test]
+async fn a_new_crl_disconnects_the_device_it_revokes() {
+    let crls = tempfile::tempdir().unwrap();
+    let crl_dir = crls.path().to_owned();
+    let t = TestLobby::start_with(|c| c.tls.crl_dir = crl_dir.clone()).await;
+    let revoked = t.ca.issue_device("on-the-crl").unwrap();
+    let der = revoked.cert_der.clone();
+    let gone = t.device_from(
+        "on-the-crl",
+        revoked.cert_der,
+        revoked.cert_pem,
+        revoked.key_pem,
+    );
+    let kept = t.device("not-on-the-crl");
+    let mut g = connected(&t, &gone, Protocol::V5).await;
+    let mut k = connected(&t, &kept, Protocol::V5).await;
+
+    std::fs::write(
+        crl_dir.join("factory.crl.pem"),
+        t.ca.crl_pem(&[&der]).unwrap(),
+    )
+    .unwrap();
+    t.lobby.as_ref().unwrap().reload_tls(&t.config).unwrap();
+
+    g.expect_disconnect(0x87).await;
+    k.ping_ok().await;
+    // Refused: the handshake fails, or (TLS 1.3) the connection closes before CONNACK.
+    let refused = tls_connect(&t, &gone).await.is_err() || {
+        let mut again = RawClient::connect(&t, &gone, Protocol::V5).await;
+        again.try_send_connect("again").await.is_err() || again.recv().await.is_none()
+    };
+    assert!(refused, "a device on the CRL got back in");
+}
