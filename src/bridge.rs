@@ -111,7 +111,9 @@ pub struct BridgeHub {
 }
 
 struct HubInner {
-    pools: Mutex<HashMap<String, Arc<Pool>>>,
+    /// Weak: a pool lives while some session holds it (its tenant has bridged devices
+    /// connected) and closes its upstream connections when the last one leaves.
+    pools: Mutex<HashMap<String, std::sync::Weak<Pool>>>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -142,14 +144,15 @@ impl BridgeHub {
         };
         let key = (host.clone(), tenant.port, settings.clone());
         let mut pools = self.inner.pools.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(pool) = pools.get(&tenant.id) {
+        pools.retain(|_, p| p.strong_count() > 0);
+        if let Some(pool) = pools.get(&tenant.id).and_then(std::sync::Weak::upgrade) {
             if pool.key == key {
-                return Ok(pool.clone());
+                return Ok(pool);
             }
             pool.cancel.cancel(); // settings changed: the old pool winds down
         }
         let pool = Pool::start(tenant, key, &self.inner.cancel, &self.inner.tracker)?;
-        pools.insert(tenant.id.clone(), pool.clone());
+        pools.insert(tenant.id.clone(), Arc::downgrade(&pool));
         Ok(pool)
     }
 }
@@ -163,6 +166,13 @@ pub struct Pool {
     /// filter → session id → that session's delivery queue.
     subs: Mutex<HashMap<String, HashMap<u64, mpsc::Sender<Inbound>>>>,
     cancel: CancellationToken,
+}
+
+impl Drop for Pool {
+    /// The last bridged device of the tenant left: close the upstream connections.
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
 }
 
 /// The upstream queue is full: the tenant is not keeping up (or is down) for long.

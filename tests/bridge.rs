@@ -729,3 +729,20 @@ async fn switching_the_tenant_to_redirect_and_back_moves_devices() {
         )
         .await;
 }
+
+#[tokio::test]
+async fn the_pool_closes_with_the_last_bridged_device_and_comes_back() {
+    let s = setup(THINGS, 2).await;
+    let (_dev, c) = s.bridged("only-one", Protocol::V311).await;
+    // The observer and the lobby's pool of two.
+    s.obs.wait_sys(SYS_CLIENTS, 3).await;
+    drop(c);
+    s.obs.wait_sys(SYS_CLIENTS, 1).await;
+    // The next bridged device brings the pool back.
+    let (_dev2, mut c2) = s.bridged("next-one", Protocol::V311).await;
+    publish(&mut c2, 1, "things/next-one/up", QoS::AtLeastOnce, "again").await;
+    expect_puback(&mut c2, 1, 0).await;
+    s.obs
+        .wait_for("things/next-one/up", b"again", Duration::from_secs(10))
+        .await;
+}
