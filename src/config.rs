@@ -183,6 +183,13 @@ pub struct LimitsConfig {
     /// v3.1.1: how long a redirected device may stay before the lobby closes it. Default 10 s.
     #[serde(with = "humantime_serde")]
     pub redirect_grace: Duration,
+    /// Connects one device may make at once before it is held to one per `reconnect_interval`
+    /// (an extension). Default 5: a takeover or a quick retry passes, a reconnect loop does not.
+    pub reconnect_burst: u32,
+    /// The steady reconnect rate per device: one per interval. Default 1 s, as AWS IoT allows
+    /// one CONNECT per second per client id.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_interval: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -193,6 +200,8 @@ impl Default for LimitsConfig {
             connect_timeout: Duration::from_secs(10),
             max_packet_size: 131_072,
             redirect_grace: Duration::from_secs(10),
+            reconnect_burst: 5,
+            reconnect_interval: Duration::from_secs(1),
         }
     }
 }

@@ -33,6 +33,9 @@ pub struct Seen {
     pub protocol: &'static str,
     /// Unix ms of the last connect or disconnect.
     pub last_seen: i64,
+    /// Reconnect budget (a token bucket): tokens left at `tokens_at` (Unix ms).
+    connect_tokens: f32,
+    tokens_at: i64,
 }
 
 /// Cheap `Clone` handle.
@@ -63,6 +66,7 @@ impl WaitingRoom {
         id: DeviceId,
         thing_name: &str,
         protocol: &'static str,
+        burst: u32,
     ) -> SessionHandle {
         let handle = SessionHandle {
             conn_id: self.inner.next_conn.fetch_add(1, Ordering::Relaxed),
@@ -73,8 +77,30 @@ impl WaitingRoom {
         if let Some(old) = live.insert(id, handle.clone()) {
             old.wake.notify_one();
         }
-        self.touch(id, thing_name, protocol);
+        self.touch(id, thing_name, protocol, burst);
         handle
+    }
+
+    /// May this device connect again now? A token bucket per device: `burst` connects at once,
+    /// then one per `interval` (AWS IoT allows one per second per client id). A device seen for
+    /// the first time always may. Spends a token when it answers yes.
+    pub fn admit(&self, id: &DeviceId, burst: u32, interval: std::time::Duration) -> bool {
+        let seen = self.inner.seen.pin();
+        let Some(s) = seen.get(id) else {
+            return true;
+        };
+        let now = now_ms();
+        let per_ms = 1.0 / (interval.as_millis().max(1) as f64);
+        let refill = (now - s.tokens_at).max(0) as f64 * per_ms;
+        let tokens = (f64::from(s.connect_tokens) + refill).min(f64::from(burst));
+        if tokens < 1.0 {
+            return false;
+        }
+        let mut spent = s.clone();
+        spent.connect_tokens = (tokens - 1.0) as f32;
+        spent.tokens_at = now;
+        seen.insert(*id, spent);
+        true
     }
 
     /// Removes the session `conn_id` of `id` if it is still the registered one.
@@ -141,18 +167,27 @@ impl WaitingRoom {
         }
     }
 
-    fn touch(&self, id: DeviceId, thing_name: &str, protocol: &'static str) {
+    fn touch(&self, id: DeviceId, thing_name: &str, protocol: &'static str, burst: u32) {
         let seen = self.inner.seen.pin();
-        let thing_name = match seen.get(&id) {
+        let now = now_ms();
+        let previous = seen.get(&id);
+        let thing_name = match previous {
             Some(s) if &*s.thing_name == thing_name => s.thing_name.clone(),
             _ => Arc::from(thing_name),
         };
+        // A device seen for the first time starts with a full bucket, this connect spent.
+        let (connect_tokens, tokens_at) = previous
+            .map_or((burst.saturating_sub(1) as f32, now), |s| {
+                (s.connect_tokens, s.tokens_at)
+            });
         seen.insert(
             id,
             Seen {
                 thing_name,
                 protocol,
-                last_seen: now_ms(),
+                last_seen: now,
+                connect_tokens,
+                tokens_at,
             },
         );
     }
@@ -166,8 +201,8 @@ mod tests {
     async fn takeover_wakes_the_older_session() {
         let room = WaitingRoom::default();
         let id = DeviceId([3; 32]);
-        let first = room.register(id, "d", "mqtt5");
-        let second = room.register(id, "d", "mqtt5");
+        let first = room.register(id, "d", "mqtt5", 5);
+        let second = room.register(id, "d", "mqtt5", 5);
         first.wake.notified().await; // would hang without the takeover wake
         assert!(!room.is_current(&id, first.conn_id));
         assert!(room.is_current(&id, second.conn_id));

@@ -146,3 +146,29 @@ async fn max_connections_holds_the_next_device_until_one_leaves() {
         .unwrap();
     assert!(tls.is_ok(), "{:?}", tls.err());
 }
+
+// ---- reconnect rate ------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_reconnect_loop_is_refused_past_the_burst_and_others_are_not() {
+    let lobby = TestLobby::start_with(|c| {
+        c.limits.reconnect_burst = 3;
+        c.limits.reconnect_interval = Duration::from_secs(60);
+    })
+    .await;
+    let looping = lobby.device("looping");
+    for _ in 0..3 {
+        let (c, ack) = connack(&lobby, &looping, Protocol::V5, "looping").await;
+        assert_eq!(ack.code, 0, "{ack:?}");
+        drop(c);
+    }
+    // The fourth within the interval: v5 CONNACK 0x9F (connection rate exceeded), then close.
+    let (mut c, ack) = connack(&lobby, &looping, Protocol::V5, "looping").await;
+    assert_eq!(ack.code, 0x9F, "{ack:?}");
+    assert!(c.recv().await.is_none());
+    // v3.1.1 gets return code 3 (server unavailable).
+    let (_, ack) = connack(&lobby, &looping, Protocol::V311, "looping").await;
+    assert_eq!(ack.code, 3, "{ack:?}");
+    // Another device is not held back.
+    let _ = connected(&lobby, &lobby.device("calm"), Protocol::V5).await;
+}

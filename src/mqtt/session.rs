@@ -40,6 +40,9 @@ pub mod reason {
     pub const TOPIC_ALIAS_INVALID: u8 = 0x94;
     pub const QUOTA_EXCEEDED: u8 = 0x97;
     pub const SERVER_BUSY: u8 = 0x89;
+    pub const CONNECTION_RATE_EXCEEDED: u8 = 0x9F;
+    /// v3.1.1 CONNACK return code 3.
+    pub const V3_SERVER_UNAVAILABLE: u8 = 0x03;
     pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
     pub const USE_ANOTHER_SERVER: u8 = 0x9C;
     pub const SERVER_MOVED: u8 = 0x9D;
@@ -63,6 +66,8 @@ pub enum End {
     QuotaExceeded,
     /// Bridge mode: the tenant's upstream queue is full.
     ServerBusy,
+    /// The device reconnects faster than `limits.reconnect_*` allow.
+    RateLimited,
     Io,
 }
 
@@ -81,6 +86,7 @@ impl End {
             End::Shutdown => "shutdown",
             End::QuotaExceeded => "quota_exceeded",
             End::ServerBusy => "server_busy",
+            End::RateLimited => "rate_limited",
             End::Io => "io_error",
         }
     }
@@ -113,9 +119,22 @@ where
         Protocol::V311 => "mqtt3.1.1",
         Protocol::V5 => "mqtt5",
     };
-    let handle = ctx
-        .waiting
-        .register(identity.device_id, &identity.thing_name, proto_label);
+    let limits = &ctx.limits;
+    if !ctx.waiting.admit(
+        &identity.device_id,
+        limits.reconnect_burst,
+        limits.reconnect_interval,
+    ) {
+        // A reconnect loop: refused before it takes over the device's live session.
+        refuse_connect(&mut io, protocol, reason::CONNECTION_RATE_EXCEEDED).await;
+        return End::RateLimited;
+    }
+    let handle = ctx.waiting.register(
+        identity.device_id,
+        &identity.thing_name,
+        proto_label,
+        limits.reconnect_burst,
+    );
     let compat_topic = ctx
         .compat_aws_device_lobby
         .then(|| format!("lobby/{}", identity.thing_name));
@@ -191,6 +210,24 @@ where
     timeout(ctx.limits.connect_timeout, read)
         .await
         .unwrap_or(Err(End::ConnectTimeout))
+}
+
+/// Refuses a CONNECT with `v5_code` (v3.1.1: "server unavailable"), then the caller closes.
+async fn refuse_connect<S: AsyncWrite + Unpin>(io: &mut S, protocol: Protocol, v5_code: u8) {
+    let code = match protocol {
+        Protocol::V311 => reason::V3_SERVER_UNAVAILABLE,
+        Protocol::V5 => v5_code,
+    };
+    let connack = Packet::ConnAck(codec::ConnAck {
+        session_present: false,
+        code,
+        properties: Default::default(),
+    });
+    let mut out = BytesMut::new();
+    if codec::encode(&connack, protocol, &mut out).is_ok() {
+        let _ = io.write_all(&out).await;
+        let _ = io.flush().await;
+    }
 }
 
 /// Answers an unusable CONNECT: v3.1.1 return code 1 for an unknown protocol level (the one
