@@ -355,6 +355,13 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_config_loads() {
+        let c = Config::load(Path::new("config/lobby.toml")).unwrap();
+        assert!(c.dev.auto_init);
+        assert_eq!(c.limits.reconnect_burst, 5);
+    }
+
+    #[test]
     fn validate_names_the_key() {
         let mut c = Config::default();
         c.limits.max_connections = 0;
