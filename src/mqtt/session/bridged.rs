@@ -201,11 +201,7 @@ where
     /// Delivers a message from the tenant at the QoS the device was granted.
     pub(super) fn deliver_inbound(&mut self, msg: Inbound) {
         if let Some(granted) = self.subs.granted(&msg.topic) {
-            let qos = if granted == QoS::AtMostOnce || msg.qos == QoS::AtMostOnce {
-                QoS::AtMostOnce
-            } else {
-                QoS::AtLeastOnce
-            };
+            let qos = granted.min(msg.qos).min(QoS::AtLeastOnce);
             self.publish(msg.topic, qos, msg.payload.to_vec());
         }
     }

@@ -74,13 +74,10 @@ where
         let mut codes = Vec::with_capacity(sub.filters.len());
         let mut added = Vec::new();
         for f in &sub.filters {
+            // The lobby serves QoS 0 and 1: a QoS 2 request is granted 1.
+            let qos = f.qos.min(QoS::AtLeastOnce);
             let code = match self.acl.check_subscribe(&f.filter) {
                 Ok(()) => {
-                    let qos = if f.qos == QoS::AtMostOnce {
-                        QoS::AtMostOnce
-                    } else {
-                        QoS::AtLeastOnce
-                    };
                     if self.subs.add(&f.filter, qos) {
                         added.push(f.filter.clone());
                         qos as u8
@@ -95,11 +92,6 @@ where
                         .as_ref()
                         .is_some_and(|b| b.allows_subscribe(&f.filter)) =>
                 {
-                    let qos = if f.qos == QoS::AtMostOnce {
-                        QoS::AtMostOnce
-                    } else {
-                        QoS::AtLeastOnce
-                    };
                     if self.subs.add(&f.filter, qos) && self.bridge_subscribe(&f.filter) {
                         qos as u8
                     } else {
