@@ -93,6 +93,11 @@ pub fn token_hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
+/// A fresh redirect id: new for every claim, migration and registration that becomes ready.
+fn new_redirect_id() -> String {
+    format!("r-{}", random_hex(12))
+}
+
 fn random_hex(bytes: usize) -> String {
     let mut b = vec![0u8; bytes];
     rand::rng().fill_bytes(&mut b);
@@ -423,7 +428,7 @@ impl ClaimsService {
                 ClaimState::Registering
             },
             thing_name,
-            redirect_id: ready.then(|| format!("r-{}", random_hex(12))),
+            redirect_id: ready.then(new_redirect_id),
             claimed_at: Some(now),
             ready_at: ready.then_some(now),
             redirected_at: None,

@@ -111,7 +111,7 @@ impl Subscriptions {
             .iter()
             .filter(|(f, _)| filter_matches(f, topic))
             .map(|(_, q)| *q)
-            .max_by_key(|q| *q as u8)
+            .max()
     }
 }
 

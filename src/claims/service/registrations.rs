@@ -1,7 +1,7 @@
 //! The claims service's side of provisioning: queueing registrations, retiring registrations
 //! with tenants a device left, and taking the provisioner's verdicts.
 
-use super::{now_ms, random_hex, ClaimState, ClaimsService, ServiceError, TenantEntry};
+use super::{new_redirect_id, now_ms, ClaimState, ClaimsService, ServiceError, TenantEntry};
 use crate::claims::model::Claim;
 use crate::edge::identity::{self, DeviceId};
 use crate::provision::Job;
@@ -69,7 +69,7 @@ impl ClaimsService {
                 let now = now_ms();
                 c.state = ClaimState::Ready;
                 c.thing_name = thing_name.or(c.thing_name);
-                c.redirect_id = Some(format!("r-{}", random_hex(12)));
+                c.redirect_id = Some(new_redirect_id());
                 c.ready_at = Some(now);
                 c.error = None;
                 self.commit(c, None).await?;
