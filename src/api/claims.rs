@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::error::parse_json;
 use super::{ApiError, ApiState, Caller};
-use crate::claims::model::ClaimState;
+use crate::claims::model::{Claim, ClaimState};
 use crate::edge::identity::DeviceId;
 
 #[derive(Deserialize)]
@@ -57,8 +57,7 @@ pub async fn claim(
         StatusCode::OK
     };
     let c = &out.claim;
-    let body =
-        json!({ "device_id": c.device_id.to_hex(), "tenant": c.tenant_id(), "state": c.state });
+    let body = claim_summary(c);
     Ok((status, Json(body)).into_response())
 }
 
@@ -76,6 +75,11 @@ pub async fn unclaim(
         ClaimState::Unclaimed
     };
     Ok(Json(json!({ "device_id": id.to_hex(), "tenant": null, "state": state })).into_response())
+}
+
+/// `{"device_id","tenant","state"}`: what claim, migrate and revoke answer.
+pub fn claim_summary(c: &Claim) -> serde_json::Value {
+    json!({ "device_id": c.device_id.to_hex(), "tenant": c.tenant_id(), "state": c.state })
 }
 
 /// A device id from a path; malformed ids are 404 like unknown ones (no oracle for tenants).

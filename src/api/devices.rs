@@ -9,7 +9,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::claims::parse_device_id;
+use super::claims::{claim_summary, parse_device_id};
 use super::error::parse_json;
 use super::{ApiError, ApiState, Caller};
 use crate::claims::model::{rfc3339, Claim, ClaimState};
@@ -149,10 +149,7 @@ pub async fn migrate(
     let id = parse_device_id(&id)?;
     let body: MigrateBody = parse_json(&body)?;
     let c = s.service.migrate(&id, &body.tenant).await?;
-    Ok(
-        Json(json!({ "device_id": id.to_hex(), "tenant": c.tenant_id(), "state": c.state }))
-            .into_response(),
-    )
+    Ok(Json(claim_summary(&c)).into_response())
 }
 
 /// `POST /v1/devices/{device_id}/revoke` (operator).
@@ -164,8 +161,5 @@ pub async fn revoke(
     caller.require_operator()?;
     let id = parse_device_id(&id)?;
     let c = s.service.revoke(&id).await?;
-    Ok(
-        Json(json!({ "device_id": id.to_hex(), "tenant": c.tenant_id(), "state": c.state }))
-            .into_response(),
-    )
+    Ok(Json(claim_summary(&c)).into_response())
 }
