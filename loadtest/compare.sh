@@ -4,6 +4,8 @@
 #
 #   loadtest/compare.sh [DEVICES] [CONCURRENCY]
 #   SCENARIO=idle HOLD=20s loadtest/compare.sh 15000 64    # held connections, server RSS each
+#   RESUME=1 loadtest/compare.sh 5000 64    # also: reconnects that resume their TLS session
+#   ARGS="--tls12" loadtest/compare.sh       # extra harness arguments for every run
 #
 # Starts a release lobby (its own temp dir and dev PKI, MQTT on 127.0.0.1:28883) and a TLS
 # mosquitto (require_certificate, same CA and server certificate, 127.0.0.1:28884), runs
@@ -67,11 +69,19 @@ run() { # name pid port
   local extra=()
   [ "$SCENARIO" = idle ] && extra=(--hold "$HOLD" --server-pid "$2")
   out=$("$LT" "$SCENARIO" --port "$3" --ca "$work/certs/ca.pem" --ca-key "$work/certs/ca.key" \
-    --devices "$DEVICES" --concurrency "$CONCURRENCY" "${extra[@]}" 2>/dev/null | tail -n 1)
+    --devices "$DEVICES" --concurrency "$CONCURRENCY" "${extra[@]}" ${ARGS:-} 2>/dev/null | tail -n 1)
   sleep 1
   after=$(cpu "$2")
   echo "$1 $out"
   echo "$1 server_cpu_us_per_connect $(( (after - before) / DEVICES ))"
+  if [ "${RESUME:-0}" = 1 ] && [ "$SCENARIO" = connect ]; then
+    # A warm-up pass of full handshakes, then every device reconnects offering its ticket;
+    # the harness reads the server's CPU over the second pass only.
+    out=$("$LT" connect --resume --server-pid "$2" --port "$3" --ca "$work/certs/ca.pem" \
+      --ca-key "$work/certs/ca.key" --devices "$DEVICES" --concurrency "$CONCURRENCY" \
+      ${ARGS:-} 2>/dev/null | tail -n 1)
+    echo "$1 resumed $out"
+  fi
 }
 
 (ulimit -n 20000; exec "$LOBBY" serve --config "$work/lobby.toml") &

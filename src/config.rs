@@ -75,6 +75,10 @@ pub struct TlsConfig {
     pub client_cas: Vec<PathBuf>,
     /// Optional directory of CRLs (PEM or DER). Default empty: no CRLs.
     pub crl_dir: PathBuf,
+    /// TLS session resumption for reconnecting devices (stateless tickets, an extension of
+    /// SPEC §8). Default true. A resumed session is re-checked against revocation and the
+    /// certificate's validity; tickets issued before a trust reload are not accepted.
+    pub resumption: bool,
 }
 
 impl Default for TlsConfig {
@@ -84,6 +88,7 @@ impl Default for TlsConfig {
             key: "certs/dev/server.key".into(),
             client_cas: vec!["certs/dev/ca.pem".into()],
             crl_dir: PathBuf::new(),
+            resumption: true,
         }
     }
 }

@@ -22,6 +22,8 @@ pub const STORE_OPERATION_DURATION_SECONDS: &str = "lobby_store_operation_durati
 /// An extension of SPEC §9: bridge messages dropped, by reason (`upstream_busy` for QoS 0
 /// past a full upstream queue, `device_slow` for a device that does not keep up).
 pub const BRIDGE_DROPPED_TOTAL: &str = "lobby_bridge_dropped_total";
+/// An extension of SPEC §9: completed device handshakes by kind (`full`, `resumed`).
+pub const TLS_HANDSHAKES_TOTAL: &str = "lobby_tls_handshakes_total";
 
 /// Buckets for sub-second operations (handshakes, store writes, redirects), in seconds.
 const FAST_BUCKETS: &[f64] = &[
@@ -56,6 +58,10 @@ fn describe() {
     describe_counter!(
         TLS_HANDSHAKE_FAILURES_TOTAL,
         "Failed TLS handshakes by reason."
+    );
+    describe_counter!(
+        TLS_HANDSHAKES_TOTAL,
+        "Completed device TLS handshakes by kind (full, resumed)."
     );
     describe_histogram!(
         TLS_HANDSHAKE_DURATION_SECONDS,
@@ -94,6 +100,11 @@ pub fn connection_outcome(outcome: &'static str) {
 /// Counts a failed handshake.
 pub fn handshake_failure(reason: &'static str) {
     metrics::counter!(TLS_HANDSHAKE_FAILURES_TOTAL, "reason" => reason).increment(1);
+}
+
+/// Counts a completed device handshake of `kind` (`full`, `resumed`).
+pub fn handshake(kind: &'static str) {
+    metrics::counter!(TLS_HANDSHAKES_TOTAL, "kind" => kind).increment(1);
 }
 
 /// Counts a redirect of `kind` (`connack`, `disconnect`, `publish`).

@@ -44,9 +44,13 @@ enum Scenario {
     Connect {
         #[command(flatten)]
         common: Common,
-        /// Connect every device this many times (with --resume, later ones may resume).
+        /// Connect every device this many times (with --resume, after a warm-up pass that
+        /// gives each device one full handshake, so the measured connects can resume).
         #[arg(long, default_value_t = 1)]
         repeat: usize,
+        /// The server's pid: report its CPU time per connect over the measured pass.
+        #[arg(long)]
+        server_pid: Option<u32>,
     },
     /// Open N connections and hold them, keeping them alive.
     Idle {
@@ -227,8 +231,13 @@ async fn run(cli: Cli) -> Result<()> {
         Err(e) => eprintln!("warning: {e:#}"),
     }
     let report = match cli.scenario {
-        Scenario::Connect { common, repeat } => {
-            scenario::connect::run(common.context().await?, common.pace(), repeat).await?
+        Scenario::Connect {
+            common,
+            repeat,
+            server_pid,
+        } => {
+            let opts = scenario::connect::ConnectOpts { repeat, server_pid };
+            scenario::connect::run(common.context().await?, common.pace(), opts).await?
         }
         Scenario::Idle {
             common,

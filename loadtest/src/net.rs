@@ -80,6 +80,27 @@ pub fn raise_nofile_limit() -> Result<u64> {
     Ok(getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX))
 }
 
+/// CPU time (utime + stime) process `pid` has used, in microseconds. `/proc` counts in
+/// USER_HZ ticks, 100 per second on Linux: a 10 ms resolution.
+pub fn cpu_micros(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at field 3 (state).
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("parsing /proc/PID/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .context("parsing utime/stime in /proc/PID/stat")
+    };
+    // utime and stime are fields 14 and 15, i.e. 11 and 12 after the state field (3).
+    Ok((tick(11)? + tick(12)?) * 10_000)
+}
+
 /// The resident set size of process `pid` in bytes, from `/proc/PID/status` (VmRSS).
 pub fn rss_bytes(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use rustls::ClientConfig;
+use rustls::{ClientConfig, HandshakeKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
@@ -138,6 +138,7 @@ impl Ctx {
         .map_err(|_| timed_out("tls"))?
         .map_err(|e| Failure::new("tls", e))?;
         let t2 = Instant::now();
+        let resumed = stream.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed);
         let name = &self.devices[index].name;
         let (conn, code) =
             Conn::start(stream, self.version, name, self.keep_alive, self.timeout).await?;
@@ -145,6 +146,7 @@ impl Ctx {
             tcp: t1 - t0,
             tls: t2 - t1,
             connack: t2.elapsed(),
+            resumed,
         };
         Ok((conn, timings, code))
     }

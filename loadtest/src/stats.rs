@@ -18,6 +18,8 @@ pub struct Timings {
     pub tls: Duration,
     /// CONNECT sent → CONNACK received.
     pub connack: Duration,
+    /// The TLS handshake resumed a session (no certificate exchange).
+    pub resumed: bool,
 }
 
 /// Why one device failed: the phase and a short, low-cardinality description.
@@ -58,6 +60,8 @@ pub struct Stats {
     pub connected: u64,
     /// Devices that failed.
     pub failed: u64,
+    /// Connects whose TLS handshake resumed a session.
+    pub resumed: u64,
     /// Non-zero CONNACK codes that still counted as connected (v5 0x9D redirects).
     pub redirected: BTreeMap<u8, u64>,
     /// Failure kinds → count.
@@ -89,6 +93,7 @@ impl Recorder {
                 claim: histogram(),
                 connected: 0,
                 failed: 0,
+                resumed: 0,
                 redirected: BTreeMap::new(),
                 errors: BTreeMap::new(),
             }),
@@ -108,6 +113,7 @@ impl Recorder {
         s.tls.saturating_record(micros(t.tls));
         s.connack.saturating_record(micros(t.connack));
         s.connected += 1;
+        s.resumed += u64::from(t.resumed);
         if code != 0 {
             *s.redirected.entry(code).or_default() += 1;
         }
@@ -221,6 +227,13 @@ pub struct Report {
     /// Server RSS growth per held connection.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_rss_per_conn_bytes: Option<u64>,
+    /// Connects whose TLS handshake resumed a session (with `--resume`; an extension).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resumed: Option<u64>,
+    /// The server's CPU time (utime + stime) per connect over the measured phase (with
+    /// `--server-pid`; an extension).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_us_per_connect: Option<f64>,
 }
 
 impl Report {
@@ -249,6 +262,8 @@ impl Report {
             messages_per_sec: None,
             e2e_ms: None,
             server_rss_per_conn_bytes: None,
+            resumed: None,
+            server_cpu_us_per_connect: None,
         }
     }
 }

@@ -85,6 +85,11 @@ impl TlsClient {
         })
     }
 
+    /// Whether devices may resume TLS sessions (`--resume`).
+    pub fn resumes(&self) -> bool {
+        self.resume
+    }
+
     /// A config presenting `key`. With resumption on, each device gets its own one-entry session
     /// cache: a shared cache would let one device resume as another.
     pub fn for_device(&self, key: &Arc<CertifiedKey>) -> Arc<ClientConfig> {

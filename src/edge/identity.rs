@@ -60,12 +60,12 @@ impl fmt::Debug for DeviceId {
 /// certificate cannot be parsed or has no non-empty CN.
 pub fn common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    cn_of(&cert)
+}
+
+fn cn_of(cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<String> {
     let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
-    if cn.is_empty() {
-        None
-    } else {
-        Some(cn.to_owned())
-    }
+    (!cn.is_empty()).then(|| cn.to_owned())
 }
 
 /// A device's identity as seen by the broker.
@@ -77,18 +77,38 @@ pub struct Identity {
     pub thing_name: String,
     /// The leaf certificate, DER encoded.
     pub cert_der: Vec<u8>,
+    /// The certificate's validity period in Unix seconds (`not_before`, `not_after`); empty
+    /// (`0, -1`) when it does not parse. A full handshake checked it already; a resumed one
+    /// did not, so the edge checks it again.
+    pub valid: (i64, i64),
 }
 
 impl Identity {
     /// Builds the identity of the device presenting this leaf certificate.
     pub fn from_cert_der(der: &[u8]) -> Self {
         let device_id = DeviceId::from_cert_der(der);
-        let thing_name = common_name(der).unwrap_or_else(|| device_id.to_hex());
+        let parsed = x509_parser::parse_x509_certificate(der).ok();
+        let (cn, valid) = match &parsed {
+            Some((_, cert)) => (
+                cn_of(cert),
+                (
+                    cert.validity().not_before.timestamp(),
+                    cert.validity().not_after.timestamp(),
+                ),
+            ),
+            None => (None, (0, -1)),
+        };
         Identity {
+            thing_name: cn.unwrap_or_else(|| device_id.to_hex()),
             device_id,
-            thing_name,
             cert_der: der.to_vec(),
+            valid,
         }
+    }
+
+    /// Is the certificate inside its validity period at `unix_secs`?
+    pub fn valid_at(&self, unix_secs: i64) -> bool {
+        (self.valid.0..=self.valid.1).contains(&unix_secs)
     }
 }
 
@@ -181,6 +201,16 @@ mod tests {
         assert_eq!(ident.thing_name, ident.device_id.to_hex());
 
         assert_eq!(common_name(b"not a certificate"), None);
+        let junk = Identity::from_cert_der(b"not a certificate");
+        assert!(!junk.valid_at(0) && !junk.valid_at(1_800_000_000));
+    }
+
+    #[test]
+    fn validity_period() {
+        let ident = Identity::from_cert_der(&cert_with_cn(Some("v")));
+        // rcgen's default validity: 1975-01-01 to 4096-01-01.
+        assert!(ident.valid_at(1_800_000_000));
+        assert!(!ident.valid_at(100_000_000));
     }
 
     #[test]

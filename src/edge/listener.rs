@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout, Instant};
+use tokio_rustls::rustls::HandshakeKind;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -119,12 +120,19 @@ async fn connection(
         metrics::handshake_failure("no_certificate");
         return;
     };
+    let resumed = stream.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed);
     let identity = Identity::from_cert_der(leaf.as_ref());
-    // Resumed sessions skip certificate verification: check revocation again here.
+    // A resumed session skipped certificate verification: check revocation (also for full
+    // handshakes, in case it changed during the handshake) and the validity period again.
     if ctx.cache.is_revoked(&identity.device_id) {
         metrics::handshake_failure("revoked");
         return;
     }
+    if resumed && !identity.valid_at(crate::claims::model::now_ms() / 1000) {
+        metrics::handshake_failure("expired");
+        return;
+    }
+    metrics::handshake(if resumed { "resumed" } else { "full" });
     tracing::Span::current().record("device_id", tracing::field::display(&identity.device_id));
     let accepted = session::Accepted {
         tls_done,

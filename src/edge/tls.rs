@@ -117,10 +117,21 @@ fn server_config(
         .with_client_cert_verifier(verifier.clone())
         .with_single_cert(chain, key)
         .map_err(|e| file_err(&tls.key, format!("certificate and key do not match: {e}")))?;
-    // No resumption: a resumed session skips certificate verification, and SPEC §2 wants
-    // every entry checked against the CAs, validity and revocation as they are now.
+    // No server-side session cache: resumption, when on, is by stateless tickets only.
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    config.send_tls13_tickets = 0;
+    if tls.resumption {
+        // A resumed session skips certificate verification. What keeps SPEC §2 true:
+        // - every trust build (start, SIGHUP) makes a new ticket key, so a ticket from before
+        //   a CA or CRL change does not decrypt and the device gets a full handshake;
+        // - the edge checks revocation and the certificate's validity period again for a
+        //   resumed session (`edge::listener`), and the claim state is read per connect anyway.
+        config.ticketer = aws_lc_rs::Ticketer::new()
+            .map_err(|e| TlsError::Config(format!("session tickets: {e}")))?;
+        // One ticket per full handshake: a device reconnects from one place at a time.
+        config.send_tls13_tickets = 1;
+    } else {
+        config.send_tls13_tickets = 0;
+    }
     Ok((Arc::new(config), verifier))
 }
 
