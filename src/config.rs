@@ -97,7 +97,8 @@ impl Default for TlsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
-    /// `sqlite://<path>` (default `sqlite://data/lobby.db`) or `sqlite::memory:` for tests.
+    /// `sqlite://<path>` (default `sqlite://data/lobby.db`), `sqlite::memory:` for tests, or
+    /// `postgres://user@host/db` for a fleet of nodes sharing one PostgreSQL.
     pub url: String,
 }
 
@@ -309,10 +310,8 @@ impl Config {
             return Err(invalid("tls.client_cas", "at least one CA is required"));
         }
         if crate::store::StoreUrl::parse(&self.store.url).is_none() {
-            return Err(invalid(
-                "store.url",
-                "expected sqlite://<path> or sqlite::memory:",
-            ));
+            let expected = format!("expected {}", crate::store::SUPPORTED_URLS);
+            return Err(invalid("store.url", &expected));
         }
         let session = &self.aws.session_name;
         if session.len() < 2

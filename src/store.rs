@@ -2,8 +2,12 @@
 //!
 //! The store is the source of truth; the claims map (`claims::cache`) is loaded from it at start
 //! and kept in step by the claims service. Nothing on the device path touches the store.
-//! `sqlite` is the embedded single-node store; a networked store implements the same trait.
+//! `store.url` picks the backend: `sqlite` is the embedded single-node store (`sqlite://<path>`,
+//! `sqlite::memory:`), `postgres` the networked one that several lobby nodes share
+//! (`postgres://…` or `postgresql://…`, SPEC §10). Both keep the same tables and columns and
+//! pass the same test suite (`tests/store_suite.rs`).
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -17,7 +21,7 @@ use crate::provision::Registration;
 /// Store failures.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// A unique key (tenant id) already exists.
+    /// A unique key (tenant id or token hash) already exists.
     #[error("already exists")]
     Conflict,
     #[error("store backend: {0}")]
@@ -40,7 +44,7 @@ pub trait Store: Send + Sync + 'static {
     /// Cheap liveness check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
     async fn tenants(&self) -> Result<Vec<StoredTenant>, StoreError>;
-    /// Fails with `Conflict` when the id exists.
+    /// Fails with `Conflict` when the id or the token hash exists.
     async fn insert_tenant(&self, t: &StoredTenant) -> Result<(), StoreError>;
     async fn update_tenant(&self, t: &Tenant) -> Result<(), StoreError>;
     async fn delete_tenant(&self, id: &str) -> Result<(), StoreError>;
@@ -62,32 +66,159 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_registration(&self, id: &DeviceId, tenant: &str) -> Result<(), StoreError>;
 }
 
+/// The stored form of a [`Registration`] beside its key columns (device id, tenant) and its
+/// `removing` flag: JSON text, the same in every backend.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct RegistrationBody {
+    backend: crate::claims::model::AwsIotBackend,
+    thing_name: String,
+    cert: Option<crate::provision::CertRef>,
+}
+
+impl RegistrationBody {
+    /// The JSON text stored for `r`.
+    pub(crate) fn encode(r: &Registration) -> Result<String, StoreError> {
+        serde_json::to_string(&Self {
+            backend: r.backend.clone(),
+            thing_name: r.thing_name.clone(),
+            cert: r.cert.clone(),
+        })
+        .map_err(|e| StoreError::Backend(format!("registration body: {e}")))
+    }
+
+    /// Rebuilds a registration from its stored columns.
+    pub(crate) fn decode(
+        id: &str,
+        tenant: String,
+        body: &str,
+        removing: bool,
+    ) -> Result<Registration, StoreError> {
+        let device_id = DeviceId::parse_hex(id)
+            .ok_or_else(|| StoreError::Corrupt(format!("registration device_id {id:?}")))?;
+        let b: Self = serde_json::from_str(body)
+            .map_err(|e| StoreError::Corrupt(format!("registration body: {e}")))?;
+        Ok(Registration {
+            device_id,
+            tenant,
+            backend: b.backend,
+            thing_name: b.thing_name,
+            cert: b.cert,
+            removing,
+        })
+    }
+}
+
+/// The `store.url` forms, for messages.
+pub const SUPPORTED_URLS: &str =
+    "sqlite://<path>, sqlite::memory:, postgres://user@host/db or postgresql://user@host/db";
+
 /// A parsed `store.url`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum StoreUrl {
     /// `sqlite://<path>`
     SqliteFile(std::path::PathBuf),
     /// `sqlite::memory:` (tests)
     SqliteMemory,
+    /// `postgres://…` or `postgresql://…`: the whole URL, as libpq reads it (it may carry a
+    /// password, so `Debug` hides it).
+    Postgres(String),
+}
+
+impl std::fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::SqliteFile(p) => f.debug_tuple("SqliteFile").field(p).finish(),
+            Self::SqliteMemory => f.write_str("SqliteMemory"),
+            Self::Postgres(url) => f.debug_tuple("Postgres").field(&redacted(url)).finish(),
+        }
+    }
 }
 
 impl StoreUrl {
-    /// Parses the config value; `None` for an unsupported scheme.
+    /// Parses the config value; `None` for an unsupported scheme. A PostgreSQL URL's options
+    /// are checked when it is opened.
     pub fn parse(url: &str) -> Option<Self> {
         if url == "sqlite::memory:" {
             return Some(Self::SqliteMemory);
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Some(Self::Postgres(url.to_owned()));
         }
         let path = url.strip_prefix("sqlite://")?;
         (!path.is_empty()).then(|| Self::SqliteFile(path.into()))
     }
 }
 
+/// `url` with the password of its `user:password@` part replaced, for messages and logs.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    match rest[..at].split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
 /// Opens the store named by `store.url`.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     match StoreUrl::parse(url) {
+        Some(StoreUrl::Postgres(u)) => Ok(Arc::new(postgres::PostgresStore::open(&u).await?)),
         Some(u) => Ok(Arc::new(sqlite::SqliteStore::open(u).await?)),
         None => Err(StoreError::Backend(format!(
-            "unsupported store.url {url:?}"
+            "unsupported store.url {:?}; expected {SUPPORTED_URLS}",
+            redacted(url)
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_by_scheme() {
+        assert_eq!(
+            StoreUrl::parse("sqlite::memory:"),
+            Some(StoreUrl::SqliteMemory)
+        );
+        assert_eq!(
+            StoreUrl::parse("sqlite://data/lobby.db"),
+            Some(StoreUrl::SqliteFile("data/lobby.db".into()))
+        );
+        for url in [
+            "postgres://u@h/db",
+            "postgresql://u@h:5433/db?sslmode=disable",
+        ] {
+            assert_eq!(StoreUrl::parse(url), Some(StoreUrl::Postgres(url.into())));
+        }
+        for url in ["sqlite://", "mysql://u@h/db", "postgres:/h/db", ""] {
+            assert_eq!(StoreUrl::parse(url), None, "{url}");
+        }
+    }
+
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        let url = "postgres://lobby:s3cret@db.example:5432/lobby?sslmode=disable";
+        assert_eq!(
+            redacted(url),
+            "postgres://lobby:***@db.example:5432/lobby?sslmode=disable"
+        );
+        assert!(!format!("{:?}", StoreUrl::parse(url).unwrap()).contains("s3cret"));
+        assert_eq!(redacted("postgres://u@h/db"), "postgres://u@h/db");
+    }
+
+    #[tokio::test]
+    async fn unknown_scheme_lists_the_supported_ones() {
+        let err = open("mysql://u:pw@h/db").await.err().unwrap().to_string();
+        assert!(
+            err.contains("postgres://") && err.contains("sqlite://"),
+            "{err}"
+        );
+        assert!(!err.contains("pw@"), "{err}");
     }
 }

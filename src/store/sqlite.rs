@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{Store, StoreError, StoreUrl, StoredTenant};
+use super::{RegistrationBody, Store, StoreError, StoreUrl, StoredTenant};
 use crate::claims::model::{Claim, ClaimState, Tenant};
 use crate::edge::identity::DeviceId;
-use crate::provision::{CertRef, Registration};
+use crate::provision::Registration;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS tenants (
@@ -73,6 +73,7 @@ impl SqliteStore {
                     }
                     Connection::open(&path)
                 }
+                StoreUrl::Postgres(_) => return Err(backend("not a sqlite store.url")),
             }
             .map_err(backend)?;
             conn.pragma_update(None, "journal_mode", "WAL")
@@ -130,14 +131,6 @@ fn claim_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, Claim)> 
     Ok((id, claim))
 }
 
-/// The stored form of a [`Registration`] (device id and tenant are the key columns).
-#[derive(serde::Serialize, serde::Deserialize)]
-struct RegistrationBody {
-    backend: crate::claims::model::AwsIotBackend,
-    thing_name: String,
-    cert: Option<CertRef>,
-}
-
 fn registration_from_row(
     row: &rusqlite::Row<'_>,
 ) -> rusqlite::Result<(String, String, String, bool)> {
@@ -153,20 +146,7 @@ fn registrations_from(
     rows: Vec<(String, String, String, bool)>,
 ) -> Result<Vec<Registration>, StoreError> {
     rows.into_iter()
-        .map(|(id, tenant, body, removing)| {
-            let device_id = DeviceId::parse_hex(&id)
-                .ok_or_else(|| StoreError::Corrupt(format!("registration device_id {id:?}")))?;
-            let b: RegistrationBody = serde_json::from_str(&body)
-                .map_err(|e| StoreError::Corrupt(format!("registration body: {e}")))?;
-            Ok(Registration {
-                device_id,
-                tenant,
-                backend: b.backend,
-                thing_name: b.thing_name,
-                cert: b.cert,
-                removing,
-            })
-        })
+        .map(|(id, tenant, body, removing)| RegistrationBody::decode(&id, tenant, &body, removing))
         .collect()
 }
 
@@ -320,12 +300,7 @@ impl Store for SqliteStore {
     }
 
     async fn put_registration(&self, r: &Registration) -> Result<(), StoreError> {
-        let body = serde_json::to_string(&RegistrationBody {
-            backend: r.backend.clone(),
-            thing_name: r.thing_name.clone(),
-            cert: r.cert.clone(),
-        })
-        .map_err(backend)?;
+        let body = RegistrationBody::encode(r)?;
         let (id, tenant, removing) = (r.device_id.to_hex(), r.tenant.clone(), r.removing);
         self.with("put_registration", move |c| {
             c.execute(

@@ -1,0 +1,537 @@
+//! The networked store: PostgreSQL, shared by any number of lobby nodes (SPEC §10).
+//!
+//! A small `deadpool-postgres` pool of plain TCP connections. Every write is one autocommitted
+//! statement, so it is durable when its future resolves, given the server's default
+//! `synchronous_commit = on`. TLS to PostgreSQL is not supported yet: a URL asking for it
+//! (`sslmode=require`, `verify-ca`, `verify-full`) is refused at `open`, never downgraded.
+//!
+//! The schema is an ordered list of migrations embedded in the binary. `open` applies the
+//! missing ones in one transaction holding `pg_advisory_xact_lock(MIGRATION_LOCK)`, so nodes
+//! starting at once apply each step exactly once; `lobby_schema_migrations` records them.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use futures_util::TryStreamExt;
+use tokio_postgres::config::SslMode;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+
+use super::{RegistrationBody, Store, StoreError, StoredTenant};
+use crate::claims::model::{Claim, ClaimState, Tenant};
+use crate::edge::identity::DeviceId;
+use crate::provision::Registration;
+
+/// Connections in the pool. Writes are serialised by the claims service; the rest are API reads
+/// and the provisioning worker, which a handful of connections serve.
+const POOL_SIZE: usize = 8;
+/// Connecting to the server, unless the URL sets `connect_timeout`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a store call waits for a free connection before it fails.
+const POOL_WAIT: Duration = Duration::from_secs(30);
+
+/// The advisory lock held while migrating. Fixed, so every lobby node takes the same one
+/// (the bytes spell "lobbymig"); advisory locks are per database.
+pub const MIGRATION_LOCK: i64 = 0x6c6f_6262_796d_6967;
+
+/// The schema, step by step: step `i` is version `i + 1`. Append; never edit a released step.
+/// `device_id` is the 64-char lowercase hex text of the SQLite schema, compared bytewise.
+const MIGRATIONS: &[&str] = &["
+CREATE TABLE tenants (
+    id TEXT PRIMARY KEY,
+    body TEXT NOT NULL,
+    token_hash TEXT NOT NULL UNIQUE
+);
+CREATE TABLE claims (
+    device_id TEXT COLLATE \"C\" PRIMARY KEY CHECK (device_id ~ '^[0-9a-f]{64}$'),
+    tenant TEXT,
+    state TEXT NOT NULL,
+    thing_name TEXT,
+    redirect_id TEXT,
+    claimed_at BIGINT,
+    ready_at BIGINT,
+    redirected_at BIGINT,
+    error TEXT,
+    cert_pem TEXT
+);
+CREATE INDEX claims_tenant ON claims (tenant);
+CREATE TABLE registrations (
+    device_id TEXT COLLATE \"C\" NOT NULL,
+    tenant TEXT NOT NULL,
+    body TEXT NOT NULL,
+    removing BOOLEAN NOT NULL DEFAULT FALSE,
+    PRIMARY KEY (device_id, tenant)
+);
+CREATE INDEX registrations_removing ON registrations (removing) WHERE removing;
+"];
+
+/// The newest schema version this build knows.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+const _: () = assert!(SCHEMA_VERSION >= 1 && SCHEMA_VERSION as usize == MIGRATIONS.len());
+
+const CLAIM_COLUMNS: &str = "SELECT device_id, tenant, state, thing_name, redirect_id, \
+     claimed_at, ready_at, redirected_at, error FROM claims";
+const REGISTRATION_COLUMNS: &str = "SELECT device_id, tenant, body, removing FROM registrations";
+
+/// PostgreSQL-backed [`Store`]. Cheap to clone (the pool is a handle).
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("pool", &self.pool.status())
+            .finish()
+    }
+}
+
+/// The error and its causes on one line (tokio-postgres says only "db error" at the top).
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// A unique key that already exists is `Conflict` (only `insert_tenant` can hit one: the other
+/// writes are upserts); the rest is `Backend`.
+fn pg(e: tokio_postgres::Error) -> StoreError {
+    if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+        return StoreError::Conflict;
+    }
+    StoreError::Backend(format!("postgres: {}", describe(&e)))
+}
+
+/// The connection settings of `url`, refusing what this store cannot honour.
+fn pg_config(url: &str) -> Result<tokio_postgres::Config, StoreError> {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    for (key, value) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+        if key == "sslmode" && !matches!(value, "disable" | "prefer") {
+            return Err(StoreError::Backend(format!(
+                "store.url asks for sslmode={value}, but TLS to PostgreSQL is not supported \
+                 yet; use sslmode=disable (or leave it out) on a trusted network"
+            )));
+        }
+    }
+    let mut config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
+        StoreError::Backend(format!(
+            "store.url {:?} is not a PostgreSQL URL: {}",
+            super::redacted(url),
+            describe(&e)
+        ))
+    })?;
+    config.ssl_mode(SslMode::Disable);
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("lobby");
+    }
+    Ok(config)
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://…` or `postgresql://…`) and brings the schema up to date.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let manager = Manager::from_config(
+            pg_config(url)?,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| StoreError::Backend(format!("postgres pool: {e}")))?;
+        let store = Self { pool };
+        let applied = store.timed("migrate", store.migrate()).await?;
+        if applied > 0 {
+            tracing::info!(applied, version = SCHEMA_VERSION, "store schema migrated");
+        }
+        Ok(store)
+    }
+
+    /// Applies the missing migrations; returns how many.
+    async fn migrate(&self) -> Result<usize, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(pg)?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS lobby_schema_migrations (
+                version INT PRIMARY KEY,
+                applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+            )",
+        )
+        .await
+        .map_err(pg)?;
+        let done: HashSet<i32> = tx
+            .query("SELECT version FROM lobby_schema_migrations", &[])
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if let Some(newer) = done.iter().copied().filter(|v| *v > SCHEMA_VERSION).max() {
+            tracing::warn!(
+                database = newer,
+                known = SCHEMA_VERSION,
+                "store schema is newer than this lobby knows; a newer lobby migrated it"
+            );
+        }
+        let mut applied = 0;
+        for (version, sql) in (1..).zip(MIGRATIONS) {
+            if done.contains(&version) {
+                continue;
+            }
+            tx.batch_execute(sql).await.map_err(|e| {
+                StoreError::Backend(format!("migration {version}: {}", describe(&e)))
+            })?;
+            tx.execute(
+                "INSERT INTO lobby_schema_migrations (version, applied_at) VALUES ($1, now())",
+                &[&version],
+            )
+            .await
+            .map_err(pg)?;
+            applied += 1;
+        }
+        tx.commit().await.map_err(pg)?;
+        Ok(applied)
+    }
+
+    /// A pooled connection.
+    async fn client(&self) -> Result<Object, StoreError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Backend(format!("postgres connection: {}", describe(&e))))
+    }
+
+    /// Runs `work`, recording its duration under `op` like every store backend.
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        work: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let started = Instant::now();
+        let out = work.await;
+        crate::metrics::store_operation(op, started.elapsed());
+        out
+    }
+
+    /// One statement (prepared once per connection); the number of rows it changed.
+    async fn execute(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, StoreError> {
+        self.timed(op, async {
+            let client = self.client().await?;
+            let stmt = client.prepare_cached(sql).await.map_err(pg)?;
+            client.execute(&stmt, params).await.map_err(pg)
+        })
+        .await
+    }
+
+    /// One query (prepared once per connection), all its rows. For small results only.
+    async fn query(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        self.timed(op, async {
+            let client = self.client().await?;
+            let stmt = client.prepare_cached(sql).await.map_err(pg)?;
+            client.query(&stmt, params).await.map_err(pg)
+        })
+        .await
+    }
+
+    async fn registrations_where(
+        &self,
+        op: &'static str,
+        filter: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Registration>, StoreError> {
+        let sql = format!("{REGISTRATION_COLUMNS} WHERE {filter}");
+        self.query(op, &sql, params)
+            .await?
+            .iter()
+            .map(|r| {
+                RegistrationBody::decode(
+                    r.try_get(0).map_err(pg)?,
+                    r.try_get(1).map_err(pg)?,
+                    r.try_get(2).map_err(pg)?,
+                    r.try_get(3).map_err(pg)?,
+                )
+            })
+            .collect()
+    }
+}
+
+/// Decodes one claims row. Tenant names repeat across many claims: `tenants` hands out one
+/// shared `Arc<str>` per name.
+fn claim_from_row(row: &Row, tenants: &mut HashMap<String, Arc<str>>) -> Result<Claim, StoreError> {
+    let id: &str = row.try_get(0).map_err(pg)?;
+    let device_id =
+        DeviceId::parse_hex(id).ok_or_else(|| StoreError::Corrupt(format!("device_id {id:?}")))?;
+    let tenant = row
+        .try_get::<_, Option<&str>>(1)
+        .map_err(pg)?
+        .map(|t| match tenants.get(t) {
+            Some(shared) => shared.clone(),
+            None => tenants
+                .entry(t.to_owned())
+                .or_insert_with(|| t.into())
+                .clone(),
+        });
+    let state: &str = row.try_get(2).map_err(pg)?;
+    Ok(Claim {
+        device_id,
+        tenant,
+        // As the SQLite store: an unknown state loads as failed rather than stopping the lobby.
+        state: ClaimState::parse(state).unwrap_or(ClaimState::Failed),
+        thing_name: row.try_get(3).map_err(pg)?,
+        redirect_id: row.try_get(4).map_err(pg)?,
+        claimed_at: row.try_get(5).map_err(pg)?,
+        ready_at: row.try_get(6).map_err(pg)?,
+        redirected_at: row.try_get(7).map_err(pg)?,
+        error: row.try_get(8).map_err(pg)?,
+    })
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.timed("ping", async {
+            self.client()
+                .await?
+                .simple_query("SELECT 1")
+                .await
+                .map_err(pg)
+                .map(drop)
+        })
+        .await
+    }
+
+    async fn tenants(&self) -> Result<Vec<StoredTenant>, StoreError> {
+        let rows = self
+            .query(
+                "load_tenants",
+                "SELECT body, token_hash FROM tenants ORDER BY id",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let body: &str = r.try_get(0).map_err(pg)?;
+                let tenant: Tenant = serde_json::from_str(body)
+                    .map_err(|e| StoreError::Corrupt(format!("tenant body: {e}")))?;
+                Ok(StoredTenant {
+                    tenant,
+                    token_hash: r.try_get(1).map_err(pg)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn insert_tenant(&self, t: &StoredTenant) -> Result<(), StoreError> {
+        let body =
+            serde_json::to_string(&t.tenant).map_err(|e| StoreError::Backend(e.to_string()))?;
+        self.execute(
+            "insert_tenant",
+            "INSERT INTO tenants (id, body, token_hash) VALUES ($1, $2, $3)",
+            &[&t.tenant.id, &body, &t.token_hash],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn update_tenant(&self, t: &Tenant) -> Result<(), StoreError> {
+        let body = serde_json::to_string(t).map_err(|e| StoreError::Backend(e.to_string()))?;
+        self.execute(
+            "update_tenant",
+            "UPDATE tenants SET body = $2 WHERE id = $1",
+            &[&t.id, &body],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn delete_tenant(&self, id: &str) -> Result<(), StoreError> {
+        self.execute("delete_tenant", "DELETE FROM tenants WHERE id = $1", &[&id])
+            .await
+            .map(drop)
+    }
+
+    /// Streams the rows (a portal, decoded as they arrive): a million claims never sit in the
+    /// client twice.
+    async fn claims(&self) -> Result<Vec<Claim>, StoreError> {
+        self.timed("load_claims", async {
+            let client = self.client().await?;
+            let stmt = client.prepare_cached(CLAIM_COLUMNS).await.map_err(pg)?;
+            let no_params: [&(dyn ToSql + Sync); 0] = [];
+            let rows = client.query_raw(&stmt, no_params).await.map_err(pg)?;
+            let mut rows = std::pin::pin!(rows);
+            let mut tenants = HashMap::new();
+            let mut out = Vec::new();
+            while let Some(row) = rows.try_next().await.map_err(pg)? {
+                out.push(claim_from_row(&row, &mut tenants)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn put_claim(&self, c: &Claim, cert_pem: Option<&str>) -> Result<(), StoreError> {
+        self.execute(
+            "put_claim",
+            "INSERT INTO claims (device_id, tenant, state, thing_name, redirect_id, \
+             claimed_at, ready_at, redirected_at, error, cert_pem) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             ON CONFLICT (device_id) DO UPDATE SET tenant = EXCLUDED.tenant, \
+             state = EXCLUDED.state, thing_name = EXCLUDED.thing_name, \
+             redirect_id = EXCLUDED.redirect_id, claimed_at = EXCLUDED.claimed_at, \
+             ready_at = EXCLUDED.ready_at, redirected_at = EXCLUDED.redirected_at, \
+             error = EXCLUDED.error, cert_pem = COALESCE(EXCLUDED.cert_pem, claims.cert_pem)",
+            &[
+                &c.device_id.to_hex(),
+                &c.tenant.as_deref(),
+                &c.state.as_str(),
+                &c.thing_name,
+                &c.redirect_id,
+                &c.claimed_at,
+                &c.ready_at,
+                &c.redirected_at,
+                &c.error,
+                &cert_pem,
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn delete_claim(&self, id: &DeviceId) -> Result<(), StoreError> {
+        self.execute(
+            "delete_claim",
+            "DELETE FROM claims WHERE device_id = $1",
+            &[&id.to_hex()],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn cert_pem(&self, id: &DeviceId) -> Result<Option<String>, StoreError> {
+        let rows = self
+            .query(
+                "cert_pem",
+                "SELECT cert_pem FROM claims WHERE device_id = $1",
+                &[&id.to_hex()],
+            )
+            .await?;
+        match rows.first() {
+            Some(r) => r.try_get(0).map_err(pg),
+            None => Ok(None),
+        }
+    }
+
+    async fn set_cert_pem(&self, id: &DeviceId, pem: &str) -> Result<(), StoreError> {
+        self.execute(
+            "set_cert_pem",
+            "UPDATE claims SET cert_pem = $2 WHERE device_id = $1",
+            &[&id.to_hex(), &pem],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn put_registration(&self, r: &Registration) -> Result<(), StoreError> {
+        let body = RegistrationBody::encode(r)?;
+        self.execute(
+            "put_registration",
+            "INSERT INTO registrations (device_id, tenant, body, removing) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (device_id, tenant) \
+             DO UPDATE SET body = EXCLUDED.body, removing = EXCLUDED.removing",
+            &[&r.device_id.to_hex(), &r.tenant, &body, &r.removing],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn registrations(&self, id: &DeviceId) -> Result<Vec<Registration>, StoreError> {
+        self.registrations_where("registrations", "device_id = $1", &[&id.to_hex()])
+            .await
+    }
+
+    async fn removing_registrations(&self) -> Result<Vec<Registration>, StoreError> {
+        self.registrations_where("removing_registrations", "removing", &[])
+            .await
+    }
+
+    async fn delete_registration(&self, id: &DeviceId, tenant: &str) -> Result<(), StoreError> {
+        self.execute(
+            "delete_registration",
+            "DELETE FROM registrations WHERE device_id = $1 AND tenant = $2",
+            &[&id.to_hex(), &tenant],
+        )
+        .await
+        .map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_urls_are_refused_not_downgraded() {
+        for mode in ["require", "verify-ca", "verify-full"] {
+            let url = format!("postgres://u@127.0.0.1/db?application_name=x&sslmode={mode}");
+            let err = pg_config(&url).unwrap_err().to_string();
+            assert!(
+                err.contains("TLS to PostgreSQL is not supported yet"),
+                "{err}"
+            );
+        }
+        for url in [
+            "postgres://u@127.0.0.1/db",
+            "postgresql://u@127.0.0.1:5433/db?sslmode=disable",
+            "postgres://u@127.0.0.1/db?sslmode=prefer",
+        ] {
+            let config = pg_config(url).unwrap();
+            assert_eq!(config.get_ssl_mode(), SslMode::Disable, "{url}");
+        }
+    }
+
+    #[test]
+    fn a_bad_url_is_named_without_its_password() {
+        let err = pg_config("postgres://u:hunter2@127.0.0.1:notaport/db")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("not a PostgreSQL URL") && !err.contains("hunter2"),
+            "{err}"
+        );
+    }
+}

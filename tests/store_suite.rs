@@ -1,0 +1,490 @@
+//! One store test suite, run against every backend: each test is written once, and
+//! `both_backends!` makes a `sqlite_<name>` (a file in a temp dir) and a `postgres_<name>` (a
+//! fresh database, see `common/pg.rs`) test of it. Stores are opened through
+//! `lobby::store::open`, as the lobby does. Last, a lobby on PostgreSQL keeps a claim made
+//! through its API across a restart.
+
+mod common;
+#[path = "common/pg.rs"]
+mod pg;
+
+use std::sync::Arc;
+
+use lobby::claims::model::{AwsIotBackend, Backend, Claim, ClaimState, Tenant};
+use lobby::edge::identity::DeviceId;
+use lobby::provision::{CertRef, Registration};
+use lobby::store::{self, Store, StoreError, StoredTenant};
+
+/// Where a test's store lives, for as long as the test runs.
+enum Place {
+    Sqlite(tempfile::TempDir),
+    Postgres(pg::TestDb),
+}
+
+/// A backend under test: its `store.url` and the place behind it.
+struct Fixture {
+    url: String,
+    place: Place,
+}
+
+impl Fixture {
+    async fn sqlite() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("lobby.db").display());
+        Self {
+            url,
+            place: Place::Sqlite(dir),
+        }
+    }
+
+    async fn postgres() -> Self {
+        let db = pg::TestDb::create().await;
+        Self {
+            url: db.url.clone(),
+            place: Place::Postgres(db),
+        }
+    }
+
+    /// Opens the store (again) as the lobby does.
+    async fn open(&self) -> Arc<dyn Store> {
+        store::open(&self.url)
+            .await
+            .unwrap_or_else(|e| panic!("open {}: {e}", self.url))
+    }
+
+    /// What opening must never change once the schema exists: PostgreSQL's migration records
+    /// (version and when it was applied), SQLite's schema text.
+    async fn schema(&self) -> Vec<String> {
+        match &self.place {
+            Place::Postgres(db) => db
+                .client()
+                .await
+                .query(
+                    "SELECT version, applied_at::text FROM lobby_schema_migrations \
+                     ORDER BY version",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| format!("{} {}", r.get::<_, i32>(0), r.get::<_, String>(1)))
+                .collect(),
+            Place::Sqlite(dir) => {
+                let conn = rusqlite::Connection::open(dir.path().join("lobby.db")).unwrap();
+                let mut stmt = conn
+                    .prepare("SELECT type, name, sql FROM sqlite_master ORDER BY name")
+                    .unwrap();
+                stmt.query_map([], |r| {
+                    Ok(format!(
+                        "{} {} {}",
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, Option<String>>(2)?.unwrap_or_default()
+                    ))
+                })
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+            }
+        }
+    }
+}
+
+/// `store name => sqlite_name, postgres_name;` runs `name(&dyn Store)` on a fresh store of
+/// each backend; `fixture name => …;` hands the test the [`Fixture`] (to reopen it).
+macro_rules! both_backends {
+    ($($kind:ident $test:ident => $sqlite:ident, $postgres:ident;)*) => {$(
+        #[tokio::test]
+        async fn $sqlite() {
+            both_backends!(@run $kind $test, Fixture::sqlite().await);
+        }
+        #[tokio::test]
+        async fn $postgres() {
+            both_backends!(@run $kind $test, Fixture::postgres().await);
+        }
+    )*};
+    (@run store $test:ident, $fixture:expr) => {{
+        let fixture = $fixture;
+        $test(&*fixture.open().await).await;
+    }};
+    (@run fixture $test:ident, $fixture:expr) => {{
+        $test(&$fixture).await;
+    }};
+}
+
+both_backends! {
+    store tenants_insert_conflict_update_delete =>
+        sqlite_tenants_insert_conflict_update_delete, postgres_tenants_insert_conflict_update_delete;
+    store claims_put_replace_delete_round_trip =>
+        sqlite_claims_put_replace_delete_round_trip, postgres_claims_put_replace_delete_round_trip;
+    store cert_pem_is_kept_replaced_and_set =>
+        sqlite_cert_pem_is_kept_replaced_and_set, postgres_cert_pem_is_kept_replaced_and_set;
+    store registrations_put_replace_removing_delete =>
+        sqlite_registrations_put_replace_removing_delete, postgres_registrations_put_replace_removing_delete;
+    fixture data_survives_reopen =>
+        sqlite_data_survives_reopen, postgres_data_survives_reopen;
+    fixture reopen_applies_nothing_twice =>
+        sqlite_reopen_applies_nothing_twice, postgres_reopen_applies_nothing_twice;
+}
+
+fn tenant(id: &str, token_hash: &str) -> StoredTenant {
+    StoredTenant {
+        tenant: serde_json::from_value(serde_json::json!({
+            "id": id, "name": format!("Tenant {id}"), "endpoint": format!("iot.{id}.example"),
+            "port": 8883, "region": "eu-west-1",
+        }))
+        .unwrap(),
+        token_hash: token_hash.into(),
+    }
+}
+
+fn summary(tenants: &[StoredTenant]) -> Vec<(Tenant, String)> {
+    tenants
+        .iter()
+        .map(|t| (t.tenant.clone(), t.token_hash.clone()))
+        .collect()
+}
+
+fn device(n: u8) -> DeviceId {
+    DeviceId([n; 32])
+}
+
+/// A claim with every optional field set.
+fn full_claim(n: u8, tenant: &str) -> Claim {
+    Claim {
+        device_id: device(n),
+        tenant: Some(tenant.into()),
+        state: ClaimState::Ready,
+        thing_name: Some(format!("device-{n:04}")),
+        redirect_id: Some(format!("r-{n:024x}")),
+        claimed_at: Some(1_700_000_000_000 + i64::from(n)),
+        ready_at: Some(1_700_000_000_500),
+        redirected_at: Some(i64::MAX),
+        error: None,
+    }
+}
+
+/// A device revoked while unclaimed: every optional field empty.
+fn bare_claim(n: u8) -> Claim {
+    Claim {
+        device_id: device(n),
+        tenant: None,
+        state: ClaimState::Revoked,
+        thing_name: None,
+        redirect_id: None,
+        claimed_at: None,
+        ready_at: None,
+        redirected_at: None,
+        error: None,
+    }
+}
+
+async fn sorted_claims(store: &dyn Store) -> Vec<Claim> {
+    let mut claims = store.claims().await.unwrap();
+    claims.sort_by_key(|c| c.device_id.0);
+    claims
+}
+
+fn registration(n: u8, tenant: &str, cert: bool, removing: bool) -> Registration {
+    Registration {
+        device_id: device(n),
+        tenant: tenant.into(),
+        backend: AwsIotBackend {
+            region: "eu-west-1".into(),
+            role_arn: format!("arn:aws:iam::123456789012:role/lobby-{tenant}"),
+            external_id: "ext-1".into(),
+            policy_name: "devices".into(),
+            thing_name: Some("{cn}".into()),
+            rate_limit: None,
+        },
+        thing_name: format!("device-{n:04}"),
+        cert: cert.then(|| CertRef {
+            id: format!("cert-{n}"),
+            arn: format!("arn:aws:iot:eu-west-1:123456789012:cert/cert-{n}"),
+        }),
+        removing,
+    }
+}
+
+async fn sorted_registrations(store: &dyn Store, n: u8) -> Vec<Registration> {
+    let mut regs = store.registrations(&device(n)).await.unwrap();
+    regs.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+    regs
+}
+
+async fn removing(store: &dyn Store) -> Vec<(DeviceId, String)> {
+    let mut regs: Vec<_> = store
+        .removing_registrations()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.device_id, r.tenant))
+        .collect();
+    regs.sort_by(|a, b| (a.0 .0, &a.1).cmp(&(b.0 .0, &b.1)));
+    regs
+}
+
+async fn tenants_insert_conflict_update_delete(store: &dyn Store) {
+    store.ping().await.unwrap();
+    assert!(store.tenants().await.unwrap().is_empty());
+    let (a, b) = (
+        tenant("acme", &"a".repeat(64)),
+        tenant("bolt", &"b".repeat(64)),
+    );
+    store.insert_tenant(&b).await.unwrap();
+    store.insert_tenant(&a).await.unwrap();
+    assert_eq!(
+        summary(&store.tenants().await.unwrap()),
+        summary(&[a.clone(), b.clone()]),
+        "listed by id, every field kept"
+    );
+
+    let same_id = tenant("acme", &"c".repeat(64));
+    assert!(matches!(
+        store.insert_tenant(&same_id).await,
+        Err(StoreError::Conflict)
+    ));
+    let same_token = tenant("cobalt", &b.token_hash);
+    assert!(matches!(
+        store.insert_tenant(&same_token).await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(store.tenants().await.unwrap().len(), 2);
+
+    let mut changed = a.tenant.clone();
+    changed.name = "Acme GmbH — Zürich \"HQ\"".into();
+    changed.max_devices = Some(10);
+    changed.backend = Backend::AwsIot(registration(1, "acme", false, false).backend);
+    store.update_tenant(&changed).await.unwrap();
+    let listed = store.tenants().await.unwrap();
+    assert_eq!(listed[0].tenant, changed);
+    assert_eq!(listed[0].token_hash, a.token_hash, "update keeps the token");
+
+    store.delete_tenant("acme").await.unwrap();
+    store.delete_tenant("nobody").await.unwrap();
+    assert_eq!(summary(&store.tenants().await.unwrap()), summary(&[b]));
+}
+
+async fn claims_put_replace_delete_round_trip(store: &dyn Store) {
+    assert!(store.claims().await.unwrap().is_empty());
+    let (full, bare) = (full_claim(1, "acme"), bare_claim(2));
+    store.put_claim(&full, None).await.unwrap();
+    store.put_claim(&bare, None).await.unwrap();
+    assert_eq!(sorted_claims(store).await, vec![full.clone(), bare.clone()]);
+
+    let replaced = Claim {
+        tenant: Some("bolt".into()),
+        state: ClaimState::Failed,
+        thing_name: None,
+        redirected_at: None,
+        claimed_at: Some(0),
+        error: Some("InvalidRequestException: «policy» \"devices\" not found\nline 2".into()),
+        ..full.clone()
+    };
+    store.put_claim(&replaced, None).await.unwrap();
+    assert_eq!(
+        sorted_claims(store).await,
+        vec![replaced.clone(), bare.clone()]
+    );
+
+    store.delete_claim(&bare.device_id).await.unwrap();
+    store.delete_claim(&device(99)).await.unwrap();
+    assert_eq!(sorted_claims(store).await, vec![replaced]);
+}
+
+async fn cert_pem_is_kept_replaced_and_set(store: &dyn Store) {
+    let claim = full_claim(3, "acme");
+    let id = claim.device_id;
+    store.put_claim(&claim, Some("PEM-1")).await.unwrap();
+    assert_eq!(store.cert_pem(&id).await.unwrap().as_deref(), Some("PEM-1"));
+    let moved = Claim {
+        tenant: Some("bolt".into()),
+        ..claim.clone()
+    };
+    store.put_claim(&moved, None).await.unwrap();
+    assert_eq!(
+        store.cert_pem(&id).await.unwrap().as_deref(),
+        Some("PEM-1"),
+        "put_claim without a certificate keeps the stored one"
+    );
+    assert_eq!(sorted_claims(store).await, vec![moved.clone()]);
+    store.put_claim(&moved, Some("PEM-2")).await.unwrap();
+    assert_eq!(store.cert_pem(&id).await.unwrap().as_deref(), Some("PEM-2"));
+    store.set_cert_pem(&id, "PEM-3").await.unwrap();
+    assert_eq!(store.cert_pem(&id).await.unwrap().as_deref(), Some("PEM-3"));
+    assert_eq!(
+        sorted_claims(store).await,
+        vec![moved],
+        "the claim is untouched"
+    );
+
+    let without = bare_claim(4);
+    store.put_claim(&without, None).await.unwrap();
+    assert_eq!(store.cert_pem(&without.device_id).await.unwrap(), None);
+    assert_eq!(store.cert_pem(&device(98)).await.unwrap(), None);
+    store.set_cert_pem(&device(98), "PEM-X").await.unwrap();
+    assert_eq!(
+        store.claims().await.unwrap().len(),
+        2,
+        "set_cert_pem makes no claim"
+    );
+
+    store.delete_claim(&id).await.unwrap();
+    assert_eq!(store.cert_pem(&id).await.unwrap(), None);
+}
+
+async fn registrations_put_replace_removing_delete(store: &dyn Store) {
+    assert!(store.registrations(&device(5)).await.unwrap().is_empty());
+    assert!(store.removing_registrations().await.unwrap().is_empty());
+    let first = registration(5, "acme", false, false);
+    let old = registration(5, "bolt", true, true);
+    let other = registration(6, "acme", true, false);
+    for r in [&first, &old, &other] {
+        store.put_registration(r).await.unwrap();
+    }
+    assert_eq!(
+        sorted_registrations(store, 5).await,
+        vec![first.clone(), old.clone()]
+    );
+    assert_eq!(removing(store).await, vec![(device(5), "bolt".into())]);
+
+    let first = Registration {
+        cert: registration(5, "acme", true, false).cert,
+        removing: true,
+        ..first
+    };
+    store.put_registration(&first).await.unwrap();
+    assert_eq!(
+        sorted_registrations(store, 5).await,
+        vec![first.clone(), old.clone()]
+    );
+    assert_eq!(
+        removing(store).await,
+        vec![(device(5), "acme".into()), (device(5), "bolt".into())]
+    );
+
+    store.delete_registration(&device(5), "bolt").await.unwrap();
+    store
+        .delete_registration(&device(5), "nobody")
+        .await
+        .unwrap();
+    assert_eq!(sorted_registrations(store, 5).await, vec![first]);
+    assert_eq!(removing(store).await, vec![(device(5), "acme".into())]);
+    assert_eq!(sorted_registrations(store, 6).await, vec![other]);
+}
+
+async fn data_survives_reopen(f: &Fixture) {
+    let t = tenant("acme", &"a".repeat(64));
+    let (claim, revoked) = (full_claim(7, "acme"), bare_claim(8));
+    let reg = registration(7, "acme", true, true);
+    {
+        let store = f.open().await;
+        store.insert_tenant(&t).await.unwrap();
+        store.put_claim(&claim, Some("PEM")).await.unwrap();
+        store.put_claim(&revoked, None).await.unwrap();
+        store.put_registration(&reg).await.unwrap();
+        // A second store on the same data (another node, or the next start) sees every write.
+        let second = f.open().await;
+        assert_eq!(
+            sorted_claims(&*second).await,
+            vec![claim.clone(), revoked.clone()]
+        );
+    }
+    let store = f.open().await;
+    assert_eq!(summary(&store.tenants().await.unwrap()), summary(&[t]));
+    assert_eq!(sorted_claims(&*store).await, vec![claim.clone(), revoked]);
+    assert_eq!(
+        store.cert_pem(&claim.device_id).await.unwrap().as_deref(),
+        Some("PEM")
+    );
+    assert_eq!(store.registrations(&device(7)).await.unwrap(), vec![reg]);
+    assert_eq!(removing(&*store).await, vec![(device(7), "acme".into())]);
+}
+
+async fn reopen_applies_nothing_twice(f: &Fixture) {
+    let store = f.open().await;
+    store.put_claim(&full_claim(9, "acme"), None).await.unwrap();
+    let schema = f.schema().await;
+    assert!(!schema.is_empty());
+    if matches!(f.place, Place::Postgres(_)) {
+        let versions: Vec<String> = schema
+            .iter()
+            .map(|l| l.split(' ').next().unwrap().to_owned())
+            .collect();
+        let expected: Vec<String> = (1..=store::postgres::SCHEMA_VERSION)
+            .map(|v| v.to_string())
+            .collect();
+        assert_eq!(versions, expected, "every migration recorded once");
+    }
+    drop(store);
+    for _ in 0..2 {
+        let store = f.open().await;
+        assert_eq!(f.schema().await, schema, "a reopen changed the schema");
+        assert_eq!(sorted_claims(&*store).await, vec![full_claim(9, "acme")]);
+    }
+}
+
+#[tokio::test]
+async fn postgres_nodes_starting_at_once_migrate_once() {
+    let f = Fixture::postgres().await;
+    let (a, b, c, d) = tokio::join!(f.open(), f.open(), f.open(), f.open());
+    a.put_claim(&full_claim(1, "acme"), None).await.unwrap();
+    for other in [&b, &c, &d] {
+        assert_eq!(other.claims().await.unwrap().len(), 1);
+    }
+    let versions = f.schema().await.len();
+    assert_eq!(versions, store::postgres::SCHEMA_VERSION as usize);
+}
+
+#[tokio::test]
+async fn postgres_unreachable_server_is_a_clear_error() {
+    let err = store::open("postgres://postgres@127.0.0.1:1/lobby?connect_timeout=2")
+        .await
+        .err()
+        .expect("nothing listens on port 1")
+        .to_string();
+    assert!(err.contains("postgres connection"), "{err}");
+    let err = store::open("postgres://postgres@127.0.0.1/lobby?sslmode=verify-full")
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("TLS to PostgreSQL is not supported yet"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn postgres_lobby_keeps_a_claim_across_restart() {
+    let db = pg::TestDb::create().await;
+    let url = db.url.clone();
+    let mut lobby = common::TestLobby::start_with(|c| c.store.url = url).await;
+    let token = lobby.tenant("acme", "iot.acme.example").await;
+    let dev = lobby.device("device-0001");
+    let (status, body) = lobby.claim(&token, &dev).await;
+    assert_eq!(status, 201, "{body}");
+
+    lobby.restart().await;
+    let running = lobby.lobby.as_ref().unwrap();
+    let claim = running
+        .service()
+        .cache()
+        .claim(&dev.id)
+        .expect("the claim is in the second lobby's map");
+    assert_eq!(claim.tenant.as_deref(), Some("acme"));
+    assert_eq!(claim.state, ClaimState::Ready);
+    let body = lobby.admin_device(&dev).await;
+    assert_eq!(body["tenant"], "acme", "{body}");
+    assert_eq!(body["state"], "ready", "{body}");
+    let (status, body) = lobby.device_json(&token, &dev).await;
+    assert_eq!(
+        status, 200,
+        "the tenant's token survives the restart too: {body}"
+    );
+
+    if let Some(l) = lobby.lobby.take() {
+        l.stop().await;
+    }
+    drop(db);
+}
