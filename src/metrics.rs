@@ -22,6 +22,10 @@ pub const STORE_OPERATION_DURATION_SECONDS: &str = "lobby_store_operation_durati
 /// An extension of SPEC §9: bridge messages dropped, by reason (`upstream_busy` for QoS 0
 /// past a full upstream queue, `device_slow` for a device that does not keep up).
 pub const BRIDGE_DROPPED_TOTAL: &str = "lobby_bridge_dropped_total";
+/// An extension of SPEC §9: 1 while this node listens to the shared store's change log.
+pub const CLUSTER_WATCH_CONNECTED: &str = "lobby_cluster_watch_connected";
+/// An extension of SPEC §9: other nodes' changes applied to this node's map.
+pub const CLUSTER_CHANGES_APPLIED_TOTAL: &str = "lobby_cluster_changes_applied_total";
 /// An extension of SPEC §9: completed device handshakes by kind (`full`, `resumed`).
 pub const TLS_HANDSHAKES_TOTAL: &str = "lobby_tls_handshakes_total";
 
@@ -100,6 +104,11 @@ pub fn connection_outcome(outcome: &'static str) {
 /// Counts a failed handshake.
 pub fn handshake_failure(reason: &'static str) {
     metrics::counter!(TLS_HANDSHAKE_FAILURES_TOTAL, "reason" => reason).increment(1);
+}
+
+/// Whether the change-log watch is connected.
+pub fn cluster_watch_connected(up: bool) {
+    metrics::gauge!(CLUSTER_WATCH_CONNECTED).set(if up { 1.0 } else { 0.0 });
 }
 
 /// Counts a completed device handshake of `kind` (`full`, `resumed`).

@@ -105,6 +105,9 @@ impl Lobby {
         let tracker = TaskTracker::new();
         let (activity_tx, activity_rx) = mpsc::channel(ACTIVITY_QUEUE);
         tracker.spawn(service.clone().run_activity(activity_rx));
+        if let Some(pokes) = service.store().watch(cancel.clone()) {
+            tracker.spawn(service.clone().run_sync(pokes, cancel.clone()));
+        }
         let worker = Worker::new(
             service.clone(),
             store,

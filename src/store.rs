@@ -13,6 +13,8 @@ pub mod sqlite;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::claims::model::{Claim, Tenant};
 use crate::edge::identity::DeviceId;
@@ -64,6 +66,54 @@ pub trait Store: Send + Sync + 'static {
     /// The clean-up queue: registrations marked `removing`.
     async fn removing_registrations(&self) -> Result<Vec<Registration>, StoreError>;
     async fn delete_registration(&self, id: &DeviceId, tenant: &str) -> Result<(), StoreError>;
+
+    /// One claim, as stored (a node applying another node's change reads it here).
+    async fn claim(&self, id: &DeviceId) -> Result<Option<Claim>, StoreError>;
+    /// One tenant with its token hash, as stored.
+    async fn tenant(&self, id: &str) -> Result<Option<StoredTenant>, StoreError>;
+
+    // Scale-out (SPEC §10). A store that several nodes share records every change of a tenant
+    // or claim in a change log, tells the other nodes, and serialises writers. The embedded
+    // store has one node: no lock, no log, nothing to watch.
+
+    /// Takes the cluster-wide write lock, held until the returned value drops. `None`: the
+    /// store serves one node, whose own lock is enough.
+    async fn lock_writes(&self) -> Result<Option<Box<dyn WriteLock>>, StoreError> {
+        Ok(None)
+    }
+    /// The sequence number of the newest change (0: none).
+    async fn last_change(&self) -> Result<i64, StoreError> {
+        Ok(0)
+    }
+    /// Every change after `seq`, oldest first.
+    async fn changes_since(&self, _seq: i64) -> Result<Vec<Change>, StoreError> {
+        Ok(Vec::new())
+    }
+    /// Starts watching for other nodes' changes until `cancel`: the receiver gets a poke after
+    /// each change notification and after every (re)connect of the watch, so a node that lost
+    /// its notifications catches up from the change log. `None`: nothing to watch.
+    fn watch(&self, _cancel: CancellationToken) -> Option<mpsc::Receiver<()>> {
+        None
+    }
+}
+
+/// The cluster-wide write lock; dropping it releases the lock.
+pub trait WriteLock: Send + Sync {}
+
+/// What a change is about: a claim (by device) or a tenant (by id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subject {
+    Claim(DeviceId),
+    Tenant(String),
+}
+
+/// One entry of the change log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub seq: i64,
+    pub subject: Subject,
+    /// Made by this process (already in its map).
+    pub own: bool,
 }
 
 /// The stored form of a [`Registration`] beside its key columns (device id, tenant) and its

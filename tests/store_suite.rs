@@ -125,6 +125,8 @@ both_backends! {
         sqlite_data_survives_reopen, postgres_data_survives_reopen;
     fixture reopen_applies_nothing_twice =>
         sqlite_reopen_applies_nothing_twice, postgres_reopen_applies_nothing_twice;
+    store one_claim_and_one_tenant_read_back =>
+        sqlite_one_claim_and_one_tenant_read_back, postgres_one_claim_and_one_tenant_read_back;
 }
 
 fn tenant(id: &str, token_hash: &str) -> StoredTenant {
@@ -222,6 +224,81 @@ async fn removing(store: &dyn Store) -> Vec<(DeviceId, String)> {
         .collect();
     regs.sort_by(|a, b| (a.0 .0, &a.1).cmp(&(b.0 .0, &b.1)));
     regs
+}
+
+async fn one_claim_and_one_tenant_read_back(store: &dyn Store) {
+    let t = tenant("acme", &"a".repeat(64));
+    store.insert_tenant(&t).await.unwrap();
+    let got = store.tenant("acme").await.unwrap().unwrap();
+    assert_eq!((got.tenant, got.token_hash), (t.tenant, t.token_hash));
+    assert!(store.tenant("nobody").await.unwrap().is_none());
+    let (full, bare) = (full_claim(7, "acme"), bare_claim(8));
+    store.put_claim(&full, Some("PEM")).await.unwrap();
+    store.put_claim(&bare, None).await.unwrap();
+    assert_eq!(store.claim(&full.device_id).await.unwrap(), Some(full));
+    assert_eq!(store.claim(&bare.device_id).await.unwrap(), Some(bare));
+    assert_eq!(store.claim(&device(99)).await.unwrap(), None);
+}
+
+/// The change log of a shared store: every tenant and claim write is an entry, in commit
+/// order, marked as its writer's own; another node's handle sees them as foreign. The
+/// write lock is exclusive across handles.
+#[tokio::test]
+async fn postgres_change_log_and_write_lock() {
+    use lobby::store::Subject;
+    let f = Fixture::postgres().await;
+    let (a, b) = (f.open().await, f.open().await);
+    let start = a.last_change().await.unwrap();
+    a.insert_tenant(&tenant("acme", &"a".repeat(64)))
+        .await
+        .unwrap();
+    a.put_claim(&full_claim(1, "acme"), None).await.unwrap();
+    b.delete_claim(&device(1)).await.unwrap();
+    let seen_by_a = a.changes_since(start).await.unwrap();
+    let subjects: Vec<_> = seen_by_a
+        .iter()
+        .map(|c| (c.subject.clone(), c.own))
+        .collect();
+    assert_eq!(
+        subjects,
+        vec![
+            (Subject::Tenant("acme".into()), true),
+            (Subject::Claim(device(1)), true),
+            (Subject::Claim(device(1)), false),
+        ]
+    );
+    assert!(seen_by_a.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert_eq!(a.last_change().await.unwrap(), seen_by_a[2].seq);
+    assert!(b.changes_since(seen_by_a[2].seq).await.unwrap().is_empty());
+    // Registrations and certificates are not map changes.
+    a.set_cert_pem(&device(1), "PEM").await.unwrap();
+    assert!(a.changes_since(seen_by_a[2].seq).await.unwrap().is_empty());
+
+    let held = a
+        .lock_writes()
+        .await
+        .unwrap()
+        .expect("a shared store has a write lock");
+    let waiting = tokio::spawn(async move { b.lock_writes().await.unwrap().is_some() });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "the second node waits for the lock");
+    drop(held);
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("the lock is released when the guard drops")
+            .unwrap()
+    );
+}
+
+#[tokio::test]
+async fn sqlite_has_no_change_log_or_lock() {
+    let f = Fixture::sqlite().await;
+    let store = f.open().await;
+    store.put_claim(&full_claim(1, "acme"), None).await.unwrap();
+    assert_eq!(store.last_change().await.unwrap(), 0);
+    assert!(store.changes_since(0).await.unwrap().is_empty());
+    assert!(store.lock_writes().await.unwrap().is_none());
 }
 
 async fn tenants_insert_conflict_update_delete(store: &dyn Store) {

@@ -16,6 +16,7 @@ use super::codes::ClaimKey;
 use super::model::{now_ms, Backend, Claim, ClaimState, Mode, Tenant};
 use super::tenant_input::TenantInput;
 
+mod cluster;
 mod registrations;
 use crate::edge::identity::{self, DeviceId};
 use crate::provision::Provisioner;
@@ -77,7 +78,11 @@ struct Inner {
     key: ClaimKey,
     waiting: WaitingRoom,
     provisioner: Provisioner,
+    /// Serialises this node's mutations; with a shared store, the store's lock serialises the
+    /// nodes (see `cluster`).
     write: Mutex<()>,
+    /// The newest change-log entry applied to the map.
+    applied: Mutex<i64>,
 }
 
 impl std::fmt::Debug for ClaimsService {
@@ -113,6 +118,8 @@ impl ClaimsService {
         provisioner: Provisioner,
     ) -> Result<Self, ServiceError> {
         let cache = ClaimsCache::default();
+        // Read before loading: a change committed meanwhile is applied again, never missed.
+        let applied = store.last_change().await?;
         for t in store.tenants().await? {
             let mut hash = [0u8; 32];
             hex::decode_to_slice(&t.token_hash, &mut hash)
@@ -134,6 +141,7 @@ impl ClaimsService {
                 waiting,
                 provisioner,
                 write: Mutex::new(()),
+                applied: Mutex::new(applied),
             }),
         })
     }
@@ -146,6 +154,11 @@ impl ClaimsService {
     /// The waiting room (connected devices).
     pub fn waiting(&self) -> &WaitingRoom {
         &self.inner.waiting
+    }
+
+    /// The store behind the map.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
     }
 
     /// Store liveness for `/readyz`.
@@ -166,7 +179,7 @@ impl ClaimsService {
         check_supported(&tenant)?;
         let token = format!("lobby_t_{}", random_hex(32));
         let hash = token_hash(&token);
-        let _w = self.inner.write.lock().await;
+        let _w = self.write().await?;
         let stored = StoredTenant {
             tenant: tenant.clone(),
             token_hash: hex::encode(hash),
@@ -193,7 +206,7 @@ impl ClaimsService {
         id: &str,
         patch: TenantInput,
     ) -> Result<Tenant, ServiceError> {
-        let _w = self.inner.write.lock().await;
+        let _w = self.write().await?;
         let entry = self.inner.cache.tenant(id).ok_or(ServiceError::NotFound)?;
         let tenant = patch.apply_to(entry.tenant.clone())?;
         check_supported(&tenant)?;
@@ -209,7 +222,7 @@ impl ClaimsService {
 
     /// Deletes a tenant that has no devices.
     pub async fn delete_tenant(&self, id: &str) -> Result<(), ServiceError> {
-        let _w = self.inner.write.lock().await;
+        let _w = self.write().await?;
         self.inner.cache.tenant(id).ok_or(ServiceError::NotFound)?;
         if self.tenant_device_count(id) > 0 {
             return Err(ServiceError::Conflict(format!(
@@ -238,7 +251,7 @@ impl ClaimsService {
             Some(pem) => Some(self.cert_cn(&device_id, pem)?),
             None => None,
         };
-        let _w = self.inner.write.lock().await;
+        let _w = self.write().await?;
         let entry = self
             .inner
             .cache
@@ -284,7 +297,7 @@ impl ClaimsService {
         id: &DeviceId,
         by_tenant: Option<&str>,
     ) -> Result<(), ServiceError> {
-        let _w = self.inner.write.lock().await;
+        let _w = self.write().await?;
         let existing = self.owned_claim(id, by_tenant)?;
         if existing.state == ClaimState::Revoked {
             // Revocation outlives the claim: keep refusing the device.
@@ -302,7 +315,7 @@ impl ClaimsService {
 
     /// Moves a claimed device to another tenant with a new redirect.
     pub async fn migrate(&self, id: &DeviceId, to: &str) -> Result<Arc<Claim>, ServiceError> {
-        let _w = self.inner.write.lock().await;
+        let _w = self.write().await?;
         let existing = self.owned_claim(id, None)?;
         if existing.state == ClaimState::Revoked {
             return Err(ServiceError::Conflict("device is revoked".into()));
@@ -329,9 +342,10 @@ impl ClaimsService {
 
     /// Revokes a device: refused at the handshake from now on, its connection closed.
     pub async fn revoke(&self, id: &DeviceId) -> Result<Arc<Claim>, ServiceError> {
-        let _w = self.inner.write.lock().await;
+        let w = self.write().await?;
         let existing = self.inner.cache.claim(id);
-        if existing.is_none() && self.inner.waiting.seen(id).is_none() {
+        // A fleet's node knows only the devices it has seen; the device may wait on another.
+        if existing.is_none() && self.inner.waiting.seen(id).is_none() && !w.clustered() {
             return Err(ServiceError::NotFound);
         }
         let claim = match existing {
@@ -378,7 +392,13 @@ impl ClaimsService {
                     continue;
                 }
             };
-            let _w = self.inner.write.lock().await;
+            let _w = match self.write().await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(error = %e, "recording a redirect failed");
+                    continue;
+                }
+            };
             let Some(c) = self.inner.cache.claim(&device_id) else {
                 continue;
             };

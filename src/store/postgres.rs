@@ -16,13 +16,15 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
+use tokio::sync::mpsc;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::{AsyncMessage, NoTls, Row};
+use tokio_util::sync::CancellationToken;
 
-use super::{RegistrationBody, Store, StoreError, StoredTenant};
+use super::{Change, RegistrationBody, Store, StoreError, StoredTenant, Subject, WriteLock};
 use crate::claims::model::{Claim, ClaimState, Tenant};
 use crate::edge::identity::DeviceId;
 use crate::provision::Registration;
@@ -41,7 +43,8 @@ pub const MIGRATION_LOCK: i64 = 0x6c6f_6262_796d_6967;
 
 /// The schema, step by step: step `i` is version `i + 1`. Append; never edit a released step.
 /// `device_id` is the 64-char lowercase hex text of the SQLite schema, compared bytewise.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE tenants (
     id TEXT PRIMARY KEY,
     body TEXT NOT NULL,
@@ -68,7 +71,28 @@ CREATE TABLE registrations (
     PRIMARY KEY (device_id, tenant)
 );
 CREATE INDEX registrations_removing ON registrations (removing) WHERE removing;
-"];
+",
+    "
+CREATE TABLE lobby_changes (
+    seq BIGSERIAL PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('claim', 'tenant')),
+    key TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+",
+];
+
+/// The advisory lock every node holds while it changes tenants or claims (the bytes spell
+/// "lobbywrt"). Holding it makes the change log's order the commit order, and lets a node
+/// check a claim against every other node's committed changes before it writes.
+pub const WRITE_LOCK: i64 = 0x6c6f_6262_7977_7274;
+/// The notification channel of the change log.
+const CHANNEL: &str = "lobby_changes";
+/// Appends to the change log and notifies, inside the writing transaction (NOTIFY is sent
+/// at commit).
+const LOG_CHANGE: &str = "WITH ch AS (INSERT INTO lobby_changes (kind, key, origin) \
+     VALUES ($1, $2, $3) RETURNING seq) SELECT pg_notify('lobby_changes', seq::text) FROM ch";
 
 /// The newest schema version this build knows.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
@@ -82,6 +106,10 @@ const REGISTRATION_COLUMNS: &str = "SELECT device_id, tenant, body, removing FRO
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    /// For the watch's own connection (not pooled: it stays in LISTEN).
+    config: tokio_postgres::Config,
+    /// This process's name in the change log (random per start).
+    origin: Arc<str>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -147,8 +175,9 @@ fn pg_config(url: &str) -> Result<tokio_postgres::Config, StoreError> {
 impl PostgresStore {
     /// Connects to `url` (`postgres://…` or `postgresql://…`) and brings the schema up to date.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let config = pg_config(url)?;
         let manager = Manager::from_config(
-            pg_config(url)?,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -161,7 +190,13 @@ impl PostgresStore {
             .create_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|e| StoreError::Backend(format!("postgres pool: {e}")))?;
-        let store = Self { pool };
+        let mut origin = [0u8; 8];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut origin);
+        let store = Self {
+            pool,
+            config,
+            origin: hex::encode(origin).into(),
+        };
         let applied = store.timed("migrate", store.migrate()).await?;
         if applied > 0 {
             tracing::info!(applied, version = SCHEMA_VERSION, "store schema migrated");
@@ -249,6 +284,29 @@ impl PostgresStore {
             let client = self.client().await?;
             let stmt = client.prepare_cached(sql).await.map_err(pg)?;
             client.execute(&stmt, params).await.map_err(pg)
+        })
+        .await
+    }
+
+    /// One statement and its change-log entry, in one transaction.
+    async fn execute_logged(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        subject: (&str, &str),
+    ) -> Result<u64, StoreError> {
+        self.timed(op, async {
+            let mut client = self.client().await?;
+            let stmt = client.prepare_cached(sql).await.map_err(pg)?;
+            let log = client.prepare_cached(LOG_CHANGE).await.map_err(pg)?;
+            let tx = client.transaction().await.map_err(pg)?;
+            let n = tx.execute(&stmt, params).await.map_err(pg)?;
+            tx.execute(&log, &[&subject.0, &subject.1, &&*self.origin])
+                .await
+                .map_err(pg)?;
+            tx.commit().await.map_err(pg)?;
+            Ok(n)
         })
         .await
     }
@@ -359,10 +417,11 @@ impl Store for PostgresStore {
     async fn insert_tenant(&self, t: &StoredTenant) -> Result<(), StoreError> {
         let body =
             serde_json::to_string(&t.tenant).map_err(|e| StoreError::Backend(e.to_string()))?;
-        self.execute(
+        self.execute_logged(
             "insert_tenant",
             "INSERT INTO tenants (id, body, token_hash) VALUES ($1, $2, $3)",
             &[&t.tenant.id, &body, &t.token_hash],
+            ("tenant", &t.tenant.id),
         )
         .await
         .map(drop)
@@ -370,19 +429,25 @@ impl Store for PostgresStore {
 
     async fn update_tenant(&self, t: &Tenant) -> Result<(), StoreError> {
         let body = serde_json::to_string(t).map_err(|e| StoreError::Backend(e.to_string()))?;
-        self.execute(
+        self.execute_logged(
             "update_tenant",
             "UPDATE tenants SET body = $2 WHERE id = $1",
             &[&t.id, &body],
+            ("tenant", &t.id),
         )
         .await
         .map(drop)
     }
 
     async fn delete_tenant(&self, id: &str) -> Result<(), StoreError> {
-        self.execute("delete_tenant", "DELETE FROM tenants WHERE id = $1", &[&id])
-            .await
-            .map(drop)
+        self.execute_logged(
+            "delete_tenant",
+            "DELETE FROM tenants WHERE id = $1",
+            &[&id],
+            ("tenant", id),
+        )
+        .await
+        .map(drop)
     }
 
     /// Streams the rows (a portal, decoded as they arrive): a million claims never sit in the
@@ -405,7 +470,8 @@ impl Store for PostgresStore {
     }
 
     async fn put_claim(&self, c: &Claim, cert_pem: Option<&str>) -> Result<(), StoreError> {
-        self.execute(
+        let hex = c.device_id.to_hex();
+        self.execute_logged(
             "put_claim",
             "INSERT INTO claims (device_id, tenant, state, thing_name, redirect_id, \
              claimed_at, ready_at, redirected_at, error, cert_pem) \
@@ -416,7 +482,7 @@ impl Store for PostgresStore {
              ready_at = EXCLUDED.ready_at, redirected_at = EXCLUDED.redirected_at, \
              error = EXCLUDED.error, cert_pem = COALESCE(EXCLUDED.cert_pem, claims.cert_pem)",
             &[
-                &c.device_id.to_hex(),
+                &hex,
                 &c.tenant.as_deref(),
                 &c.state.as_str(),
                 &c.thing_name,
@@ -427,16 +493,19 @@ impl Store for PostgresStore {
                 &c.error,
                 &cert_pem,
             ],
+            ("claim", &hex),
         )
         .await
         .map(drop)
     }
 
     async fn delete_claim(&self, id: &DeviceId) -> Result<(), StoreError> {
-        self.execute(
+        let hex = id.to_hex();
+        self.execute_logged(
             "delete_claim",
             "DELETE FROM claims WHERE device_id = $1",
-            &[&id.to_hex()],
+            &[&hex],
+            ("claim", &hex),
         )
         .await
         .map(drop)
@@ -497,6 +566,180 @@ impl Store for PostgresStore {
         )
         .await
         .map(drop)
+    }
+
+    async fn claim(&self, id: &DeviceId) -> Result<Option<Claim>, StoreError> {
+        let sql = format!("{CLAIM_COLUMNS} WHERE device_id = $1");
+        let rows = self.query("claim", &sql, &[&id.to_hex()]).await?;
+        rows.first()
+            .map(|r| claim_from_row(r, &mut HashMap::new()))
+            .transpose()
+    }
+
+    async fn tenant(&self, id: &str) -> Result<Option<StoredTenant>, StoreError> {
+        let rows = self
+            .query(
+                "tenant",
+                "SELECT body, token_hash FROM tenants WHERE id = $1",
+                &[&id],
+            )
+            .await?;
+        rows.first().map(tenant_from_row).transpose()
+    }
+
+    async fn lock_writes(&self) -> Result<Option<Box<dyn WriteLock>>, StoreError> {
+        self.timed("lock_writes", async {
+            let conn = self.client().await?;
+            conn.execute("SELECT pg_advisory_lock($1)", &[&WRITE_LOCK])
+                .await
+                .map_err(pg)?;
+            Ok(Some(
+                Box::new(PgWriteLock { conn: Some(conn) }) as Box<dyn WriteLock>
+            ))
+        })
+        .await
+    }
+
+    async fn last_change(&self) -> Result<i64, StoreError> {
+        let rows = self
+            .query(
+                "last_change",
+                "SELECT COALESCE(MAX(seq), 0) FROM lobby_changes",
+                &[],
+            )
+            .await?;
+        rows.first()
+            .map_or(Ok(0), |r| r.try_get::<_, i64>(0).map_err(pg))
+    }
+
+    async fn changes_since(&self, seq: i64) -> Result<Vec<Change>, StoreError> {
+        let rows = self
+            .query(
+                "changes_since",
+                "SELECT seq, kind, key, origin FROM lobby_changes WHERE seq > $1 ORDER BY seq",
+                &[&seq],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let (kind, key): (&str, &str) =
+                    (r.try_get(1).map_err(pg)?, r.try_get(2).map_err(pg)?);
+                let subject =
+                    match kind {
+                        "claim" => Subject::Claim(DeviceId::parse_hex(key).ok_or_else(|| {
+                            StoreError::Corrupt(format!("change of claim {key:?}"))
+                        })?),
+                        "tenant" => Subject::Tenant(key.to_owned()),
+                        other => return Err(StoreError::Corrupt(format!("change kind {other:?}"))),
+                    };
+                Ok(Change {
+                    seq: r.try_get(0).map_err(pg)?,
+                    subject,
+                    own: r.try_get::<_, &str>(3).map_err(pg)? == &*self.origin,
+                })
+            })
+            .collect()
+    }
+
+    fn watch(&self, cancel: CancellationToken) -> Option<mpsc::Receiver<()>> {
+        let (tx, rx) = mpsc::channel(1);
+        let mut config = self.config.clone();
+        config.application_name(format!("lobby-listen-{}", self.origin));
+        tokio::spawn(listen(config, tx, cancel));
+        Some(rx)
+    }
+}
+
+fn tenant_from_row(r: &Row) -> Result<StoredTenant, StoreError> {
+    let body: &str = r.try_get(0).map_err(pg)?;
+    let tenant: Tenant =
+        serde_json::from_str(body).map_err(|e| StoreError::Corrupt(format!("tenant body: {e}")))?;
+    Ok(StoredTenant {
+        tenant,
+        token_hash: r.try_get(1).map_err(pg)?,
+    })
+}
+
+/// Holds [`WRITE_LOCK`] on one pooled connection. Dropping it unlocks in the background; if
+/// that fails, the connection leaves the pool and closes, which releases the lock too.
+struct PgWriteLock {
+    conn: Option<Object>,
+}
+
+impl WriteLock for PgWriteLock {}
+
+impl Drop for PgWriteLock {
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            // No runtime (shutdown): closing the connection releases the lock.
+            drop(Object::take(conn));
+            return;
+        };
+        rt.spawn(async move {
+            let unlocked = conn
+                .query_one("SELECT pg_advisory_unlock($1)", &[&WRITE_LOCK])
+                .await
+                .is_ok_and(|r| r.get::<_, bool>(0));
+            if !unlocked {
+                drop(Object::take(conn));
+            }
+        });
+    }
+}
+
+/// The change-log watch: one connection in `LISTEN lobby_changes`, re-established with backoff
+/// whenever it drops. Pokes `tx` after every notification and after every (re)connect.
+async fn listen(config: tokio_postgres::Config, tx: mpsc::Sender<()>, cancel: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let session = async {
+            let (client, mut conn) = config.connect(NoTls).await.map_err(pg)?;
+            let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+            let listen = format!("LISTEN {CHANNEL}");
+            let subscribe = client.batch_execute(&listen);
+            let mut subscribe = std::pin::pin!(subscribe);
+            // The connection makes progress only while its messages are polled.
+            loop {
+                tokio::select! {
+                    r = &mut subscribe => { r.map_err(pg)?; break; }
+                    m = messages.next() => match m {
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => return Err(pg(e)),
+                        None => return Err(StoreError::Backend("watch connection closed".into())),
+                    },
+                }
+            }
+            crate::metrics::cluster_watch_connected(true);
+            tracing::info!("watching the change log");
+            // Catch up on whatever was missed while not listening.
+            let _ = tx.try_send(());
+            while let Some(m) = messages.next().await {
+                match m {
+                    Ok(AsyncMessage::Notification(_)) => {
+                        let _ = tx.try_send(());
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(pg(e)),
+                }
+            }
+            Err::<(), _>(StoreError::Backend("watch connection closed".into()))
+        };
+        let ended = tokio::select! {
+            r = session => r,
+            () = cancel.cancelled() => return,
+        };
+        crate::metrics::cluster_watch_connected(false);
+        if let Err(e) = ended {
+            tracing::warn!(error = %e, retry_in = ?backoff, "change-log watch lost");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = cancel.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 

@@ -286,6 +286,48 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn claim(&self, id: &DeviceId) -> Result<Option<Claim>, StoreError> {
+        let (device_id, hex) = (*id, id.to_hex());
+        self.with("claim", move |c| {
+            c.query_row(
+                "SELECT device_id, tenant, state, thing_name, redirect_id, claimed_at, \
+                 ready_at, redirected_at, error FROM claims WHERE device_id = ?1",
+                params![hex],
+                claim_from_row,
+            )
+            .optional()
+            .map_err(backend)
+        })
+        .await
+        .map(|row| {
+            row.map(|(_, mut claim)| {
+                claim.device_id = device_id;
+                claim
+            })
+        })
+    }
+
+    async fn tenant(&self, id: &str) -> Result<Option<StoredTenant>, StoreError> {
+        let id = id.to_owned();
+        let row = self
+            .with("tenant", move |c| {
+                c.query_row(
+                    "SELECT body, token_hash FROM tenants WHERE id = ?1",
+                    params![id],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+                )
+                .optional()
+                .map_err(backend)
+            })
+            .await?;
+        row.map(|(body, token_hash)| {
+            let tenant = serde_json::from_str(&body)
+                .map_err(|e| StoreError::Corrupt(format!("tenant body: {e}")))?;
+            Ok(StoredTenant { tenant, token_hash })
+        })
+        .transpose()
+    }
+
     async fn set_cert_pem(&self, id: &DeviceId, pem: &str) -> Result<(), StoreError> {
         let (id, pem) = (id.to_hex(), pem.to_owned());
         self.with("set_cert_pem", move |c| {

@@ -53,7 +53,7 @@ impl ClaimsService {
         tenant: &str,
         outcome: Result<Option<String>, String>,
     ) -> Result<(), ServiceError> {
-        let _w = self.inner.write.lock().await;
+        let _w = self.write().await?;
         let current = self.inner.cache.claim(id);
         let Some(c) =
             current.filter(|c| c.state == ClaimState::Registering && c.tenant_id() == Some(tenant))
@@ -85,7 +85,7 @@ impl ClaimsService {
 
     /// Stores the endpoint DescribeEndpoint found for a tenant that had none.
     pub async fn set_tenant_endpoint(&self, id: &str, endpoint: &str) -> Result<(), ServiceError> {
-        let _w = self.inner.write.lock().await;
+        let _w = self.write().await?;
         let entry = self.inner.cache.tenant(id).ok_or(ServiceError::NotFound)?;
         if entry.tenant.endpoint.is_some() {
             return Ok(());

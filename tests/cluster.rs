@@ -1,0 +1,137 @@
+//! Scale-out (SPEC §10, issue 6): two lobby nodes in one test process sharing one PostgreSQL
+//! database (a fresh one per test). A change made through either node's API reaches the
+//! other node's map and the devices connected to it at once; a node whose change-log watch
+//! was cut catches up when it reconnects.
+mod common;
+#[path = "common/pg.rs"]
+mod pg;
+
+use std::path::Path;
+use std::time::Instant;
+
+use common::*;
+use lobby::mqtt::codec::Protocol;
+
+/// Node A on `db`, and node B sharing A's PKI, claim key, admin token and database.
+async fn two_nodes(db: &pg::TestDb) -> (TestLobby, TestLobby) {
+    let url = db.url.clone();
+    let a = TestLobby::start_with(|c| c.store.url = url.clone()).await;
+    let from = a.certs_dir();
+    let b = TestLobby::start_with(|c| {
+        c.store.url = url.clone();
+        // B made its own dev PKI; give it A's, so devices, codes and tokens are the fleet's.
+        copy_dir(&from, c.tls.cert.parent().unwrap());
+    })
+    .await;
+    assert_eq!(a.admin, b.admin);
+    (a, b)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+/// A v5 device waiting on `node` (CONNACK 0).
+async fn waiting_on(node: &TestLobby, dev: &Device) -> RawClient {
+    connected(node, dev, Protocol::V5).await
+}
+
+#[tokio::test]
+async fn a_claim_on_a_redirects_a_device_waiting_on_b() {
+    let db = pg::TestDb::create().await;
+    let (a, b) = two_nodes(&db).await;
+    let token = a.tenant("acme", "iot.acme.example").await;
+    let dev = a.device("fleet-1");
+    let mut c = waiting_on(&b, &dev).await;
+    let started = Instant::now();
+    let (st, body) = a.claim(&token, &dev).await;
+    assert_eq!(st, 201, "{body}");
+    let d = c.expect_disconnect(0x9D).await;
+    eprintln!("claim on A → redirect on B: {:?}", started.elapsed());
+    assert_eq!(
+        d.properties.server_reference.as_deref(),
+        Some("iot.acme.example:8883")
+    );
+    // B's API sees the claim and the tenant (created through A) too.
+    let (st, body) = b.device_json(&token, &dev).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["tenant"], "acme", "{body}");
+}
+
+#[tokio::test]
+async fn a_second_tenant_claiming_through_the_other_node_gets_409() {
+    let db = pg::TestDb::create().await;
+    let (a, b) = two_nodes(&db).await;
+    let acme = a.tenant("acme", "iot.acme.example").await;
+    let other = b.tenant("other", "iot.other.example").await;
+    let dev = a.device("contested");
+    assert_eq!(a.claim(&acme, &dev).await.0, 201);
+    // B checks against A's committed claim under the fleet's write lock, not a stale map.
+    let got = b.claim(&other, &dev).await;
+    assert_error(&got, 409, "already_claimed");
+}
+
+#[tokio::test]
+async fn a_revoke_on_b_cuts_off_a_device_on_a() {
+    let db = pg::TestDb::create().await;
+    let (a, b) = two_nodes(&db).await;
+    let dev = a.device("stolen");
+    let mut c = waiting_on(&a, &dev).await;
+    // B has never seen the device; the operator need not know which node holds it.
+    let (st, body) = b
+        .call(
+            "POST",
+            &format!("/v1/devices/{}/revoke", dev.hex()),
+            &b.admin,
+            None,
+        )
+        .await;
+    assert!(st == 200 || st == 204, "{st} {body}");
+    assert!(
+        c.expect_closed()
+            .await
+            .iter()
+            .all(|p| matches!(p, lobby::mqtt::codec::Packet::Disconnect(d) if d.reason == 0x87)),
+        "a revoked device gets DISCONNECT 0x87 or a plain close"
+    );
+    // And neither node lets it back in.
+    for node in [&a, &b] {
+        let refused = match tls_connect(node, &dev).await {
+            Err(_) => true,
+            Ok(_) => {
+                let mut again = RawClient::connect(node, &dev, Protocol::V5).await;
+                again.try_send_connect("again").await.is_err() || again.recv().await.is_none()
+            }
+        };
+        assert!(refused);
+    }
+}
+
+#[tokio::test]
+async fn a_watch_connection_killed_and_restored_loses_nothing() {
+    let db = pg::TestDb::create().await;
+    let (a, b) = two_nodes(&db).await;
+    let token = a.tenant("acme", "iot.acme.example").await;
+    let dev = a.device("patient");
+    let mut c = waiting_on(&b, &dev).await;
+    // Cut every node's change-log watch, then claim while they are down.
+    let admin = pg::admin().await;
+    let killed = admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND application_name LIKE 'lobby-listen-%'",
+            &[&db.name],
+        )
+        .await
+        .unwrap();
+    assert_eq!(killed.len(), 2, "one watch per node");
+    let (st, body) = a.claim(&token, &dev).await;
+    assert_eq!(st, 201, "{body}");
+    // B's watch reconnects (with backoff) and replays the log from where it was.
+    c.expect_disconnect(0x9D).await;
+}
