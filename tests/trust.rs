@@ -36,24 +36,11 @@ async fn assert_trusted_connects(lobby: &TestLobby, name: &str) {
     connected(lobby, &lobby.device(name), Protocol::V5).await;
 }
 
-/// The operator revokes `dev`; that must succeed.
-async fn revoke(lobby: &TestLobby, dev: &Device) {
-    let (st, body) = lobby
-        .call(
-            "POST",
-            &format!("/v1/devices/{}/revoke", dev.hex()),
-            &lobby.admin,
-            None,
-        )
-        .await;
-    assert!(st == 200 || st == 204, "{st} {body}");
-}
-
 /// A raw client of `dev` that connected (client id `r`, CONNACK 0), and then `dev` revoked.
 async fn connected_then_revoked(lobby: &TestLobby, dev: &Device, protocol: Protocol) -> RawClient {
     let (c, ack) = connack(lobby, dev, protocol, "r").await;
     assert_eq!(ack.code, 0);
-    revoke(lobby, dev).await;
+    lobby.revoke(dev).await;
     c
 }
 
@@ -212,7 +199,7 @@ async fn revoke_claimed_device() {
     let token = lobby.tenant("acme", "iot.acme.example").await;
     let dev = lobby.device("claimed-revoked");
     assert_eq!(lobby.claim(&token, &dev).await.0, 201);
-    revoke(&lobby, &dev).await;
+    lobby.revoke(&dev).await;
     assert_refused(&lobby, client_tls(&lobby, &dev)).await;
     let (st, d) = lobby.device_json(&token, &dev).await;
     assert_eq!(st, 200, "{d}");

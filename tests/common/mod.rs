@@ -222,6 +222,19 @@ impl TestLobby {
         body["token"].as_str().unwrap().to_owned()
     }
 
+    /// The operator revokes `dev`; that must succeed.
+    pub async fn revoke(&self, dev: &Device) {
+        let (st, body) = self
+            .call(
+                "POST",
+                &format!("/v1/devices/{}/revoke", dev.hex()),
+                &self.admin,
+                None,
+            )
+            .await;
+        assert!(st == 200 || st == 204, "{st} {body}");
+    }
+
     /// Claims `device` with the tenant `token`; returns (status, body).
     pub async fn claim(&self, token: &str, device: &Device) -> (u16, Value) {
         self.call(
