@@ -39,6 +39,7 @@ pub struct Config {
     pub dev: DevConfig,
     pub compat: CompatConfig,
     pub log: LogConfig,
+    pub cluster: ClusterConfig,
 }
 
 /// `[listener]`: where the lobby listens.
@@ -232,6 +233,26 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// `[cluster]` (an extension): settings that matter when several nodes share a PostgreSQL
+/// store (SPEC §10).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// How long a node's claim on a registration or clean-up job lasts without renewal. The
+    /// node working a job renews it every third of this; a node that dies loses it, and another
+    /// node takes the job over within about twice this. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub job_lease: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            job_lease: Duration::from_secs(30),
+        }
+    }
+}
+
 /// `[dev]`
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -301,6 +322,7 @@ impl Config {
         for (key, d) in [
             ("limits.handshake_timeout", self.limits.handshake_timeout),
             ("limits.connect_timeout", self.limits.connect_timeout),
+            ("cluster.job_lease", self.cluster.job_lease),
         ] {
             if d.is_zero() {
                 return Err(invalid(key, "must be longer than 0s"));

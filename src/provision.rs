@@ -118,6 +118,14 @@ impl Job {
             Job::Register(id) | Job::Remove(id, _) => *id,
         }
     }
+
+    /// The job's name among the nodes sharing a store (its lease key).
+    pub fn key(&self) -> String {
+        match self {
+            Job::Register(id) => format!("register:{id}"),
+            Job::Remove(id, tenant) => format!("remove:{id}:{tenant}"),
+        }
+    }
 }
 
 /// The service's handle on the worker: a nudge, never the work itself.

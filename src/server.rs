@@ -116,6 +116,7 @@ impl Lobby {
                 base: config.aws.retry_base,
                 max: config.aws.retry_max,
             },
+            config.cluster.job_lease,
             cancel.clone(),
         );
         tracker.spawn(worker.run(jobs, tracker.clone()));

@@ -76,6 +76,20 @@ pub trait Store: Send + Sync + 'static {
     // or claim in a change log, tells the other nodes, and serialises writers. The embedded
     // store has one node: no lock, no log, nothing to watch.
 
+    /// Whether other nodes may share this store (and so the claims, jobs and change log).
+    fn shared(&self) -> bool {
+        false
+    }
+    /// Takes (or renews) this node's lease on the job named `key` for `lease`: true when this
+    /// node holds it now, false when another node's lease on it is still running. A node
+    /// alone on its store always holds every job.
+    async fn take_job(&self, _key: &str, _lease: std::time::Duration) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+    /// Gives up this node's lease on `key` (the job is done).
+    async fn finish_job(&self, _key: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Takes the cluster-wide write lock, held until the returned value drops. `None`: the
     /// store serves one node, whose own lock is enough.
     async fn lock_writes(&self) -> Result<Option<Box<dyn WriteLock>>, StoreError> {

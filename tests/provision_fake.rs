@@ -1,7 +1,11 @@
 //! Registration failure paths with a trait-level fake AWS account (the worker sees only
 //! `IotApi`): throttling retried, a permanent error ends in `failed` with the AWS code, and a
-//! crash between steps resumes at the next start without duplicating anything.
+//! crash between steps resumes at the next start without duplicating anything; and with two
+//! nodes on one PostgreSQL store, a registration runs on one node only, and a node killed
+//! mid-registration has it finished by the other.
 mod common;
+#[path = "common/pg.rs"]
+mod pg;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -315,4 +319,88 @@ async fn unclaim_removes_the_registration() {
     }
     assert!(account.principals.lock().unwrap().is_empty());
     assert!(account.policies.lock().unwrap().is_empty());
+}
+
+/// A lobby node on its own runtime and thread, for a test to kill without any shutdown:
+/// `kill` drops every task of it at once (its store connections close, its leases stay).
+struct DoomedNode {
+    api: std::net::SocketAddr,
+    kill: std::sync::mpsc::Sender<()>,
+}
+
+fn doomed_node(config: lobby::config::Config, account: Arc<Account>) -> DoomedNode {
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (kill, kill_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let factory = Arc::new(FakeFactory(account));
+        let lobby = rt.block_on(Lobby::start_with(&config, factory)).unwrap();
+        addr_tx.send(lobby.api_addr()).unwrap();
+        let _ = kill_rx.recv();
+        // No `stop`: a crash does not say goodbye.
+        std::mem::forget(lobby);
+        rt.shutdown_background();
+    });
+    DoomedNode {
+        api: addr_rx.recv().unwrap(),
+        kill,
+    }
+}
+
+#[tokio::test]
+async fn a_node_killed_mid_registration_has_it_finished_by_another() {
+    let db = pg::TestDb::create().await;
+    let account = Arc::new(Account::default());
+    *account.hang_on.lock().unwrap() = Some("attach_thing_principal");
+    let url = db.url.clone();
+    let mut b = TestLobby::start_with(|c| {
+        c.store.url = url.clone();
+        c.cluster.job_lease = Duration::from_secs(1);
+        c.aws.retry_base = Duration::from_millis(10);
+        c.aws.retry_max = Duration::from_millis(50);
+    })
+    .await;
+    restart_with(&mut b, &account).await;
+    let a = doomed_node(b.config.clone(), account.clone());
+    let token = aws_tenant(&b).await;
+    let dev = b.device("dev-orphan");
+
+    // Claimed through node A, which starts the registration and hangs in it.
+    let resp = b
+        .http
+        .post(format!("http://{}/v1/claims", a.api))
+        .bearer_auth(&token)
+        .json(&json!({"code": dev.code, "cert_pem": dev.cert_pem}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    eventually(|| async { (account.count("attach_thing_principal") == 1).then_some(()) }).await;
+    // While A lives and renews its lease, B leaves the job alone (three lease periods).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(account.count("register_certificate"), 1);
+    assert_eq!(account.count("attach_thing_principal"), 1);
+    assert_eq!(
+        wait_state(&b, &dev, "registering").await["state"],
+        "registering"
+    );
+
+    *account.hang_on.lock().unwrap() = None;
+    a.kill.send(()).unwrap();
+    let killed = std::time::Instant::now();
+    wait_state(&b, &dev, "ready").await;
+    eprintln!(
+        "node killed → registration finished by the other: {:?}",
+        killed.elapsed()
+    );
+    // B went on from the stored registration: one certificate, one thing, nothing twice.
+    assert_eq!(account.count("register_certificate"), 1);
+    assert_eq!(account.certs.lock().unwrap().len(), 1);
+    assert_eq!(account.things.lock().unwrap().len(), 1);
+    assert_eq!(account.principals.lock().unwrap().len(), 1);
+    assert_eq!(account.policies.lock().unwrap().len(), 1);
 }

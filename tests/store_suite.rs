@@ -291,6 +291,42 @@ async fn postgres_change_log_and_write_lock() {
     );
 }
 
+/// Job leases: one node at a time; renewable by the holder; free for another once expired
+/// or finished.
+#[tokio::test]
+async fn postgres_job_leases() {
+    use std::time::Duration;
+    let f = Fixture::postgres().await;
+    let (a, b) = (f.open().await, f.open().await);
+    assert!(a.shared() && b.shared());
+    let lease = Duration::from_millis(600);
+    assert!(a.take_job("register:x", lease).await.unwrap());
+    assert!(!b.take_job("register:x", lease).await.unwrap());
+    assert!(
+        b.take_job("register:y", lease).await.unwrap(),
+        "other jobs are free"
+    );
+    assert!(
+        a.take_job("register:x", lease).await.unwrap(),
+        "the holder renews"
+    );
+    b.finish_job("register:x").await.unwrap();
+    assert!(
+        !b.take_job("register:x", lease).await.unwrap(),
+        "only the holder finishes"
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        b.take_job("register:x", lease).await.unwrap(),
+        "an expired lease is free"
+    );
+    b.finish_job("register:x").await.unwrap();
+    assert!(
+        a.take_job("register:x", lease).await.unwrap(),
+        "a finished job is free"
+    );
+}
+
 #[tokio::test]
 async fn sqlite_has_no_change_log_or_lock() {
     let f = Fixture::sqlite().await;
@@ -299,6 +335,13 @@ async fn sqlite_has_no_change_log_or_lock() {
     assert_eq!(store.last_change().await.unwrap(), 0);
     assert!(store.changes_since(0).await.unwrap().is_empty());
     assert!(store.lock_writes().await.unwrap().is_none());
+    assert!(!store.shared());
+    let lease = std::time::Duration::from_secs(1);
+    assert!(store.take_job("register:x", lease).await.unwrap());
+    assert!(
+        store.take_job("register:x", lease).await.unwrap(),
+        "one node holds every job"
+    );
 }
 
 async fn tenants_insert_conflict_update_delete(store: &dyn Store) {

@@ -76,6 +76,8 @@ struct Inner {
     pacer: Pacer,
     /// Devices with a job running → their jobs waiting behind it.
     running: Mutex<HashMap<DeviceId, VecDeque<Job>>>,
+    /// With a shared store: how long this node's claim on a job lasts unrenewed.
+    lease: Duration,
     cancel: CancellationToken,
 }
 
@@ -92,6 +94,7 @@ impl Worker {
         store: Arc<dyn Store>,
         factory: Arc<dyn IotApiFactory>,
         backoff: Backoff,
+        lease: Duration,
         cancel: CancellationToken,
     ) -> Self {
         Self {
@@ -102,14 +105,46 @@ impl Worker {
                 backoff,
                 pacer: Pacer::default(),
                 running: Mutex::new(HashMap::new()),
+                lease,
                 cancel,
             }),
         }
     }
 
-    /// Resumes what the store says is pending, then runs jobs until cancelled.
+    /// Resumes what the store says is pending, then runs jobs until cancelled. With a shared
+    /// store it also sweeps the stored queues every lease period, so work a lost node held
+    /// (its lease ran out) is taken over; the lease decides which node runs a job.
     pub async fn run(self, mut rx: mpsc::UnboundedReceiver<Job>, tracker: TaskTracker) {
         let permits = Arc::new(Semaphore::new(MAX_JOBS));
+        let pending = self.pending().await;
+        if !pending.is_empty() {
+            tracing::info!(jobs = pending.len(), "resuming provisioning work");
+        }
+        for job in pending {
+            self.start(job, &permits, &tracker);
+        }
+        let shared = self.inner.store.shared();
+        let mut sweep = tokio::time::interval(self.inner.lease);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        sweep.tick().await;
+        loop {
+            tokio::select! {
+                j = rx.recv() => match j {
+                    Some(job) => self.start(job, &permits, &tracker),
+                    None => return,
+                },
+                _ = sweep.tick(), if shared => {
+                    for job in self.pending().await {
+                        self.start(job, &permits, &tracker);
+                    }
+                }
+                () = self.inner.cancel.cancelled() => return,
+            }
+        }
+    }
+
+    /// The stored queues: claims `registering`, registrations `removing`.
+    async fn pending(&self) -> Vec<Job> {
         let mut pending = Vec::new();
         self.inner.service.cache().for_each_claim(|c| {
             if c.state == ClaimState::Registering {
@@ -122,18 +157,54 @@ impl Worker {
             }
             Err(e) => tracing::error!(error = %e, "cannot read the clean-up queue"),
         }
-        if !pending.is_empty() {
-            tracing::info!(jobs = pending.len(), "resuming provisioning work");
+        pending
+    }
+
+    /// Runs `job` if this node holds (or takes) its lease, renewing the lease while it runs;
+    /// gives the lease up when done. A lease lost meanwhile (this node stalled past it and
+    /// another took the job over) stops the work here.
+    async fn run_leased(&self, job: &Job) {
+        let (store, lease) = (&self.inner.store, self.inner.lease);
+        let key = job.key();
+        match store.take_job(&key, lease).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::debug!(?job, "another node runs this job");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(?job, error = %e, "cannot take the job's lease; retried later");
+                return;
+            }
         }
-        for job in pending {
-            self.start(job, &permits, &tracker);
+        if !store.shared() {
+            self.run_job(job).await;
+            return;
         }
-        loop {
-            let job = tokio::select! {
-                j = rx.recv() => match j { Some(j) => j, None => return },
-                () = self.inner.cancel.cancelled() => return,
-            };
-            self.start(job, &permits, &tracker);
+        let renew = async {
+            let mut tick = tokio::time::interval(lease / 3);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    // Stopping: let the job finish within the grace, but stop claiming it, so
+                    // another node takes it over if this one does not get to the end.
+                    () = self.inner.cancel.cancelled() => std::future::pending::<()>().await,
+                }
+                match store.take_job(&key, lease).await {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => tracing::warn!(?job, error = %e, "renewing the job's lease failed"),
+                }
+            }
+        };
+        tokio::select! {
+            () = self.run_job(job) => {
+                if let Err(e) = store.finish_job(&key).await {
+                    tracing::warn!(?job, error = %e, "releasing the job's lease failed");
+                }
+            }
+            () = renew => tracing::warn!(?job, "another node took this job over"),
         }
     }
 
@@ -160,7 +231,7 @@ impl Worker {
             };
             let mut job = job;
             loop {
-                this.run_job(&job).await;
+                this.run_leased(&job).await;
                 let mut running = this.inner.running.lock().unwrap_or_else(|p| p.into_inner());
                 match running.get_mut(&device).and_then(VecDeque::pop_front) {
                     Some(next) => job = next,

@@ -81,6 +81,13 @@ CREATE TABLE lobby_changes (
     at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 ",
+    "
+CREATE TABLE lobby_jobs (
+    key TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    until TIMESTAMPTZ NOT NULL
+);
+",
 ];
 
 /// The advisory lock every node holds while it changes tenants or claims (the bytes spell
@@ -639,6 +646,36 @@ impl Store for PostgresStore {
                 })
             })
             .collect()
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    /// The row lock of the upsert decides between nodes racing for the same job.
+    async fn take_job(&self, key: &str, lease: Duration) -> Result<bool, StoreError> {
+        let rows = self
+            .query(
+                "take_job",
+                "INSERT INTO lobby_jobs (key, node, until) \
+                 VALUES ($1, $2, now() + make_interval(secs => $3)) \
+                 ON CONFLICT (key) DO UPDATE SET node = EXCLUDED.node, until = EXCLUDED.until \
+                 WHERE lobby_jobs.until < now() OR lobby_jobs.node = EXCLUDED.node \
+                 RETURNING key",
+                &[&key, &&*self.origin, &lease.as_secs_f64()],
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
+    async fn finish_job(&self, key: &str) -> Result<(), StoreError> {
+        self.execute(
+            "finish_job",
+            "DELETE FROM lobby_jobs WHERE key = $1 AND node = $2",
+            &[&key, &&*self.origin],
+        )
+        .await
+        .map(drop)
     }
 
     fn watch(&self, cancel: CancellationToken) -> Option<mpsc::Receiver<()>> {
