@@ -32,6 +32,8 @@ pub struct ApiState {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Set once the MQTT listener is bound.
     pub listeners_up: Arc<AtomicBool>,
+    /// `cluster.node_name`, shown as a connected device's `node`.
+    pub node: Arc<str>,
 }
 
 /// All routes.

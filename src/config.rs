@@ -243,12 +243,20 @@ pub struct ClusterConfig {
     /// node takes the job over within about twice this. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub job_lease: Duration,
+    /// This node's name in the device list (`node`) and in the shared store. Default: the
+    /// host name. Give each node of a fleet its own.
+    pub node_name: String,
 }
 
 impl Default for ClusterConfig {
     fn default() -> Self {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty());
         Self {
             job_lease: Duration::from_secs(30),
+            node_name: host.unwrap_or_else(|| "lobby".into()),
         }
     }
 }
@@ -327,6 +335,9 @@ impl Config {
             if d.is_zero() {
                 return Err(invalid(key, "must be longer than 0s"));
             }
+        }
+        if self.cluster.node_name.is_empty() {
+            return Err(invalid("cluster.node_name", "must not be empty"));
         }
         if self.tls.client_cas.is_empty() {
             return Err(invalid("tls.client_cas", "at least one CA is required"));

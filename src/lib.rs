@@ -34,6 +34,7 @@ pub mod edge;
 pub mod metrics;
 pub mod mqtt;
 pub mod pki;
+pub mod presence;
 pub mod provision;
 pub mod qr;
 pub mod route;

@@ -108,6 +108,12 @@ impl Lobby {
         if let Some(pokes) = service.store().watch(cancel.clone()) {
             tracker.spawn(service.clone().run_sync(pokes, cancel.clone()));
         }
+        if service.store().shared() {
+            let (tx, rx) = mpsc::unbounded_channel();
+            waiting.report_presence(tx);
+            let (store, node) = (service.store().clone(), config.cluster.node_name.clone());
+            tracker.spawn(crate::presence::run(store, node, rx, cancel.clone()));
+        }
         let worker = Worker::new(
             service.clone(),
             store,
@@ -140,6 +146,7 @@ impl Lobby {
             admin_token_hash: token_hash(&admin),
             metrics,
             listeners_up: listeners_up.clone(),
+            node: config.cluster.node_name.as_str().into(),
         };
         tracker.spawn(edge::listener::serve(mqtt, ctx.clone(), tracker.clone()));
         let api_cancel = cancel.clone();

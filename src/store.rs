@@ -90,6 +90,17 @@ pub trait Store: Send + Sync + 'static {
     async fn finish_job(&self, _key: &str) -> Result<(), StoreError> {
         Ok(())
     }
+    /// Records where devices are connected (`batch`, from node `node`) and that `node` is alive.
+    /// A store that one node uses alone has nothing to share: the node's own waiting room
+    /// says it all.
+    async fn put_presence(&self, _node: &str, _batch: &[Presence]) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// What every node reported of `id` (of every device: `None`). A device whose node stopped
+    /// reporting it is alive shows as not connected.
+    async fn presence(&self, _id: Option<&DeviceId>) -> Result<Vec<Presence>, StoreError> {
+        Ok(Vec::new())
+    }
     /// Takes the cluster-wide write lock, held until the returned value drops. `None`: the
     /// store serves one node, whose own lock is enough.
     async fn lock_writes(&self) -> Result<Option<Box<dyn WriteLock>>, StoreError> {
@@ -109,6 +120,19 @@ pub trait Store: Send + Sync + 'static {
     fn watch(&self, _cancel: CancellationToken) -> Option<mpsc::Receiver<()>> {
         None
     }
+}
+
+/// Where a device is connected, or was last seen, as a node of a fleet reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    pub device_id: DeviceId,
+    /// `cluster.node_name` of the node that saw it.
+    pub node: String,
+    pub thing_name: String,
+    pub protocol: String,
+    pub connected: bool,
+    /// Unix ms of the connect or disconnect.
+    pub last_seen: i64,
 }
 
 /// The cluster-wide write lock; dropping it releases the lock.

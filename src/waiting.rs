@@ -8,13 +8,14 @@
 //! finds it is no longer registered and closes (takeover).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 
 use crate::claims::cache::IdHashBuilder;
 use crate::claims::model::now_ms;
 use crate::edge::identity::DeviceId;
+use crate::presence;
 
 /// The live session of a device.
 #[derive(Clone, Debug)]
@@ -49,6 +50,8 @@ struct Inner {
     live: papaya::HashMap<DeviceId, SessionHandle, IdHashBuilder>,
     seen: papaya::HashMap<DeviceId, Seen, IdHashBuilder>,
     next_conn: AtomicU64,
+    /// In a fleet: where connects and disconnects are reported (`presence`).
+    presence: OnceLock<mpsc::UnboundedSender<presence::Event>>,
 }
 
 impl std::fmt::Debug for WaitingRoom {
@@ -60,6 +63,26 @@ impl std::fmt::Debug for WaitingRoom {
 }
 
 impl WaitingRoom {
+    /// Reports every later connect and disconnect to `tx` (a fleet's presence). Once.
+    pub fn report_presence(&self, tx: mpsc::UnboundedSender<presence::Event>) {
+        let _ = self.inner.presence.set(tx);
+    }
+
+    fn report(&self, id: DeviceId, connected: bool) {
+        let Some(tx) = self.inner.presence.get() else {
+            return;
+        };
+        if let Some(s) = self.inner.seen.pin().get(&id) {
+            let _ = tx.send(presence::Event {
+                device_id: id,
+                thing_name: s.thing_name.clone(),
+                protocol: s.protocol,
+                connected,
+                at: s.last_seen,
+            });
+        }
+    }
+
     /// Registers a new session for `id`, taking over from any older one (which is woken).
     pub fn register(
         &self,
@@ -78,6 +101,7 @@ impl WaitingRoom {
             old.wake.notify_one();
         }
         self.touch(id, thing_name, protocol, burst);
+        self.report(id, true);
         handle
     }
 
@@ -119,6 +143,7 @@ impl WaitingRoom {
                 s.last_seen = now_ms();
                 self.inner.seen.pin().insert(*id, s);
             }
+            self.report(*id, false);
         }
     }
 

@@ -15,10 +15,15 @@ use lobby::mqtt::codec::Protocol;
 /// Node A on `db`, and node B sharing A's PKI, claim key, admin token and database.
 async fn two_nodes(db: &pg::TestDb) -> (TestLobby, TestLobby) {
     let url = db.url.clone();
-    let a = TestLobby::start_with(|c| c.store.url = url.clone()).await;
+    let a = TestLobby::start_with(|c| {
+        c.store.url = url.clone();
+        c.cluster.node_name = "node-a".into();
+    })
+    .await;
     let from = a.certs_dir();
     let b = TestLobby::start_with(|c| {
         c.store.url = url.clone();
+        c.cluster.node_name = "node-b".into();
         // B made its own dev PKI; give it A's, so devices, codes and tokens are the fleet's.
         copy_dir(&from, c.tls.cert.parent().unwrap());
     })
@@ -126,4 +131,46 @@ async fn a_watch_connection_killed_and_restored_loses_nothing() {
     assert_eq!(st, 201, "{body}");
     // B's watch reconnects (with backoff) and replays the log from where it was.
     c.expect_disconnect(0x9D).await;
+}
+
+#[tokio::test]
+async fn every_node_lists_where_a_device_is_connected() {
+    let db = pg::TestDb::create().await;
+    let (a, b) = two_nodes(&db).await;
+    let dev = a.device("roaming");
+    let c = waiting_on(&b, &dev).await;
+    // B knows it holds the device; A learns it from B's report (batched, within a second).
+    let (_, on_b) = b.admin_device_json(&dev).await;
+    assert_eq!(
+        (on_b["connected"].clone(), on_b["node"].clone()),
+        (true.into(), "node-b".into())
+    );
+    let on_a = eventually(|| async {
+        let (st, d) = a.admin_device_json(&dev).await;
+        (st == 200 && d["connected"] == true).then_some(d)
+    })
+    .await;
+    assert_eq!(on_a["node"], "node-b", "{on_a}");
+    assert_eq!(on_a["protocol"], "mqtt5", "{on_a}");
+    assert_eq!(on_a["thing_name"], "roaming", "{on_a}");
+    // A's list has the unclaimed device waiting on B.
+    let (st, list) = a.call("GET", "/v1/devices", &a.admin, None).await;
+    assert_eq!(st, 200, "{list}");
+    let listed = list["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device_id"] == dev.hex().as_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("{list}"));
+    assert_eq!(listed["node"], "node-b", "{listed}");
+    // Gone from B: every node shows it disconnected, with no node.
+    drop(c);
+    let gone = eventually(|| async {
+        let (_, d) = a.admin_device_json(&dev).await;
+        (d["connected"] == false).then_some(d)
+    })
+    .await;
+    assert!(gone["node"].is_null(), "{gone}");
+    assert!(gone["last_seen"].is_string(), "{gone}");
 }

@@ -327,6 +327,62 @@ async fn postgres_job_leases() {
     );
 }
 
+/// Presence: the latest connect wins, a disconnect from another node never hides a live
+/// connection, and a node that stopped beating has its devices shown disconnected.
+#[tokio::test]
+async fn postgres_presence_across_nodes() {
+    use lobby::store::Presence;
+    let f = Fixture::postgres().await;
+    let store = f.open().await;
+    let p = |node: &str, connected: bool, at: i64| Presence {
+        device_id: device(1),
+        node: node.into(),
+        thing_name: "dev-1".into(),
+        protocol: "mqtt5".into(),
+        connected,
+        last_seen: at,
+    };
+    let now = |store: Arc<dyn Store>| async move {
+        let got = store.presence(Some(&device(1))).await.unwrap();
+        assert_eq!(got.len(), 1);
+        (got[0].node.clone(), got[0].connected)
+    };
+    store.put_presence("n1", &[p("n1", true, 1)]).await.unwrap();
+    assert_eq!(now(store.clone()).await, ("n1".into(), true));
+    store
+        .put_presence("n2", &[p("n2", false, 2)])
+        .await
+        .unwrap();
+    assert_eq!(
+        now(store.clone()).await,
+        ("n1".into(), true),
+        "n2's disconnect is stale news"
+    );
+    store.put_presence("n2", &[p("n2", true, 3)]).await.unwrap();
+    store
+        .put_presence("n1", &[p("n1", false, 4)])
+        .await
+        .unwrap();
+    assert_eq!(
+        now(store.clone()).await,
+        ("n2".into(), true),
+        "the device moved to n2"
+    );
+    assert_eq!(store.presence(None).await.unwrap().len(), 1);
+    let Place::Postgres(db) = &f.place else {
+        unreachable!()
+    };
+    db.client()
+        .await
+        .execute(
+            "UPDATE lobby_nodes SET heartbeat = now() - interval '1 minute' WHERE name = 'n2'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(now(store.clone()).await, ("n2".into(), false), "n2 is gone");
+}
+
 #[tokio::test]
 async fn sqlite_has_no_change_log_or_lock() {
     let f = Fixture::sqlite().await;
@@ -342,6 +398,8 @@ async fn sqlite_has_no_change_log_or_lock() {
         store.take_job("register:x", lease).await.unwrap(),
         "one node holds every job"
     );
+    store.put_presence("n1", &[]).await.unwrap();
+    assert!(store.presence(None).await.unwrap().is_empty());
 }
 
 async fn tenants_insert_conflict_update_delete(store: &dyn Store) {

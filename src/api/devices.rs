@@ -1,5 +1,6 @@
 //! `/v1/devices`: what the lobby knows of a device, listings, migrate and revoke.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -13,7 +14,9 @@ use super::claims::{claim_summary, parse_device_id};
 use super::error::parse_json;
 use super::{ApiError, ApiState, Caller};
 use crate::claims::model::{rfc3339, Claim, ClaimState};
+use crate::claims::service::ServiceError;
 use crate::edge::identity::DeviceId;
+use crate::store::Presence;
 
 /// A device as the API shows it (SPEC §6).
 #[derive(Debug, Serialize)]
@@ -28,26 +31,67 @@ pub struct DeviceView {
     pub claimed_at: Option<String>,
     pub redirected_at: Option<String>,
     pub error: Option<String>,
+    /// The node (`cluster.node_name`) holding the device's connection, when connected (an
+    /// extension of SPEC §6: in a fleet, from what every node reports to the store).
+    pub node: Option<String>,
 }
 
-fn view(s: &ApiState, id: &DeviceId, claim: Option<&Claim>) -> DeviceView {
+/// The protocol names sessions report, as static strings.
+fn protocol_name(p: &str) -> Option<&'static str> {
+    ["mqtt3.1.1", "mqtt5"].into_iter().find(|known| *known == p)
+}
+
+/// `remote`: what the fleet's store says of the device (other nodes' connections).
+fn view(
+    s: &ApiState,
+    id: &DeviceId,
+    claim: Option<&Claim>,
+    remote: Option<&Presence>,
+) -> DeviceView {
     let waiting = s.service.waiting();
     let seen = waiting.seen(id);
-    let connected = waiting.connected(id);
+    let local = waiting.connected(id);
+    let remote_live = remote.filter(|p| p.connected && local.is_none());
+    let last_seen = match (
+        seen.as_ref().map(|s| s.last_seen),
+        remote.map(|p| p.last_seen),
+    ) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
     DeviceView {
         device_id: id.to_hex(),
         thing_name: claim
             .and_then(|c| c.thing_name.clone())
-            .or_else(|| seen.as_ref().map(|s| s.thing_name.to_string())),
+            .or_else(|| seen.as_ref().map(|s| s.thing_name.to_string()))
+            .or_else(|| remote.map(|p| p.thing_name.clone())),
         tenant: claim.and_then(|c| c.tenant_id().map(str::to_owned)),
         state: claim.map_or(ClaimState::Unclaimed, |c| c.state),
-        connected: connected.is_some(),
-        protocol: connected.or(seen.as_ref().map(|s| s.protocol)),
-        last_seen: seen.as_ref().map(|s| rfc3339(s.last_seen)),
+        connected: local.is_some() || remote_live.is_some(),
+        protocol: local
+            .or_else(|| remote_live.and_then(|p| protocol_name(&p.protocol)))
+            .or(seen.as_ref().map(|s| s.protocol))
+            .or_else(|| remote.and_then(|p| protocol_name(&p.protocol))),
+        last_seen: last_seen.map(rfc3339),
         claimed_at: claim.and_then(|c| c.claimed_at).map(rfc3339),
         redirected_at: claim.and_then(|c| c.redirected_at).map(rfc3339),
         error: claim.and_then(|c| c.error.clone()),
+        node: match (local, remote_live) {
+            (Some(_), _) => Some(s.node.to_string()),
+            (None, Some(p)) => Some(p.node.clone()),
+            (None, None) => None,
+        },
     }
+}
+
+/// What the fleet's store says of `id` (nothing when this node is alone on its store).
+async fn presence_of(s: &ApiState, id: &DeviceId) -> Result<Option<Presence>, ApiError> {
+    let store = s.service.store();
+    if !store.shared() {
+        return Ok(None);
+    }
+    let found = store.presence(Some(id)).await.map_err(ServiceError::from)?;
+    Ok(found.into_iter().next())
 }
 
 /// `GET /v1/devices/{device_id}`: a tenant sees only its own devices (others are 404).
@@ -58,13 +102,16 @@ pub async fn get_one(
 ) -> Result<Response, ApiError> {
     let id = parse_device_id(&id)?;
     let claim = s.service.cache().claim(&id);
-    match caller.tenant() {
-        Some(t) if claim.as_ref().and_then(|c| c.tenant_id()) != Some(t) => Err(ApiError::NotFound),
-        None if claim.is_none() && s.service.waiting().seen(&id).is_none() => {
-            Err(ApiError::NotFound)
+    if let Some(t) = caller.tenant() {
+        if claim.as_ref().and_then(|c| c.tenant_id()) != Some(t) {
+            return Err(ApiError::NotFound);
         }
-        _ => Ok(Json(view(&s, &id, claim.as_deref())).into_response()),
     }
+    let remote = presence_of(&s, &id).await?;
+    if claim.is_none() && s.service.waiting().seen(&id).is_none() && remote.is_none() {
+        return Err(ApiError::NotFound);
+    }
+    Ok(Json(view(&s, &id, claim.as_deref(), remote.as_ref())).into_response())
 }
 
 #[derive(Deserialize)]
@@ -113,6 +160,13 @@ pub async fn list(
     let unclaimed_wanted = caller.tenant().is_none()
         && tenant.is_none()
         && state.is_none_or(|st| st == ClaimState::Unclaimed);
+    let store = s.service.store();
+    let remote: HashMap<DeviceId, Presence> = if store.shared() {
+        let all = store.presence(None).await.map_err(ServiceError::from)?;
+        all.into_iter().map(|p| (p.device_id, p)).collect()
+    } else {
+        HashMap::new()
+    };
     if unclaimed_wanted {
         let cache = s.service.cache();
         s.service.waiting().for_each_seen(|id, _| {
@@ -120,6 +174,13 @@ pub async fn list(
                 rows.push((*id, None));
             }
         });
+        // Devices waiting on (or last seen by) other nodes of the fleet.
+        let waiting = s.service.waiting();
+        for id in remote.keys() {
+            if keep(id) && cache.claim(id).is_none() && waiting.seen(id).is_none() {
+                rows.push((*id, None));
+            }
+        }
     }
     rows.sort_unstable_by_key(|r| r.0);
     let more = rows.len() > limit;
@@ -127,7 +188,7 @@ pub async fn list(
     let next = more.then(|| rows.last().map(|r| r.0.to_hex())).flatten();
     let devices: Vec<DeviceView> = rows
         .iter()
-        .map(|(id, c)| view(&s, id, c.as_deref()))
+        .map(|(id, c)| view(&s, id, c.as_deref(), remote.get(id)))
         .collect();
     Ok(Json(json!({ "devices": devices, "next": next })).into_response())
 }

@@ -24,7 +24,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 use tokio_util::sync::CancellationToken;
 
-use super::{Change, RegistrationBody, Store, StoreError, StoredTenant, Subject, WriteLock};
+use super::{
+    Change, Presence, RegistrationBody, Store, StoreError, StoredTenant, Subject, WriteLock,
+};
 use crate::claims::model::{Claim, ClaimState, Tenant};
 use crate::edge::identity::DeviceId;
 use crate::provision::Registration;
@@ -88,7 +90,25 @@ CREATE TABLE lobby_jobs (
     until TIMESTAMPTZ NOT NULL
 );
 ",
+    "
+CREATE TABLE lobby_presence (
+    device_id TEXT COLLATE \"C\" PRIMARY KEY,
+    node TEXT NOT NULL,
+    thing_name TEXT NOT NULL,
+    protocol TEXT NOT NULL,
+    connected BOOLEAN NOT NULL,
+    last_seen BIGINT NOT NULL
+);
+CREATE TABLE lobby_nodes (
+    name TEXT PRIMARY KEY,
+    heartbeat TIMESTAMPTZ NOT NULL
+);
+",
 ];
+
+/// A node that has not reported for this long is taken for gone: its devices show as not
+/// connected. Nodes report at least every [`crate::presence::HEARTBEAT`].
+const NODE_GONE_AFTER_SECS: f64 = 15.0;
 
 /// The advisory lock every node holds while it changes tenants or claims (the bytes spell
 /// "lobbywrt"). Holding it makes the change log's order the commit order, and lets a node
@@ -650,6 +670,81 @@ impl Store for PostgresStore {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    async fn put_presence(&self, node: &str, batch: &[Presence]) -> Result<(), StoreError> {
+        let ids: Vec<String> = batch.iter().map(|p| p.device_id.to_hex()).collect();
+        let things: Vec<&str> = batch.iter().map(|p| p.thing_name.as_str()).collect();
+        let protocols: Vec<&str> = batch.iter().map(|p| p.protocol.as_str()).collect();
+        let connected: Vec<bool> = batch.iter().map(|p| p.connected).collect();
+        let at: Vec<i64> = batch.iter().map(|p| p.last_seen).collect();
+        self.timed("put_presence", async {
+            let mut client = self.client().await?;
+            let beat = client
+                .prepare_cached(
+                    "INSERT INTO lobby_nodes (name, heartbeat) VALUES ($1, now()) \
+                     ON CONFLICT (name) DO UPDATE SET heartbeat = EXCLUDED.heartbeat",
+                )
+                .await
+                .map_err(pg)?;
+            // A disconnect reported by one node never hides a connection on another.
+            let upsert = client
+                .prepare_cached(
+                    "INSERT INTO lobby_presence \
+                     (device_id, node, thing_name, protocol, connected, last_seen) \
+                     SELECT u.d, $6, u.t, u.p, u.c, u.l FROM UNNEST($1::text[], $2::text[], \
+                     $3::text[], $4::bool[], $5::bigint[]) AS u(d, t, p, c, l) \
+                     ON CONFLICT (device_id) DO UPDATE SET node = EXCLUDED.node, \
+                     thing_name = EXCLUDED.thing_name, protocol = EXCLUDED.protocol, \
+                     connected = EXCLUDED.connected, last_seen = EXCLUDED.last_seen \
+                     WHERE EXCLUDED.connected OR NOT lobby_presence.connected \
+                     OR lobby_presence.node = EXCLUDED.node",
+                )
+                .await
+                .map_err(pg)?;
+            let tx = client.transaction().await.map_err(pg)?;
+            tx.execute(&beat, &[&node]).await.map_err(pg)?;
+            if !batch.is_empty() {
+                tx.execute(
+                    &upsert,
+                    &[&ids, &things, &protocols, &connected, &at, &node],
+                )
+                .await
+                .map_err(pg)?;
+            }
+            tx.commit().await.map_err(pg)
+        })
+        .await
+    }
+
+    async fn presence(&self, id: Option<&DeviceId>) -> Result<Vec<Presence>, StoreError> {
+        let select = format!(
+            "SELECT p.device_id, p.node, p.thing_name, p.protocol, \
+             p.connected AND COALESCE(n.heartbeat > now() - \
+             make_interval(secs => {NODE_GONE_AFTER_SECS}), false), p.last_seen \
+             FROM lobby_presence p LEFT JOIN lobby_nodes n ON n.name = p.node"
+        );
+        let rows = match id {
+            Some(id) => {
+                let sql = format!("{select} WHERE p.device_id = $1");
+                self.query("presence", &sql, &[&id.to_hex()]).await?
+            }
+            None => self.query("presence", &select, &[]).await?,
+        };
+        rows.iter()
+            .map(|r| {
+                let id: &str = r.try_get(0).map_err(pg)?;
+                Ok(Presence {
+                    device_id: DeviceId::parse_hex(id)
+                        .ok_or_else(|| StoreError::Corrupt(format!("presence of {id:?}")))?,
+                    node: r.try_get(1).map_err(pg)?,
+                    thing_name: r.try_get(2).map_err(pg)?,
+                    protocol: r.try_get(3).map_err(pg)?,
+                    connected: r.try_get(4).map_err(pg)?,
+                    last_seen: r.try_get(5).map_err(pg)?,
+                })
+            })
+            .collect()
     }
 
     /// The row lock of the upsert decides between nodes racing for the same job.

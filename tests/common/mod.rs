@@ -222,6 +222,11 @@ impl TestLobby {
         body["token"].as_str().unwrap().to_owned()
     }
 
+    /// `GET /v1/devices/{id}` of `dev` as the operator; returns (status, body).
+    pub async fn admin_device_json(&self, dev: &Device) -> (u16, Value) {
+        self.device_json(&self.admin, dev).await
+    }
+
     /// The operator revokes `dev`; that must succeed.
     pub async fn revoke(&self, dev: &Device) {
         let (st, body) = self
