@@ -12,11 +12,11 @@ mod tenants;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
+use axum::{Json, Router};
 
 pub use auth::Caller;
 pub use error::ApiError;
@@ -34,6 +34,8 @@ pub struct ApiState {
     pub listeners_up: Arc<AtomicBool>,
     /// `cluster.node_name`, shown as a connected device's `node`.
     pub node: Arc<str>,
+    /// Hot reload (`POST /v1/admin/reload`) and the API's rate limiter.
+    pub reloader: Arc<crate::reload::Reloader>,
 }
 
 /// All routes.
@@ -55,14 +57,48 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/devices/{device_id}", get(devices::get_one))
         .route("/v1/devices/{device_id}/migrate", post(devices::migrate))
         .route("/v1/devices/{device_id}/revoke", post(devices::revoke))
+        .route("/v1/admin/reload", post(reload))
         .route("/console/", get(console))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::NotFound.into_response() })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            rate_limit,
+        ))
         .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// `api.rate_limit`: `/v1/` requests per client address; health, metrics and the console
+/// are not counted (monitoring must keep working while a client is throttled).
+async fn rate_limit(
+    State(s): State<ApiState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if req.uri().path().starts_with("/v1/") && !s.reloader.api_limiter.load().allow(peer.ip()) {
+        return ApiError::RateLimited.into_response();
+    }
+    next.run(req).await
+}
+
+/// `POST /v1/admin/reload` (operator): what SIGHUP does — read the config file again and
+/// apply `[tls]`, `[limits]` and the API rate limit. A file that does not load or validate is
+/// a 400 naming the problem, and the running config stays.
+async fn reload(State(s): State<ApiState>, caller: Caller) -> Result<Response, ApiError> {
+    caller.require_operator()?;
+    let generation = s
+        .reloader
+        .reload_file()
+        .map_err(|e| ApiError::InvalidRequest(format!("reload refused: {e}")))?;
+    Ok(
+        Json(serde_json::json!({ "reloaded": true, "trust_generation": generation }))
+            .into_response(),
+    )
 }
 
 /// Largest request body: tenants and claims are a few hundred bytes (a `cert_pem` ~1 KiB).

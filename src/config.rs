@@ -133,12 +133,20 @@ impl Default for ClaimsConfig {
 pub struct ApiConfig {
     /// File holding the operator token. Default `certs/dev/admin.token`.
     pub admin_token_file: PathBuf,
+    /// `/v1/` requests per second per client address, with bursts of `rate_burst`; past it,
+    /// 429 `rate_limited` (an extension). Default 0: off, since an operator's scripts, a load
+    /// test and a tenant's backend may all share one address; set it on an exposed API.
+    pub rate_limit: f64,
+    /// Requests one address may make at once before `rate_limit` paces it. Default 100.
+    pub rate_burst: u32,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             admin_token_file: "certs/dev/admin.token".into(),
+            rate_limit: 0.0,
+            rate_burst: 100,
         }
     }
 }
@@ -197,6 +205,20 @@ pub struct LimitsConfig {
     /// one CONNECT per second per client id.
     #[serde(with = "humantime_serde")]
     pub reconnect_interval: Duration,
+    /// Subscriptions one device may hold; past it SUBACK says quota exceeded (v5 0x97,
+    /// v3.1.1 0x80). Default 32 (an extension; a waiting device needs three).
+    pub max_subscriptions: usize,
+    /// QoS 1 publishes a bridged device may have in flight (announced as v5 Receive
+    /// Maximum); past it, DISCONNECT 0x97. Default 32 (an extension).
+    pub max_inflight: u16,
+    /// New connections per second from one source address (after the PROXY header, the
+    /// device's own), with bursts of `connect_burst_per_address`; past it, the socket is
+    /// closed before the TLS handshake (an extension). Default 0: off, since a factory or a
+    /// carrier NAT may put thousands of devices behind one address; set it on a public
+    /// endpoint.
+    pub connect_rate_per_address: f64,
+    /// Connections one address may open at once before the rate applies. Default 100.
+    pub connect_burst_per_address: u32,
 }
 
 impl Default for LimitsConfig {
@@ -209,6 +231,10 @@ impl Default for LimitsConfig {
             redirect_grace: Duration::from_secs(10),
             reconnect_burst: 5,
             reconnect_interval: Duration::from_secs(1),
+            max_subscriptions: 32,
+            max_inflight: 32,
+            connect_rate_per_address: 0.0,
+            connect_burst_per_address: 100,
         }
     }
 }
@@ -334,6 +360,26 @@ impl Config {
         ] {
             if d.is_zero() {
                 return Err(invalid(key, "must be longer than 0s"));
+            }
+        }
+        if self.limits.max_subscriptions == 0 {
+            return Err(invalid("limits.max_subscriptions", "must be at least 1"));
+        }
+        if self.limits.max_inflight == 0 {
+            return Err(invalid("limits.max_inflight", "must be at least 1"));
+        }
+        for (key, rate) in [
+            (
+                "limits.connect_rate_per_address",
+                self.limits.connect_rate_per_address,
+            ),
+            ("api.rate_limit", self.api.rate_limit),
+        ] {
+            if !rate.is_finite() || rate < 0.0 {
+                return Err(invalid(
+                    key,
+                    "must be 0 (off) or a positive rate per second",
+                ));
             }
         }
         if self.cluster.node_name.is_empty() {

@@ -24,7 +24,12 @@ pub struct EdgeContext {
     /// Redirects delivered, for the control plane to record (bounded; full means dropped,
     /// which loses only a `redirected_at` timestamp, never a redirect).
     pub activity: mpsc::Sender<Activity>,
-    pub limits: LimitsConfig,
+    /// `[limits]` now; a connection keeps the limits it started with (reload: new ones).
+    pub limits: arc_swap::ArcSwap<LimitsConfig>,
+    /// Connection permits (`limits.max_connections`), taken before accept.
+    pub permits: std::sync::Arc<tokio::sync::Semaphore>,
+    /// New connections per source address (`limits.connect_rate_per_address`).
+    pub connect_limiter: arc_swap::ArcSwap<crate::ratelimit::AddressLimiter>,
     /// `listener.proxy_protocol`: every connection starts with a PROXY v2 header.
     pub proxy_protocol: bool,
     /// `shutdown.server_reference`, when set.

@@ -37,6 +37,8 @@ pub mod pki;
 pub mod presence;
 pub mod provision;
 pub mod qr;
+pub mod ratelimit;
+pub mod reload;
 pub mod route;
 pub mod server;
 pub mod store;

@@ -25,6 +25,8 @@ use crate::pki::{self, PkiError};
 use crate::provision::aws_iot::AwsIotFactory;
 use crate::provision::worker::{Backoff, Worker};
 use crate::provision::{IotApiFactory, Provisioner};
+use crate::ratelimit::AddressLimiter;
+use crate::reload::Reloader;
 use crate::store::{self, StoreError};
 use crate::waiting::WaitingRoom;
 
@@ -45,6 +47,8 @@ pub enum ServerError {
     Pki(#[from] PkiError),
     #[error("api.admin_token_file {path}: {message}")]
     AdminToken { path: String, message: String },
+    #[error("the lobby was started without a config file: nothing to reload")]
+    NoConfigFile,
     #[error("cannot listen on {addr} ({key}): {source}")]
     Bind {
         key: &'static str,
@@ -67,7 +71,7 @@ pub struct Lobby {
     tracker: TaskTracker,
     grace: Duration,
     service: ClaimsService,
-    edge: Arc<EdgeContext>,
+    reloader: Arc<Reloader>,
 }
 
 impl Lobby {
@@ -131,7 +135,12 @@ impl Lobby {
             cache: service.cache().clone(),
             waiting,
             activity: activity_tx,
-            limits: config.limits.clone(),
+            limits: arc_swap::ArcSwap::from_pointee(config.limits.clone()),
+            permits: Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections)),
+            connect_limiter: arc_swap::ArcSwap::from_pointee(AddressLimiter::new(
+                config.limits.connect_rate_per_address,
+                config.limits.connect_burst_per_address,
+            )),
             proxy_protocol: config.listener.proxy_protocol,
             shutdown_server_reference: Some(config.shutdown.server_reference.clone())
                 .filter(|s| !s.is_empty()),
@@ -140,6 +149,7 @@ impl Lobby {
             bridge: crate::bridge::BridgeHub::new(cancel.clone(), tracker.clone()),
             trust: ArcSwap::from_pointee(trust),
         });
+        let reloader = Arc::new(Reloader::new(ctx.clone(), service.cache().clone(), config));
         let listeners_up = Arc::new(AtomicBool::new(false));
         let state = ApiState {
             service: service.clone(),
@@ -147,11 +157,13 @@ impl Lobby {
             metrics,
             listeners_up: listeners_up.clone(),
             node: config.cluster.node_name.as_str().into(),
+            reloader: reloader.clone(),
         };
         tracker.spawn(edge::listener::serve(mqtt, ctx.clone(), tracker.clone()));
         let api_cancel = cancel.clone();
         tracker.spawn(async move {
             let app = api::router(state);
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             let served = axum::serve(api, app)
                 .with_graceful_shutdown(async move { api_cancel.cancelled().await })
                 .await;
@@ -168,7 +180,7 @@ impl Lobby {
             tracker,
             grace: config.shutdown.grace,
             service,
-            edge: ctx,
+            reloader,
         })
     }
 
@@ -191,12 +203,18 @@ impl Lobby {
     /// new connections get it at once, and every live device is re-checked against it; those
     /// no longer trusted are disconnected. On error the old trust stays.
     pub fn reload_tls(&self, config: &Config) -> Result<(), ServerError> {
-        let generation = self.edge.trust.load().generation + 1;
-        let trust = edge::tls::trust(&config.tls, self.service.cache().clone(), generation)?;
-        self.edge.trust.store(Arc::new(trust));
-        self.edge.waiting.wake_all();
-        tracing::info!(generation, "TLS trust reloaded");
-        Ok(())
+        self.reloader.reload_tls(config).map(drop)
+    }
+
+    /// Applies everything reloadable of `config` (`[tls]`, `[limits]`, the API rate limit);
+    /// see [`Reloader`]. On error nothing changes.
+    pub fn reload(&self, config: &Config) -> Result<(), ServerError> {
+        self.reloader.apply(config).map(drop)
+    }
+
+    /// Names the config file that SIGHUP and `POST /v1/admin/reload` read again.
+    pub fn set_config_path(&self, path: &Path) {
+        self.reloader.set_path(path.to_owned());
     }
 
     /// Stops accepting, tells devices (v5 DISCONNECT 0x8B, or 0x9C with
@@ -212,10 +230,11 @@ impl Lobby {
         }
     }
 
-    /// Runs until SIGTERM or SIGINT, then stops. SIGHUP re-reads `config_path` and reloads
-    /// the TLS trust (`reload_tls`); a bad file is logged and the running trust kept.
+    /// Runs until SIGTERM or SIGINT, then stops. SIGHUP re-reads `config_path` and applies
+    /// what is reloadable ([`Reloader`]); a bad file is logged and the running config kept.
     pub async fn run_until_signal(self, config_path: &Path) {
         use tokio::signal::unix::{signal, SignalKind};
+        self.set_config_path(config_path);
         let (mut term, mut hup) = match (
             signal(SignalKind::terminate()),
             signal(SignalKind::hangup()),
@@ -233,11 +252,8 @@ impl Lobby {
                 _ = term.recv() => break,
                 _ = tokio::signal::ctrl_c() => break,
                 _ = hup.recv() => {
-                    let reloaded = Config::load(config_path)
-                        .map_err(ServerError::from)
-                        .and_then(|c| self.reload_tls(&c));
-                    if let Err(e) = reloaded {
-                        tracing::error!(error = %e, "reload failed; the running TLS trust stays");
+                    if let Err(e) = self.reloader.reload_file() {
+                        tracing::error!(error = %e, "reload failed; the running config stays");
                     }
                 }
             }

@@ -18,6 +18,8 @@ pub enum ApiError {
     NotFound,
     #[error("{0}")]
     InvalidRequest(String),
+    #[error("too many requests from this address; slow down")]
+    RateLimited,
     #[error(transparent)]
     Service(#[from] ServiceError),
 }
@@ -37,6 +39,7 @@ impl ApiError {
             Self::Service(ServiceError::QuotaExceeded) => {
                 (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded")
             }
+            Self::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::InvalidRequest(_) | Self::Service(ServiceError::Invalid(_)) => {
                 (StatusCode::BAD_REQUEST, "invalid_request")
             }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{timeout, Instant};
 use tokio_rustls::rustls::HandshakeKind;
 use tokio_rustls::TlsAcceptor;
@@ -23,7 +23,7 @@ use crate::mqtt::session;
 
 /// Accepts device connections until `ctx.cancel` fires.
 pub async fn serve(listener: TcpListener, ctx: Arc<EdgeContext>, tracker: TaskTracker) {
-    let permits = Arc::new(Semaphore::new(ctx.limits.max_connections));
+    let permits = ctx.permits.clone();
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p {
@@ -70,17 +70,15 @@ async fn connection(
     _permit: OwnedSemaphorePermit,
 ) {
     let started = Instant::now();
+    let handshake_timeout = ctx.limits.load().handshake_timeout;
+    let mut source = peer.ip();
     if ctx.proxy_protocol {
         // The balancer's header comes first, under the same deadline as the handshake.
-        match timeout(
-            ctx.limits.handshake_timeout,
-            super::proxy::read_v2(&mut tcp),
-        )
-        .await
-        {
+        match timeout(handshake_timeout, super::proxy::read_v2(&mut tcp)).await {
             Ok(Ok(client)) => {
                 if let Some(client) = client {
                     tracing::Span::current().record("client", tracing::field::display(client));
+                    source = client.ip();
                 }
             }
             Ok(Err(e)) => {
@@ -94,7 +92,13 @@ async fn connection(
             }
         }
     }
-    let stream = match timeout(ctx.limits.handshake_timeout, acceptor.accept(tcp)).await {
+    // Before any crypto: a flood from one address costs an accept and a close.
+    if !ctx.connect_limiter.load().allow(source) {
+        metrics::handshake_failure("rate_limited");
+        tracing::debug!(%peer, "connection rate of this address exceeded");
+        return;
+    }
+    let stream = match timeout(handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             let reason = super::tls::failure_reason(&e);

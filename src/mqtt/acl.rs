@@ -81,17 +81,15 @@ pub struct Subscriptions {
     filters: Vec<(String, QoS)>,
 }
 
-/// Most subscriptions one session may hold: a device has three topics to follow.
-pub const MAX_SUBSCRIPTIONS: usize = 32;
-
 impl Subscriptions {
-    /// Adds or replaces `filter`; false when the session already holds the maximum.
-    pub fn add(&mut self, filter: &str, qos: QoS) -> bool {
+    /// Adds or replaces `filter`; false when the session already holds `max`
+    /// (`limits.max_subscriptions`).
+    pub fn add(&mut self, filter: &str, qos: QoS, max: usize) -> bool {
         if let Some(entry) = self.filters.iter_mut().find(|(f, _)| f == filter) {
             entry.1 = qos;
             return true;
         }
-        if self.filters.len() >= MAX_SUBSCRIPTIONS {
+        if self.filters.len() >= max {
             return false;
         }
         self.filters.push((filter.to_owned(), qos));
@@ -172,8 +170,17 @@ mod tests {
     #[test]
     fn granted_is_highest_match() {
         let mut s = Subscriptions::default();
-        assert!(s.add("$lobby/devices/ab/#", QoS::AtMostOnce));
-        assert!(s.add("$lobby/devices/ab/redirect", QoS::AtLeastOnce));
+        assert!(s.add("$lobby/devices/ab/#", QoS::AtMostOnce, 2));
+        assert!(s.add("$lobby/devices/ab/redirect", QoS::AtLeastOnce, 2));
+        assert!(
+            !s.add("$lobby/devices/ab/status", QoS::AtLeastOnce, 2),
+            "at the maximum"
+        );
+        assert!(
+            s.add("$lobby/devices/ab/#", QoS::AtLeastOnce, 2),
+            "a replacement is not new"
+        );
+        assert!(s.add("$lobby/devices/ab/#", QoS::AtMostOnce, 2));
         assert_eq!(
             s.granted("$lobby/devices/ab/redirect"),
             Some(QoS::AtLeastOnce)

@@ -19,6 +19,7 @@ use tokio::time::{sleep_until, timeout, Instant};
 use super::acl::{Acl, Subscriptions};
 use super::codec::{self, CodecError, Connect, Packet, Protocol};
 use crate::claims::model::ClaimState;
+use crate::config::LimitsConfig;
 use crate::edge::identity::Identity;
 use crate::edge::EdgeContext;
 use crate::route::{self, Redirect, Route};
@@ -110,7 +111,9 @@ where
 {
     let mut rbuf = BytesMut::with_capacity(1024);
     let mut io = io;
-    let connect = match read_connect(&mut io, &mut rbuf, &ctx).await {
+    // The limits this connection lives by, even if a reload changes them meanwhile.
+    let limits = ctx.limits.load_full();
+    let connect = match read_connect(&mut io, &mut rbuf, &limits).await {
         Ok(c) => c,
         Err(end) => return end,
     };
@@ -119,7 +122,6 @@ where
         Protocol::V311 => "mqtt3.1.1",
         Protocol::V5 => "mqtt5",
     };
-    let limits = &ctx.limits;
     if !ctx.waiting.admit(
         &identity.device_id,
         limits.reconnect_burst,
@@ -146,6 +148,7 @@ where
         acl: Acl::new(route::device_prefix(&identity.device_id), compat_topic),
         identity,
         ctx,
+        limits,
         handle,
         subs: Subscriptions::default(),
         keep_alive: keep_alive_window(connect.keep_alive),
@@ -184,11 +187,15 @@ fn keep_alive_window(keep_alive: u16) -> Option<Duration> {
 }
 
 /// Reads the first packet, which must be CONNECT, under `limits.connect_timeout`.
-async fn read_connect<S>(io: &mut S, rbuf: &mut BytesMut, ctx: &EdgeContext) -> Result<Connect, End>
+async fn read_connect<S>(
+    io: &mut S,
+    rbuf: &mut BytesMut,
+    limits: &LimitsConfig,
+) -> Result<Connect, End>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let max = ctx.limits.max_packet_size;
+    let max = limits.max_packet_size;
     let read = async {
         loop {
             match codec::decode(rbuf, None, max) {
@@ -207,7 +214,7 @@ where
             }
         }
     };
-    timeout(ctx.limits.connect_timeout, read)
+    timeout(limits.connect_timeout, read)
         .await
         .unwrap_or(Err(End::ConnectTimeout))
 }
@@ -247,6 +254,7 @@ struct Session<S> {
     identity: Identity,
     acl: Acl,
     ctx: Arc<EdgeContext>,
+    limits: Arc<LimitsConfig>,
     handle: SessionHandle,
     subs: Subscriptions,
     keep_alive: Option<Duration>,
@@ -401,7 +409,7 @@ where
             let packet = match codec::decode(
                 &mut self.rbuf,
                 Some(self.protocol),
-                self.ctx.limits.max_packet_size,
+                self.limits.max_packet_size,
             ) {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
@@ -480,7 +488,7 @@ where
                     self.redirected(r, "disconnect");
                     return Err(End::Redirected);
                 }
-                self.redirect_deadline = Some(Instant::now() + self.ctx.limits.redirect_grace);
+                self.redirect_deadline = Some(Instant::now() + self.limits.redirect_grace);
             }
             Route::Redirect(_) => {}
             // Unclaimed again, or waiting on registration: nothing is due any more, and the
@@ -505,7 +513,7 @@ where
 
     fn arm_redirect_grace(&mut self) {
         if self.protocol == Protocol::V311 && self.redirect_deadline.is_none() {
-            self.redirect_deadline = Some(Instant::now() + self.ctx.limits.redirect_grace);
+            self.redirect_deadline = Some(Instant::now() + self.limits.redirect_grace);
         }
     }
 
@@ -588,7 +596,7 @@ where
             self.io.flush().await
         };
         // A device that stops reading must not pin the session forever.
-        match timeout(self.ctx.limits.connect_timeout, write).await {
+        match timeout(self.limits.connect_timeout, write).await {
             Ok(Ok(())) => {
                 // Most sessions then sit idle for hours: give the buffer back.
                 self.wbuf = BytesMut::new();

@@ -14,10 +14,6 @@ use crate::mqtt::codec::{Publish, QoS};
 use crate::mqtt::topic::filter_matches;
 use crate::route::Route;
 
-/// Un-acknowledged QoS 1 publishes one device may have upstream (announced as v5 Receive
-/// Maximum); past it the device is disconnected with 0x97 rather than anything dropped.
-pub const DEVICE_INFLIGHT: usize = 32;
-
 /// The session's link to its tenant's bridge pool.
 pub(super) struct BridgeLink {
     pub(super) tenant: Arc<str>,
@@ -135,7 +131,10 @@ where
         let Some(link) = self.bridge.as_mut() else {
             return Ok(());
         };
-        if p.qos == QoS::AtLeastOnce && link.pending.len() >= DEVICE_INFLIGHT {
+        // `limits.max_inflight` un-acknowledged QoS 1 publishes upstream (announced as v5
+        // Receive Maximum); past it the device is disconnected with 0x97, nothing dropped.
+        if p.qos == QoS::AtLeastOnce && link.pending.len() >= usize::from(self.limits.max_inflight)
+        {
             self.send_disconnect(reason::QUOTA_EXCEEDED, None);
             let _ = self.flush().await;
             return Err(End::QuotaExceeded);

@@ -78,7 +78,7 @@ where
             let qos = f.qos.min(QoS::AtLeastOnce);
             let code = match self.acl.check_subscribe(&f.filter) {
                 Ok(()) => {
-                    if self.subs.add(&f.filter, qos) {
+                    if self.subs.add(&f.filter, qos, self.limits.max_subscriptions) {
                         added.push(f.filter.clone());
                         qos as u8
                     } else {
@@ -92,7 +92,9 @@ where
                         .as_ref()
                         .is_some_and(|b| b.allows_subscribe(&f.filter)) =>
                 {
-                    if self.subs.add(&f.filter, qos) && self.bridge_subscribe(&f.filter) {
+                    if self.subs.add(&f.filter, qos, self.limits.max_subscriptions)
+                        && self.bridge_subscribe(&f.filter)
+                    {
                         qos as u8
                     } else {
                         self.refusal_code(reason::QUOTA_EXCEEDED)

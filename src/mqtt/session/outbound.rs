@@ -49,13 +49,13 @@ where
             if code == reason::SUCCESS {
                 props.maximum_qos = Some(1);
                 props.retain_available = Some(false);
-                props.maximum_packet_size = u32::try_from(self.ctx.limits.max_packet_size).ok();
+                props.maximum_packet_size = u32::try_from(self.limits.max_packet_size).ok();
                 props.shared_subscription_available = Some(false);
                 props.subscription_identifiers_available = Some(false);
                 props.wildcard_subscription_available = Some(true);
                 props.assigned_client_identifier = assigned_client_id;
                 if self.bridge.is_some() {
-                    props.receive_maximum = u16::try_from(super::bridged::DEVICE_INFLIGHT).ok();
+                    props.receive_maximum = Some(self.limits.max_inflight);
                 }
             }
             if let Some(r) = redirect {

@@ -1,0 +1,107 @@
+//! Hot reload (SIGHUP, or `POST /v1/admin/reload`): the config file is read again and what
+//! can change without a restart is applied — `[tls]` (server certificate and key, CAs, CRLs),
+//! `[limits]` and the API's rate limit. Existing connections stay, keeping the limits they
+//! started with; new connections get the new config. A file that does not load or validate
+//! changes nothing. Other keys (listeners, store, claim key) need a restart.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+
+use crate::claims::cache::ClaimsCache;
+use crate::config::{Config, LimitsConfig};
+use crate::edge::{self, EdgeContext};
+use crate::ratelimit::AddressLimiter;
+use crate::server::ServerError;
+
+/// Applies a new config to a running lobby. Shared by the lobby and its API.
+#[derive(Debug)]
+pub struct Reloader {
+    /// The file `lobby serve` was started from (none: started from a `Config` in code).
+    path: Mutex<Option<PathBuf>>,
+    edge: Arc<EdgeContext>,
+    cache: ClaimsCache,
+    /// The API's requests-per-address limiter (`api.rate_limit`).
+    pub api_limiter: ArcSwap<AddressLimiter>,
+}
+
+impl Reloader {
+    pub fn new(edge: Arc<EdgeContext>, cache: ClaimsCache, config: &Config) -> Self {
+        Self {
+            path: Mutex::new(None),
+            edge,
+            cache,
+            api_limiter: ArcSwap::from_pointee(AddressLimiter::new(
+                config.api.rate_limit,
+                config.api.rate_burst,
+            )),
+        }
+    }
+
+    /// Names the file later reloads read.
+    pub fn set_path(&self, path: PathBuf) {
+        *self.path.lock().unwrap_or_else(|p| p.into_inner()) = Some(path);
+    }
+
+    /// Reads the config file again and applies it; returns the new trust generation.
+    pub fn reload_file(&self) -> Result<u64, ServerError> {
+        let path = self
+            .path
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(ServerError::NoConfigFile)?;
+        let config = Config::load(&path)?;
+        self.apply(&config)
+    }
+
+    /// Applies `config`'s reloadable parts; all or nothing. Returns the new trust generation.
+    pub fn apply(&self, config: &Config) -> Result<u64, ServerError> {
+        config.validate()?;
+        let generation = self.reload_tls(config)?;
+        self.reload_limits(&config.limits);
+        self.api_limiter.store(Arc::new(AddressLimiter::new(
+            config.api.rate_limit,
+            config.api.rate_burst,
+        )));
+        tracing::info!(generation, "config reloaded");
+        Ok(generation)
+    }
+
+    /// Applies `[tls]` only: new connections get it at once; every live device is re-checked
+    /// against it, and those no longer trusted are disconnected. On error the old trust stays.
+    pub fn reload_tls(&self, config: &Config) -> Result<u64, ServerError> {
+        let generation = self.edge.trust.load().generation + 1;
+        let trust = edge::tls::trust(&config.tls, self.cache.clone(), generation)?;
+        self.edge.trust.store(Arc::new(trust));
+        self.edge.waiting.wake_all();
+        tracing::info!(generation, "TLS trust reloaded");
+        Ok(generation)
+    }
+
+    fn reload_limits(&self, new: &LimitsConfig) {
+        let old = self.edge.limits.load_full();
+        let permits = &self.edge.permits;
+        if new.max_connections > old.max_connections {
+            permits.add_permits(new.max_connections - old.max_connections);
+        } else if new.max_connections < old.max_connections {
+            // Fewer permits: take the difference as connections end (none is dropped).
+            let fewer =
+                u32::try_from(old.max_connections - new.max_connections).unwrap_or(u32::MAX);
+            let permits = permits.clone();
+            tokio::spawn(async move {
+                if let Ok(p) = permits.acquire_many_owned(fewer).await {
+                    p.forget();
+                }
+            });
+        }
+        self.edge.limits.store(Arc::new(new.clone()));
+        self.edge
+            .connect_limiter
+            .store(Arc::new(AddressLimiter::new(
+                new.connect_rate_per_address,
+                new.connect_burst_per_address,
+            )));
+    }
+}
