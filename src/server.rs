@@ -108,7 +108,7 @@ impl Lobby {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let (activity_tx, activity_rx) = mpsc::channel(ACTIVITY_QUEUE);
-        tracker.spawn(service.clone().run_activity(activity_rx));
+        tracker.spawn(service.clone().run_activity(activity_rx, cancel.clone()));
         if let Some(pokes) = service.store().watch(cancel.clone()) {
             tracker.spawn(service.clone().run_sync(pokes, cancel.clone()));
         }

@@ -31,6 +31,8 @@ struct Account {
     failures: Mutex<HashMap<&'static str, VecDeque<IotError>>>,
     /// When set, this operation never answers (a lobby that dies mid-registration).
     hang_on: Mutex<Option<&'static str>>,
+    /// When set, this operation answers only after the delay (a registration in flight).
+    slow_on: Mutex<Option<(&'static str, Duration)>>,
 }
 
 impl Account {
@@ -51,6 +53,10 @@ impl Account {
         self.calls.lock().unwrap().push(op.to_owned());
         if *self.hang_on.lock().unwrap() == Some(op) {
             Notify::new().notified().await; // never
+        }
+        let slow = *self.slow_on.lock().unwrap();
+        if let Some((_, delay)) = slow.filter(|(o, _)| *o == op) {
+            tokio::time::sleep(delay).await;
         }
         let next = self
             .failures
@@ -288,6 +294,27 @@ async fn crash_between_steps_resumes_without_duplicates() {
     assert_eq!(account.count("register_certificate"), 1);
     assert_eq!(account.principals.lock().unwrap().len(), 1);
     assert_eq!(account.policies.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_stop_lets_a_registration_in_flight_finish() {
+    let account = Arc::new(Account::default());
+    *account.slow_on.lock().unwrap() = Some(("create_thing", Duration::from_millis(800)));
+    let mut t = lobby_with(&account).await;
+    let token = aws_tenant(&t).await;
+    let dev = t.device("dev-draining");
+    claim_with_cert(&t, &token, &dev).await;
+    eventually(|| async { (account.count("create_thing") == 1).then_some(()) }).await;
+    // Stop while CreateThing is in flight (the test lobby's grace is 2 s).
+    t.lobby.take().unwrap().stop().await;
+    *account.slow_on.lock().unwrap() = None;
+    // The registration finished before the lobby stopped: the next one finds it ready and
+    // calls AWS for nothing.
+    restart_with(&mut t, &account).await;
+    assert_eq!(t.admin_device_json(&dev).await.1["state"], "ready");
+    for op in ["register_certificate", "create_thing", "attach_policy"] {
+        assert_eq!(account.count(op), 1, "{op}");
+    }
 }
 
 #[tokio::test]

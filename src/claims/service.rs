@@ -373,9 +373,23 @@ impl ClaimsService {
         self.commit(claim, None).await
     }
 
-    /// Applies device-path activity until the channel closes.
-    pub async fn run_activity(self, mut rx: mpsc::Receiver<Activity>) {
-        while let Some(activity) = rx.recv().await {
+    /// Applies device-path activity until the channel closes or `cancel` fires (then what is
+    /// already queued).
+    pub async fn run_activity(
+        self,
+        mut rx: mpsc::Receiver<Activity>,
+        cancel: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            let activity = tokio::select! {
+                a = rx.recv() => a,
+                // Stopping: what is queued still gets stored, then the task ends (the edge's
+                // sender lives as long as the lobby, so the channel would never close).
+                () = cancel.cancelled() => rx.try_recv().ok(),
+            };
+            let Some(activity) = activity else {
+                return;
+            };
             let (device_id, redirect_id, at) = match activity {
                 Activity::Redirected {
                     device_id,

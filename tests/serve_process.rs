@@ -1,0 +1,133 @@
+//! The real binary: `lobby serve` on a fresh directory creates its development PKI, serves a
+//! device, and on SIGTERM tells the v5 device DISCONNECT 0x8B, drains and exits 0.
+mod common;
+
+use std::net::TcpListener as StdListener;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use lobby::mqtt::codec::{self, Packet, Protocol};
+use lobby::pki::Ca;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_rustls::TlsConnector;
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Reads packets until one decodes, or the stream ends (`None`).
+async fn next_packet<S: tokio::io::AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut BytesMut,
+) -> Option<Packet> {
+    loop {
+        if let Some(p) = codec::decode(buf, Some(Protocol::V5), 1 << 20).unwrap() {
+            return Some(p);
+        }
+        if io.read_buf(buf).await.ok()? == 0 {
+            return None;
+        }
+    }
+}
+
+#[tokio::test]
+async fn lobby_serve_drains_on_sigterm_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mqtt, api) = (free_port(), free_port());
+    std::fs::write(
+        dir.path().join("lobby.toml"),
+        format!(
+            "[listener]\nmqtt = \"127.0.0.1:{mqtt}\"\napi = \"127.0.0.1:{api}\"\n\
+             [dev]\nauto_init = true\n[shutdown]\ngrace = \"20s\"\n[log]\nlevel = \"warn\"\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lobby"))
+        .args(["serve", "--config", "lobby.toml"])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let up = timeout(Duration::from_secs(30), async {
+        loop {
+            let ok = http
+                .get(format!("http://127.0.0.1:{api}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            if ok {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    if up.is_err() {
+        let _ = child.kill();
+        panic!("lobby serve did not come up");
+    }
+
+    // A device of the PKI the lobby made on its first start.
+    let certs = dir.path().join("certs/dev");
+    let ca = Ca::load(&certs.join("ca.pem"), &certs.join("ca.key")).unwrap();
+    let dev = ca.issue_device("sigterm").unwrap();
+    let tls = common::client_tls_with(&certs.join("ca.pem"), &dev.cert_pem, &dev.key_pem);
+    let tcp = TcpStream::connect(("127.0.0.1", mqtt)).await.unwrap();
+    let mut io = TlsConnector::from(tls)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let mut out = BytesMut::new();
+    let connect = codec::Connect {
+        protocol: Protocol::V5,
+        client_id: "sigterm".into(),
+        keep_alive: 30,
+        clean_start: true,
+        ..Default::default()
+    };
+    codec::encode(&Packet::Connect(connect), Protocol::V5, &mut out).unwrap();
+    io.write_all(&out).await.unwrap();
+    let mut buf = BytesMut::new();
+    match next_packet(&mut io, &mut buf).await {
+        Some(Packet::ConnAck(a)) => assert_eq!(a.code, 0),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+
+    let sent = std::time::Instant::now();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    match timeout(Duration::from_secs(10), next_packet(&mut io, &mut buf)).await {
+        Ok(Some(Packet::Disconnect(d))) => assert_eq!(d.reason, 0x8B),
+        other => panic!("expected DISCONNECT 0x8B, got {other:?}"),
+    }
+    let status = timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("lobby serve exits within its grace");
+    assert!(status.success(), "{status:?}");
+    // Nothing was left running: the lobby ended well before its 20 s grace ran out.
+    assert!(
+        sent.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        sent.elapsed()
+    );
+}
