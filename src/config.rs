@@ -117,12 +117,17 @@ impl Default for StoreConfig {
 pub struct ClaimsConfig {
     /// The claim-code HMAC key file (hex). Default `certs/dev/claim.key`.
     pub code_key: PathBuf,
+    /// Retired claim-key files whose printed labels are still accepted (an extension): to
+    /// rotate the key, move the old file's path here and put a new key in `code_key`.
+    /// Default empty.
+    pub previous_code_keys: Vec<PathBuf>,
 }
 
 impl Default for ClaimsConfig {
     fn default() -> Self {
         Self {
             code_key: "certs/dev/claim.key".into(),
+            previous_code_keys: Vec::new(),
         }
     }
 }

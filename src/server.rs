@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{self, ApiState};
-use crate::claims::codes::{ClaimKey, CodeError};
+use crate::claims::codes::{ClaimKey, ClaimKeys, CodeError};
 use crate::claims::service::{token_hash, ClaimsService, ServiceError};
 use crate::config::{Config, ConfigError};
 use crate::edge::tls::TlsError;
@@ -93,7 +93,14 @@ impl Lobby {
         let store = store::open(&config.store.url).await?;
         let waiting = WaitingRoom::default();
         let (provisioner, jobs) = Provisioner::channel();
-        let service = ClaimsService::load(store.clone(), key, waiting.clone(), provisioner).await?;
+        let keys = ClaimKeys {
+            current: key,
+            previous: (config.claims.previous_code_keys.iter())
+                .map(|p| ClaimKey::load(p))
+                .collect::<Result<_, _>>()?,
+        };
+        let service =
+            ClaimsService::load(store.clone(), keys, waiting.clone(), provisioner).await?;
         let trust = edge::tls::trust(&config.tls, service.cache().clone(), 0)?;
 
         let mqtt = bind(config.listener.mqtt, MQTT_BACKLOG, "listener.mqtt")?;

@@ -361,3 +361,31 @@ async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> 
     .await;
     out.into_iter().map(Option::unwrap).collect()
 }
+
+/// Rotating the claim key (`claims.previous_code_keys`): labels printed under the old key
+/// still claim their devices; new labels use the new key; a label from a key the lobby never
+/// had is refused.
+#[tokio::test]
+async fn labels_printed_under_a_retired_key_still_claim() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, stranger) = (ClaimKey::generate(), ClaimKey::generate());
+    let old_path = dir.path().join("old-claim.key");
+    std::fs::write(&old_path, old.to_file_text()).unwrap();
+    let lobby =
+        TestLobby::start_with(|c| c.claims.previous_code_keys = vec![old_path.clone()]).await;
+    let token = lobby.tenant("acme", "iot.acme.example").await;
+    let (a, b, c) = (
+        lobby.device("old-label"),
+        lobby.device("new-label"),
+        lobby.device("forged"),
+    );
+    let (s, body) = post_claim(&lobby, &token, json!({"code": old.code_for(&a.id)})).await;
+    assert_eq!(s, 201, "{body}");
+    // `dev.code` is made with the lobby's current key.
+    assert_eq!(
+        post_claim(&lobby, &token, json!({"code": b.code})).await.0,
+        201
+    );
+    let got = post_claim(&lobby, &token, json!({"code": stranger.code_for(&c.id)})).await;
+    assert_error(&got, 403, "invalid_code");
+}

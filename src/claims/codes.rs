@@ -147,6 +147,34 @@ impl ClaimKey {
     }
 }
 
+/// The claim key in use and the retired keys whose printed labels are still honoured
+/// (`claims.previous_code_keys`): rotating the key never invalidates a label in the field.
+#[derive(Clone, Debug)]
+pub struct ClaimKeys {
+    /// Makes new codes (`lobby claim-code`) and verifies.
+    pub current: ClaimKey,
+    /// Only verify.
+    pub previous: Vec<ClaimKey>,
+}
+
+impl From<ClaimKey> for ClaimKeys {
+    fn from(current: ClaimKey) -> Self {
+        Self {
+            current,
+            previous: Vec::new(),
+        }
+    }
+}
+
+impl ClaimKeys {
+    /// The device a code claims, under the current key or any retired one.
+    pub fn verify(&self, code: &str) -> Option<DeviceId> {
+        std::iter::once(&self.current)
+            .chain(&self.previous)
+            .find_map(|k| k.verify(code))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

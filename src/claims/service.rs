@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, Mutex};
 
 use super::cache::{ClaimsCache, TenantEntry};
-use super::codes::ClaimKey;
+use super::codes::ClaimKeys;
 use super::model::{now_ms, Backend, Claim, ClaimState, Mode, Tenant};
 use super::tenant_input::TenantInput;
 
@@ -75,7 +75,7 @@ pub struct ClaimsService {
 struct Inner {
     store: Arc<dyn Store>,
     cache: ClaimsCache,
-    key: ClaimKey,
+    key: ClaimKeys,
     waiting: WaitingRoom,
     provisioner: Provisioner,
     /// Serialises this node's mutations; with a shared store, the store's lock serialises the
@@ -113,7 +113,7 @@ impl ClaimsService {
     /// Loads tenants and claims from the store into a fresh map.
     pub async fn load(
         store: Arc<dyn Store>,
-        key: ClaimKey,
+        key: impl Into<ClaimKeys>,
         waiting: WaitingRoom,
         provisioner: Provisioner,
     ) -> Result<Self, ServiceError> {
@@ -137,7 +137,7 @@ impl ClaimsService {
             inner: Arc::new(Inner {
                 store,
                 cache,
-                key,
+                key: key.into(),
                 waiting,
                 provisioner,
                 write: Mutex::new(()),
