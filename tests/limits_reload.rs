@@ -240,3 +240,48 @@ async fn a_reload_that_drops_a_ca_cuts_its_devices_off() {
     assert!(TcpStream::connect(t.mqtt_addr()).await.is_ok());
     let _ = connected(&t, &t.device("from-a"), Protocol::V311).await;
 }
+
+#[tokio::test]
+async fn a_reload_serves_a_new_server_certificate_and_keeps_connections() {
+    let t = TestLobby::start().await;
+    let dev = t.device("rekeyed");
+    let mut before = connected(&t, &dev, Protocol::V5).await;
+    // A new server key and certificate (from another CA); device trust unchanged.
+    let next = t.dir.path().join("next");
+    lobby::pki::init(&lobby::pki::InitOptions {
+        dir: next.clone(),
+        devices: 0,
+    })
+    .unwrap();
+    let certs = t.certs_dir();
+    let path = t.dir.path().join("lobby.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[tls]\ncert = {:?}\nkey = {:?}\nclient_cas = [{:?}]\n\n\
+             [claims]\ncode_key = {:?}\n\n[api]\nadmin_token_file = {:?}\n",
+            next.join("server.pem"),
+            next.join("server.key"),
+            certs.join("ca.pem"),
+            certs.join("claim.key"),
+            certs.join("admin.token"),
+        ),
+    )
+    .unwrap();
+    t.lobby.as_ref().unwrap().set_config_path(&path);
+    let (st, body) = reload(&t, &t.admin).await;
+    assert_eq!(st, 200, "{body}");
+    // New connections see the new certificate: a client trusting only the old server CA
+    // fails, one trusting the new CA enters.
+    assert!(tls_connect(&t, &dev).await.is_err());
+    // (Another device: the same one would take over the connection made before.)
+    let other = t.device("rekeyed-b");
+    let cfg = client_tls_with(&next.join("ca.pem"), &other.cert_pem, &other.key_pem);
+    let mut c = RawClient::with_connector(&t, &TlsConnector::from(cfg), Protocol::V5)
+        .await
+        .unwrap();
+    c.send_connect("rekeyed-b").await;
+    assert_eq!(c.expect_connack().await.code, 0);
+    // The connection made before the reload stays.
+    before.ping_ok().await;
+}
