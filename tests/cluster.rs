@@ -174,3 +174,20 @@ async fn every_node_lists_where_a_device_is_connected() {
     assert!(gone["node"].is_null(), "{gone}");
     assert!(gone["last_seen"].is_string(), "{gone}");
 }
+
+#[tokio::test]
+async fn a_tenant_token_works_on_every_node_at_once() {
+    let db = pg::TestDb::create().await;
+    let (a, b) = two_nodes(&db).await;
+    // No waiting for B's notification: B applies the change log itself when a token is new
+    // to it.
+    for i in 0..10 {
+        let token = a.tenant(&format!("t{i}"), "iot.t.example").await;
+        let (st, body) = b.call("GET", "/v1/devices", &token, None).await;
+        assert_eq!(st, 200, "{body}");
+    }
+    let (st, _) = b
+        .call("GET", "/v1/devices", "lobby_t_not_a_token", None)
+        .await;
+    assert_eq!(st, 401);
+}

@@ -51,9 +51,18 @@ impl FromRequestParts<ApiState> for Caller {
         if bool::from(hash.ct_eq(&state.admin_token_hash)) {
             return Ok(Caller::Operator);
         }
-        match state.service.cache().tenant_by_token(&hash) {
-            Some(t) => Ok(Caller::Tenant(t.tenant.id.clone())),
-            None => Err(ApiError::Unauthorized),
+        if let Some(t) = state.service.cache().tenant_by_token(&hash) {
+            return Ok(Caller::Tenant(t.tenant.id.clone()));
         }
+        // In a fleet the tenant may have been created on another node a moment ago: apply
+        // the change log once before saying no (one indexed query; `api.rate_limit` bounds
+        // how often a stranger can make this node ask).
+        if state.service.store().shared() {
+            state.service.catch_up().await?;
+            if let Some(t) = state.service.cache().tenant_by_token(&hash) {
+                return Ok(Caller::Tenant(t.tenant.id.clone()));
+            }
+        }
+        Err(ApiError::Unauthorized)
     }
 }
