@@ -59,6 +59,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/devices/{device_id}/revoke", post(devices::revoke))
         .route("/v1/admin/reload", post(reload))
         .route("/console/", get(console))
+        .route("/console/jsqr.js", get(console_jsqr))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -150,14 +151,27 @@ async fn metrics(State(state): State<ApiState>) -> Response {
 }
 
 /// The claim console: one static page that talks to this API with the token a person enters
-/// (kept in the tab's session storage only).
+/// (kept in the tab's session storage only). Embedded in the binary, no build step.
 async fn console() -> Response {
     (
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
             (header::CACHE_CONTROL, "no-store"),
         ],
-        include_str!("api/console.html"),
+        include_str!("api/console/index.html"),
+    )
+        .into_response()
+}
+
+/// The console's QR decoder for browsers without `BarcodeDetector`: jsQR 1.4.0 (Apache-2.0,
+/// `src/api/console/jsQR.LICENSE`), served from the binary (no CDN: factories are offline).
+async fn console_jsqr() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=86400"),
+        ],
+        include_str!("api/console/jsQR.js"),
     )
         .into_response()
 }

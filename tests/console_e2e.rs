@@ -44,29 +44,74 @@ fn distinct_levels(png_path: &Path) -> usize {
     levels.len()
 }
 
+/// `lobby claim-code --png`: the label a factory prints for `dev`, as the CLI draws it.
+fn label_png(t: &TestLobby, dev: &Device) -> PathBuf {
+    let dir = t.dir.path();
+    let (cert, config, png) = (
+        dir.join("label.pem"),
+        dir.join("label.toml"),
+        dir.join("label.png"),
+    );
+    std::fs::write(&cert, &dev.cert_pem).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[claims]\ncode_key = {:?}\n",
+            t.certs_dir().join("claim.key")
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_lobby"))
+        .args(["claim-code", "--cert"])
+        .arg(&cert)
+        .arg("--config")
+        .arg(&config)
+        .arg("--png")
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The CLI prints the code it drew: the same one the lobby's key makes.
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&dev.code));
+    png
+}
+
 #[tokio::test]
-async fn a_tenant_signs_in_pastes_a_code_and_sees_the_device_ready() {
+async fn a_person_claims_reads_a_label_filters_unclaims_and_the_operator_sees_the_lobby() {
     let chromium = browser_tools();
     let t = TestLobby::start().await;
     let token = t.tenant("acme", "iot.acme.example").await;
-    let dev = t.device("console-1");
-    let _waiting = connected(&t, &dev, lobby::mqtt::codec::Protocol::V311).await;
+    let (one, two, waiting) = (
+        t.device("typed"),
+        t.device("photographed"),
+        t.device("waiting"),
+    );
+    let _waiting = connected(&t, &waiting, lobby::mqtt::codec::Protocol::V311).await;
+    let png = label_png(&t, &two);
     let shot = t.dir.path().join("console.png");
     let script = console_dir().join("e2e.mjs");
-    let node = tokio::task::spawn_blocking({
-        let (url, shot, code) = (t.url(""), shot.clone(), dev.code.clone());
-        let url = url.trim_end_matches('/').to_owned();
-        move || {
-            Command::new("node")
-                .arg(script)
-                .env("LOBBY_URL", url)
-                .env("TOKEN", token)
-                .env("CODE", code)
-                .env("SCREENSHOT", shot)
-                .env("CHROMIUM", chromium)
-                .output()
-                .expect("node (Node.js) must be installed")
-        }
+    let envs = [
+        ("LOBBY_URL", t.url("")),
+        ("TOKEN", token),
+        ("ADMIN", t.admin.clone()),
+        ("CODE", one.code.clone()),
+        ("QR_PNG", png.display().to_string()),
+        ("ONE", one.hex()),
+        ("TWO", two.hex()),
+        ("WAITING", waiting.hex()),
+        ("SCREENSHOT", shot.display().to_string()),
+        ("CHROMIUM", chromium.display().to_string()),
+    ];
+    let node = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(script)
+            .envs(envs)
+            .output()
+            .expect("node (Node.js) must be installed")
     })
     .await
     .unwrap();
@@ -76,14 +121,20 @@ async fn a_tenant_signs_in_pastes_a_code_and_sees_the_device_ready() {
         String::from_utf8_lossy(&node.stderr)
     );
     assert!(node.status.success(), "the browser run failed: {said}");
-    // What the page did is what the lobby holds.
-    let d = t.admin_device_json(&dev).await.1;
+    // What the page did is what the lobby holds: the typed device was claimed and then
+    // unclaimed, the photographed one is claimed and ready.
+    let first = t.admin_device_json(&one).await.1;
+    assert!(first["tenant"].is_null(), "{first}");
+    let second = t.admin_device_json(&two).await.1;
     assert_eq!(
-        (d["tenant"].as_str(), d["state"].as_str()),
+        (second["tenant"].as_str(), second["state"].as_str()),
         (Some("acme"), Some("ready")),
-        "{d}"
+        "{second}"
     );
-    // The screenshot shows a page, not a blank.
+    // The screenshot shows a page, not a blank (`CONSOLE_SCREENSHOT=path` keeps a copy).
+    if let Ok(keep) = std::env::var("CONSOLE_SCREENSHOT") {
+        std::fs::copy(&shot, keep).unwrap();
+    }
     let levels = distinct_levels(&shot);
     assert!(
         levels > 8,
