@@ -131,6 +131,10 @@ async fn a_person_claims_reads_a_label_filters_unclaims_and_the_operator_sees_th
         (Some("acme"), Some("ready")),
         "{second}"
     );
+    // The operator's new tenant, edited in the page.
+    let (_, beta) = t.call("GET", "/v1/tenants/beta", &t.admin, None).await;
+    assert_eq!(beta["endpoint"], "iot2.beta.example", "{beta}");
+    assert_eq!(beta["name"], "Beta Corp", "{beta}");
     // The screenshot shows a page, not a blank (`CONSOLE_SCREENSHOT=path` keeps a copy).
     if let Ok(keep) = std::env::var("CONSOLE_SCREENSHOT") {
         std::fs::copy(&shot, keep).unwrap();
