@@ -70,7 +70,9 @@ async fn connection(
     _permit: OwnedSemaphorePermit,
 ) {
     let started = Instant::now();
-    let handshake_timeout = ctx.limits.load().handshake_timeout;
+    // The connection's limits, from accept to close (a reload applies to the next ones).
+    let limits = ctx.limits.load_full();
+    let handshake_timeout = limits.handshake_timeout;
     let mut source = peer.ip();
     if ctx.proxy_protocol {
         // The balancer's header comes first, under the same deadline as the handshake.
@@ -141,6 +143,7 @@ async fn connection(
     let accepted = session::Accepted {
         tls_done,
         trust_generation,
+        limits,
     };
     let end = session::run(stream, identity, ctx, accepted).await;
     metrics::connection_outcome(end.label());

@@ -93,12 +93,15 @@ impl End {
     }
 }
 
-/// How the connection got in: when its handshake finished, and under which trust.
-#[derive(Debug, Clone, Copy)]
+/// How the connection got in: when its handshake finished, under which trust and limits.
+#[derive(Debug, Clone)]
 pub struct Accepted {
     pub tls_done: Instant,
     /// The generation of the trust its certificate was verified against.
     pub trust_generation: u64,
+    /// The limits this connection lives by, taken once at accept: a reload meanwhile does
+    /// not change them.
+    pub limits: Arc<LimitsConfig>,
 }
 
 /// Control flow inside the session: keep going, or end with a reason.
@@ -111,8 +114,7 @@ where
 {
     let mut rbuf = BytesMut::with_capacity(1024);
     let mut io = io;
-    // The limits this connection lives by, even if a reload changes them meanwhile.
-    let limits = ctx.limits.load_full();
+    let limits = accepted.limits.clone();
     let connect = match read_connect(&mut io, &mut rbuf, &limits).await {
         Ok(c) => c,
         Err(end) => return end,
