@@ -342,10 +342,11 @@ impl ClaimsService {
 
     /// Revokes a device: refused at the handshake from now on, its connection closed.
     pub async fn revoke(&self, id: &DeviceId) -> Result<Arc<Claim>, ServiceError> {
-        let w = self.write().await?;
+        let _w = self.write().await?;
         let existing = self.inner.cache.claim(id);
         // A fleet's node knows only the devices it has seen; the device may wait on another.
-        if existing.is_none() && self.inner.waiting.seen(id).is_none() && !w.clustered() {
+        let shared = self.inner.store.shared();
+        if existing.is_none() && self.inner.waiting.seen(id).is_none() && !shared {
             return Err(ServiceError::NotFound);
         }
         let claim = match existing {

@@ -20,13 +20,6 @@ pub(super) struct WriteGuard<'a> {
     _local: MutexGuard<'a, ()>,
 }
 
-impl WriteGuard<'_> {
-    /// Whether other nodes share the store.
-    pub(super) fn clustered(&self) -> bool {
-        self._cluster.is_some()
-    }
-}
-
 impl ClaimsService {
     /// Takes this node's write lock, then the cluster's (if any), then applies every change
     /// other nodes committed before it.
