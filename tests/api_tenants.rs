@@ -379,9 +379,7 @@ async fn metrics_show_claims_and_connections() {
     // Connects and (dropping the client) disconnects.
     connack(&lobby, &dev, Protocol::V5, "dev-a").await;
     let text = eventually(|| async {
-        let resp = lobby.http.get(lobby.url("/metrics")).send().await.unwrap();
-        assert_eq!(resp.status().as_u16(), 200);
-        let text = resp.text().await.unwrap();
+        let text = lobby.metrics().await;
         text.contains("lobby_connections_total").then_some(text)
     })
     .await;

@@ -16,7 +16,6 @@ mod upstream;
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::flows::{device_when, status};
 use common::*;
 use lobby::mqtt::codec::{self, Packet, Protocol, QoS};
@@ -98,14 +97,9 @@ impl Setup {
 
 /// The device publishes `payload` on `topic` (`pkid` is ignored at QoS 0).
 async fn publish(c: &mut RawClient, pkid: u16, topic: &str, qos: QoS, payload: &str) {
-    c.send(Packet::Publish(codec::Publish {
-        qos,
-        topic: topic.into(),
-        pkid: if qos == QoS::AtMostOnce { 0 } else { pkid },
-        payload: Bytes::copy_from_slice(payload.as_bytes()),
-        ..Default::default()
-    }))
-    .await;
+    let pkid = if qos == QoS::AtMostOnce { 0 } else { pkid };
+    c.send(common::publish(topic, qos, pkid, payload.as_bytes()))
+        .await;
 }
 
 /// Acknowledges an incoming QoS 1 publish.
@@ -231,15 +225,7 @@ async fn expect_status(c: &mut RawClient, dev: &Device, state: &str, tenant: Opt
 
 /// `lobby_bridge_upstream_connected` of `tenant` (summed over any other labels), if shown.
 async fn upstream_connected(lobby: &TestLobby, tenant: &str) -> Option<f64> {
-    let text = lobby
-        .http
-        .get(lobby.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = lobby.metrics().await;
     let label = format!("tenant=\"{tenant}\"");
     let values: Vec<f64> = text
         .lines()

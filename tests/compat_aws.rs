@@ -2,19 +2,18 @@
 //! `lobby/<CN>`, publishes heartbeats to `$aws/rules/lobby`, and takes `{"iotep", "config"}`.
 mod common;
 
-use bytes::Bytes;
 use common::*;
-use lobby::mqtt::codec::{self, Packet, Protocol, QoS};
+use lobby::mqtt::codec::{Packet, Protocol, QoS};
 use serde_json::Value;
 
 async fn heartbeat(c: &mut RawClient, pkid: u16) -> Packet {
-    c.send(Packet::Publish(codec::Publish {
-        qos: QoS::AtLeastOnce,
-        topic: "$aws/rules/lobby".into(),
+    let heartbeat = b"{\"heartbeat\":1}";
+    c.send(publish(
+        "$aws/rules/lobby",
+        QoS::AtLeastOnce,
         pkid,
-        payload: Bytes::from_static(b"{\"heartbeat\":1}"),
-        ..Default::default()
-    }))
+        heartbeat,
+    ))
     .await;
     c.expect().await
 }
@@ -56,14 +55,8 @@ async fn compat_topics_are_refused_when_off() {
     let _ = c.expect().await;
     assert_eq!(c.subscribe(1, "lobby/sample-0002").await, vec![0x80]);
     // A forbidden publish closes a v3.1.1 connection.
-    c.send(Packet::Publish(codec::Publish {
-        qos: QoS::AtLeastOnce,
-        topic: "$aws/rules/lobby".into(),
-        pkid: 2,
-        payload: Bytes::from_static(b"{}"),
-        ..Default::default()
-    }))
-    .await;
+    c.send(publish("$aws/rules/lobby", QoS::AtLeastOnce, 2, b"{}"))
+        .await;
     assert!(
         c.recv().await.is_none(),
         "the lobby kept the connection open"

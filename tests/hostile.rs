@@ -36,26 +36,8 @@ async fn patient_lobby() -> TestLobby {
     .await
 }
 
-fn publish(topic: &str, qos: QoS, pkid: u16, payload: &[u8]) -> Packet {
-    Packet::Publish(codec::Publish {
-        qos,
-        topic: topic.into(),
-        pkid,
-        payload: bytes::Bytes::copy_from_slice(payload),
-        ..Default::default()
-    })
-}
-
 fn subscribe(pkid: u16, filter: &str) -> Packet {
-    Packet::Subscribe(codec::Subscribe {
-        pkid,
-        filters: vec![codec::SubscribeFilter {
-            filter: filter.into(),
-            qos: QoS::AtLeastOnce,
-            ..Default::default()
-        }],
-        properties: Default::default(),
-    })
+    subscribe_packet(pkid, &[filter], QoS::AtLeastOnce)
 }
 
 /// `packet` as `protocol` puts it on the wire.

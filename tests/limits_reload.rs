@@ -14,19 +14,9 @@ use tokio_rustls::TlsConnector;
 
 /// SUBSCRIBE to each of `filters` in one packet (QoS 1); the SUBACK codes.
 async fn subscribe_all(c: &mut RawClient, filters: &[String]) -> Vec<u8> {
-    c.send(Packet::Subscribe(codec::Subscribe {
-        pkid: 7,
-        filters: filters
-            .iter()
-            .map(|f| codec::SubscribeFilter {
-                filter: f.clone(),
-                qos: QoS::AtLeastOnce,
-                ..Default::default()
-            })
-            .collect(),
-        properties: Default::default(),
-    }))
-    .await;
+    let filters: Vec<&str> = filters.iter().map(String::as_str).collect();
+    c.send(subscribe_packet(7, &filters, QoS::AtLeastOnce))
+        .await;
     // Status publishes of an earlier SUBSCRIBE may come first.
     loop {
         match c.expect().await {
@@ -109,15 +99,7 @@ async fn connections_per_source_address_are_paced() {
     );
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     assert!(tls_from(&t, &dev, "127.0.0.1").await, "one more per second");
-    let metrics = t
-        .http
-        .get(t.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = t.metrics().await;
     assert!(
         metrics.contains("lobby_tls_handshake_failures_total{reason=\"rate_limited\"}"),
         "refusals are counted"

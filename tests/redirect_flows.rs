@@ -110,25 +110,26 @@ async fn live_claim_v3_ack_topic_closes() {
     let p = c.expect_publish().await;
     let redirect_id = check_acme_redirect(&p, &dev);
     // An ack naming another redirect does not count.
-    c.send(Packet::Publish(codec::Publish {
-        qos: QoS::AtLeastOnce,
-        topic: dev.topic("ack"),
-        pkid: 7,
-        payload: json!({"redirect_id": "not-this-one"}).to_string().into(),
-        ..Default::default()
-    }))
+    let other = json!({"redirect_id": "not-this-one"}).to_string();
+    c.send(publish(
+        &dev.topic("ack"),
+        QoS::AtLeastOnce,
+        7,
+        other.as_bytes(),
+    ))
     .await;
     match c.expect().await {
         Packet::PubAck(a) => assert_eq!(a.pkid, 7),
         other => panic!("expected PUBACK, got {other:?}"),
     }
     c.ping_ok().await;
-    c.send(Packet::Publish(codec::Publish {
-        qos: QoS::AtMostOnce,
-        topic: dev.topic("ack"),
-        payload: json!({ "redirect_id": redirect_id }).to_string().into(),
-        ..Default::default()
-    }))
+    let ack = json!({ "redirect_id": redirect_id }).to_string();
+    c.send(publish(
+        &dev.topic("ack"),
+        QoS::AtMostOnce,
+        0,
+        ack.as_bytes(),
+    ))
     .await;
     let rest = c.expect_closed().await;
     assert!(rest.is_empty(), "{rest:?}");

@@ -40,15 +40,7 @@ async fn admitted(lobby: &TestLobby, connector: &TlsConnector) -> bool {
 
 async fn metric_line(lobby: &TestLobby, prefix: &str) -> String {
     eventually(|| async {
-        let text = lobby
-            .http
-            .get(lobby.url("/metrics"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let text = lobby.metrics().await;
         text.lines()
             .find(|l| l.starts_with(prefix))
             .map(str::to_owned)

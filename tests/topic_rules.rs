@@ -11,16 +11,6 @@ use tokio::io::AsyncWriteExt;
 
 // ---- local helpers -------------------------------------------------------------------------
 
-fn publish(topic: &str, qos: QoS, pkid: u16, payload: &[u8]) -> Packet {
-    Packet::Publish(codec::Publish {
-        qos,
-        topic: topic.into(),
-        pkid,
-        payload: bytes::Bytes::copy_from_slice(payload),
-        ..Default::default()
-    })
-}
-
 fn unsubscribe(pkid: u16, filters: Vec<String>) -> Packet {
     Packet::Unsubscribe(codec::Unsubscribe {
         pkid,

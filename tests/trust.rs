@@ -128,11 +128,7 @@ async fn handshake_failures_show_in_metrics() {
     let cfg = rogue_client_tls(&lobby, "Rogue CA 2", "rogue-2");
     assert_refused(&lobby, cfg).await;
     let text = eventually(|| async {
-        let resp = lobby.http.get(lobby.url("/metrics")).send().await.ok()?;
-        if resp.status() != 200 {
-            return None;
-        }
-        let text = resp.text().await.ok()?;
+        let text = lobby.metrics().await;
         text.lines()
             .any(|l| l.starts_with("lobby_tls_handshake_failures_total{"))
             .then_some(text)

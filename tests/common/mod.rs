@@ -227,6 +227,13 @@ impl TestLobby {
         self.device_json(&self.admin, dev).await
     }
 
+    /// `GET /metrics` (which must answer 200): the Prometheus text.
+    pub async fn metrics(&self) -> String {
+        let resp = self.http.get(self.url("/metrics")).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        resp.text().await.unwrap()
+    }
+
     /// The operator revokes `dev`; that must succeed.
     pub async fn revoke(&self, dev: &Device) {
         let (st, body) = self

@@ -117,16 +117,7 @@ impl RawClient {
     /// SUBSCRIBE to `filter` at `qos`; returns the SUBACK codes. Publishes the lobby sends after
     /// the SUBACK (status) are left in the stream.
     pub async fn subscribe_qos(&mut self, pkid: u16, filter: &str, qos: codec::QoS) -> Vec<u8> {
-        self.send(Packet::Subscribe(codec::Subscribe {
-            pkid,
-            filters: vec![codec::SubscribeFilter {
-                filter: filter.into(),
-                qos,
-                ..Default::default()
-            }],
-            properties: Default::default(),
-        }))
-        .await;
+        self.send(subscribe_packet(pkid, &[filter], qos)).await;
         // Publishes may arrive right after SUBACK, never before it.
         match self.expect().await {
             Packet::SubAck(a) => {
@@ -225,4 +216,31 @@ pub async fn expect_closed_without_bytes<S: AsyncRead + Unpin>(stream: &mut S, w
         Ok(Ok(n)) => panic!("{what}: unexpected {n} bytes"),
         Err(_) => panic!("{what}: the connection stayed open for {WAIT:?}"),
     }
+}
+
+/// A PUBLISH of `payload` on `topic`.
+pub fn publish(topic: &str, qos: codec::QoS, pkid: u16, payload: &[u8]) -> Packet {
+    Packet::Publish(codec::Publish {
+        qos,
+        topic: topic.into(),
+        pkid,
+        payload: bytes::Bytes::copy_from_slice(payload),
+        ..Default::default()
+    })
+}
+
+/// One SUBSCRIBE to every filter of `filters`, each at `qos`.
+pub fn subscribe_packet(pkid: u16, filters: &[&str], qos: codec::QoS) -> Packet {
+    Packet::Subscribe(codec::Subscribe {
+        pkid,
+        filters: filters
+            .iter()
+            .map(|f| codec::SubscribeFilter {
+                filter: (*f).into(),
+                qos,
+                ..Default::default()
+            })
+            .collect(),
+        properties: Default::default(),
+    })
 }
