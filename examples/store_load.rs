@@ -157,17 +157,7 @@ fn claim(i: usize, tenants: usize, rng: &mut impl RngCore) -> Claim {
     rng.fill_bytes(&mut id);
     let device_id = DeviceId(id);
     if i % 3 != 0 || tenants == 0 {
-        return Claim {
-            device_id,
-            tenant: None,
-            state: ClaimState::Revoked,
-            thing_name: None,
-            redirect_id: None,
-            claimed_at: None,
-            ready_at: None,
-            redirected_at: None,
-            error: None,
-        };
+        return Claim::revoked(device_id);
     }
     let claimed_at = 1_750_000_000_000 + (rng.next_u64() % 10_000_000_000) as i64;
     let (state, ready_at, redirected_at, error) = match i % 300 {

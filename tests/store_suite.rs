@@ -168,17 +168,7 @@ fn full_claim(n: u8, tenant: &str) -> Claim {
 
 /// A device revoked while unclaimed: every optional field empty.
 fn bare_claim(n: u8) -> Claim {
-    Claim {
-        device_id: device(n),
-        tenant: None,
-        state: ClaimState::Revoked,
-        thing_name: None,
-        redirect_id: None,
-        claimed_at: None,
-        ready_at: None,
-        redirected_at: None,
-        error: None,
-    }
+    Claim::revoked(device(n))
 }
 
 async fn sorted_claims(store: &dyn Store) -> Vec<Claim> {

@@ -204,17 +204,7 @@ mod tests {
         let cache = ClaimsCache::default();
         let id = DeviceId([9; 32]);
         assert!(cache.claim(&id).is_none());
-        cache.put_claim(Claim {
-            device_id: id,
-            tenant: None,
-            state: ClaimState::Revoked,
-            thing_name: None,
-            redirect_id: None,
-            claimed_at: None,
-            ready_at: None,
-            redirected_at: None,
-            error: None,
-        });
+        cache.put_claim(Claim::revoked(id));
         assert!(cache.is_revoked(&id));
         cache.remove_claim(&id);
         assert!(!cache.is_revoked(&id));

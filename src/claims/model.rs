@@ -158,6 +158,21 @@ pub struct Claim {
 }
 
 impl Claim {
+    /// A device revoked while unclaimed: refused at the handshake, bound to no tenant.
+    pub fn revoked(device_id: DeviceId) -> Self {
+        Claim {
+            device_id,
+            tenant: None,
+            state: ClaimState::Revoked,
+            thing_name: None,
+            redirect_id: None,
+            claimed_at: None,
+            ready_at: None,
+            redirected_at: None,
+            error: None,
+        }
+    }
+
     /// The tenant id as a plain `&str`.
     pub fn tenant_id(&self) -> Option<&str> {
         self.tenant.as_deref()

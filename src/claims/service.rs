@@ -344,9 +344,9 @@ impl ClaimsService {
     pub async fn revoke(&self, id: &DeviceId) -> Result<Arc<Claim>, ServiceError> {
         let _w = self.write().await?;
         let existing = self.inner.cache.claim(id);
+        let seen = self.inner.waiting.seen(id);
         // A fleet's node knows only the devices it has seen; the device may wait on another.
-        let shared = self.inner.store.shared();
-        if existing.is_none() && self.inner.waiting.seen(id).is_none() && !shared {
+        if existing.is_none() && seen.is_none() && !self.inner.store.shared() {
             return Err(ServiceError::NotFound);
         }
         let claim = match existing {
@@ -356,19 +356,8 @@ impl ClaimsService {
                 ..(*c).clone()
             },
             None => Claim {
-                device_id: *id,
-                tenant: None,
-                state: ClaimState::Revoked,
-                thing_name: self
-                    .inner
-                    .waiting
-                    .seen(id)
-                    .map(|s| s.thing_name.to_string()),
-                redirect_id: None,
-                claimed_at: None,
-                ready_at: None,
-                redirected_at: None,
-                error: None,
+                thing_name: seen.map(|s| s.thing_name.to_string()),
+                ..Claim::revoked(*id)
             },
         };
         self.commit(claim, None).await
