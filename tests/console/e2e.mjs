@@ -70,12 +70,13 @@ try {
   await op.getByLabel("Name", { exact: true }).fill("Beta Corp");
   await op.getByLabel("Endpoint (host name)").fill("iot.beta.example");
   await op.getByRole("button", { name: "Create tenant" }).click();
-  await op.waitForSelector("#t-status:has-text('token (shown once): lobby_t_')", { timeout });
+  await op.waitForSelector("#t-status:has-text('Created beta. Its token (shown once): lobby_t_')", { timeout });
   await op.waitForSelector("#tenants tr[data-tenant='beta']", { timeout });
   const answers = ["iot2.beta.example", "redirect"];
   op.on("dialog", (d) => d.accept(answers.shift()));
   await op.getByRole("button", { name: "Edit the endpoint and mode of beta" }).click();
   await op.waitForSelector("#tenants tr[data-tenant='beta']:has-text('iot2.beta.example')", { timeout });
+  await op.waitForSelector("#t-status:has-text('beta: redirect to iot2.beta.example.')", { timeout });
   console.log("every step passed");
 } catch (e) {
   console.error(`step "${step}" failed: ${e}`);
