@@ -146,9 +146,8 @@ fn leaf_params(
     Ok(params)
 }
 
-/// Builds a self-signed CA; returns it and its key PEM.
-fn new_ca(cn: &str, years: i64) -> Result<(Ca, String), PkiError> {
-    let key = new_key()?;
+/// CA parameters: CN `cn`, certificate and CRL signing, valid `years`.
+fn ca_params(cn: &str, years: i64) -> Result<CertificateParams, PkiError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.distinguished_name = dn_with_cn(cn);
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -156,6 +155,13 @@ fn new_ca(cn: &str, years: i64) -> Result<(Ca, String), PkiError> {
     params.serial_number = Some(random_serial());
     (params.not_before, params.not_after) = validity(365 * years);
     params.key_identifier_method = KeyIdMethod::Sha256;
+    Ok(params)
+}
+
+/// Builds a self-signed CA; returns it and its key PEM.
+fn new_ca(cn: &str, years: i64) -> Result<(Ca, String), PkiError> {
+    let key = new_key()?;
+    let params = ca_params(cn, years)?;
     let cert_pem = params.self_signed(&key)?.pem();
     let key_pem = key.serialize_pem();
     let issuer = rcgen::Issuer::new(params, key);
@@ -245,6 +251,26 @@ impl Ca {
     ) -> Result<IssuedCert, PkiError> {
         let eku = ExtendedKeyUsagePurpose::ClientAuth;
         self.sign(&leaf_params(name, vec![], eku, (not_before, not_after))?)
+    }
+
+    /// An intermediate CA with CN `cn` signed by this CA (valid five years), as factories run
+    /// them: the root stays offline and devices are issued by the intermediate. The returned
+    /// `Ca` issues devices and CRLs; the `IssuedCert` is the intermediate's own certificate,
+    /// which devices send after their leaf and this CA's CRL can revoke.
+    pub fn issue_intermediate(&self, cn: &str) -> Result<(Ca, IssuedCert), PkiError> {
+        let key = new_key()?;
+        let params = ca_params(cn, 5)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let issued = IssuedCert {
+            cert_der: cert.der().to_vec(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        };
+        let ca = Ca {
+            cert_pem: issued.cert_pem.clone(),
+            issuer: rcgen::Issuer::new(params, key),
+        };
+        Ok((ca, issued))
     }
 
     /// The broker's server certificate for localhost, valid for two years.

@@ -77,6 +77,9 @@ pub struct Identity {
     pub thing_name: String,
     /// The leaf certificate, DER encoded.
     pub cert_der: Vec<u8>,
+    /// The certificates the device sent after its leaf (its factory's intermediates), kept so
+    /// the re-check after a trust reload builds the same path the handshake did.
+    pub intermediates: Vec<CertificateDer<'static>>,
     /// The certificate's validity period in Unix seconds (`not_before`, `not_after`); empty
     /// (`0, -1`) when it does not parse. A full handshake checked it already; a resumed one
     /// did not, so the edge checks it again.
@@ -84,6 +87,15 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// Builds the identity of the device that presented `chain` (leaf first, as TLS sends
+    /// it); `None` for an empty chain.
+    pub fn from_chain(chain: &[CertificateDer<'static>]) -> Option<Self> {
+        let (leaf, intermediates) = chain.split_first()?;
+        let mut identity = Self::from_cert_der(leaf.as_ref());
+        identity.intermediates = intermediates.to_vec();
+        Some(identity)
+    }
+
     /// Builds the identity of the device presenting this leaf certificate.
     pub fn from_cert_der(der: &[u8]) -> Self {
         let device_id = DeviceId::from_cert_der(der);
@@ -102,6 +114,7 @@ impl Identity {
             thing_name: cn.unwrap_or_else(|| device_id.to_hex()),
             device_id,
             cert_der: der.to_vec(),
+            intermediates: Vec::new(),
             valid,
         }
     }

@@ -117,17 +117,17 @@ async fn connection(
     let tls_done = Instant::now();
     ::metrics::histogram!(metrics::TLS_HANDSHAKE_DURATION_SECONDS)
         .record((tls_done - started).as_secs_f64());
-    let Some(leaf) = stream
+    // The chain as the device sent it (from the ticket, when resumed): leaf, intermediates.
+    let Some(identity) = stream
         .get_ref()
         .1
         .peer_certificates()
-        .and_then(|c| c.first())
+        .and_then(Identity::from_chain)
     else {
         metrics::handshake_failure("no_certificate");
         return;
     };
     let resumed = stream.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed);
-    let identity = Identity::from_cert_der(leaf.as_ref());
     // A resumed session skipped certificate verification: check revocation (also for full
     // handshakes, in case it changed during the handshake) and the validity period again.
     if ctx.cache.is_revoked(&identity.device_id) {

@@ -22,7 +22,7 @@ use rustls::{
 
 use crate::claims::cache::ClaimsCache;
 use crate::config::TlsConfig;
-use crate::edge::identity::DeviceId;
+use crate::edge::identity::{DeviceId, Identity};
 
 /// Errors building the TLS configuration; each names the file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -51,12 +51,13 @@ pub struct Trust {
 }
 
 impl Trust {
-    /// Is a device certificate (leaf DER) still trusted: chained to a configured CA, in its
-    /// validity period, not on a CRL, not revoked?
-    pub fn still_trusts(&self, leaf_der: &[u8]) -> bool {
-        let leaf = CertificateDer::from(leaf_der);
+    /// Is a device still trusted: its leaf chained (through the intermediates it presented, or
+    /// those configured) to a configured CA, every certificate of the path in its validity
+    /// period and not on a CRL, and the device not revoked through the API?
+    pub fn still_trusts(&self, identity: &Identity) -> bool {
+        let leaf = CertificateDer::from(identity.cert_der.as_slice());
         self.verifier
-            .verify_client_cert(&leaf, &[], UnixTime::now())
+            .verify_client_cert(&leaf, &identity.intermediates, UnixTime::now())
             .is_ok()
     }
 }
@@ -86,29 +87,24 @@ fn server_config(
     }
     let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| file_err(&tls.key, e))?;
 
+    let cas = ClientCas::load(&tls.client_cas)?;
     let mut roots = RootCertStore::empty();
-    for path in &tls.client_cas {
-        let mut n = 0;
-        for cert in CertificateDer::pem_file_iter(path).map_err(|e| file_err(path, e))? {
-            let cert = cert.map_err(|e| file_err(path, e))?;
-            roots.add(cert).map_err(|e| file_err(path, e))?;
-            n += 1;
-        }
-        if n == 0 {
-            return Err(file_err(path, "no CERTIFICATE in file"));
-        }
+    for (cert, path) in &cas.anchors {
+        roots.add(cert.clone()).map_err(|e| file_err(path, e))?;
     }
     let crls = load_crls(&tls.crl_dir)?;
     let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .with_crls(crls)
-        // A CRL revokes what it lists; a device whose CA has no CRL in `crl_dir` is not
+        // A CRL revokes what it lists, at every level of the chain (a root's CRL revoking an
+        // intermediate refuses every device under it); a CA without a CRL in `crl_dir` is not
         // refused for that (several factories, not all of them publishing CRLs).
         .allow_unknown_revocation_status()
-        .only_check_end_entity_revocation()
         .build()
         .map_err(|e| TlsError::Config(format!("client verifier: {e}")))?;
     let verifier: Arc<dyn ClientCertVerifier> = Arc::new(DeviceVerifier {
+        hints: cas.hints(webpki.root_hint_subjects()),
         inner: webpki,
+        intermediates: cas.intermediates,
         cache,
     });
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -133,6 +129,66 @@ fn server_config(
         config.send_tls13_tickets = 0;
     }
     Ok((Arc::new(config), verifier))
+}
+
+/// The certificates of `tls.client_cas`, sorted by the part they play in path building.
+///
+/// A factory's root may be configured with its intermediates, or (root kept offline) the
+/// intermediates alone. A configured certificate whose issuer is also configured is an
+/// *intermediate*: it completes the chain of devices that send only their leaf, but is not
+/// trusted on its own, so the CRL of the CA above it still applies to it. Every other one
+/// (a self-signed root, or an intermediate whose issuer is not configured) is a trust anchor.
+struct ClientCas {
+    anchors: Vec<(CertificateDer<'static>, PathBuf)>,
+    intermediates: Vec<CertificateDer<'static>>,
+}
+
+impl ClientCas {
+    fn load(paths: &[PathBuf]) -> Result<Self, TlsError> {
+        // (certificate, its file, subject DER, issuer DER)
+        let mut all = Vec::new();
+        for path in paths {
+            let before = all.len();
+            for cert in CertificateDer::pem_file_iter(path).map_err(|e| file_err(path, e))? {
+                let cert = cert.map_err(|e| file_err(path, e))?;
+                let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref())
+                    .map_err(|e| file_err(path, format!("not an X.509 certificate: {e}")))?;
+                let subject = x509.subject().as_raw().to_vec();
+                let issuer = x509.issuer().as_raw().to_vec();
+                all.push((cert, path.clone(), subject, issuer));
+            }
+            if all.len() == before {
+                return Err(file_err(path, "no CERTIFICATE in file"));
+            }
+        }
+        let issued_by_configured = |subject: &[u8], issuer: &[u8]| {
+            subject != issuer && all.iter().any(|(_, _, s, _)| s.as_slice() == issuer)
+        };
+        let mut cas = ClientCas {
+            anchors: Vec::new(),
+            intermediates: Vec::new(),
+        };
+        for (cert, path, subject, issuer) in &all {
+            if issued_by_configured(subject, issuer) {
+                cas.intermediates.push(cert.clone());
+            } else {
+                cas.anchors.push((cert.clone(), path.clone()));
+            }
+        }
+        Ok(cas)
+    }
+
+    /// The CA names a device is told it may chain to: the anchors' and the intermediates'
+    /// (a client choosing among several certificates may look for its issuer's name).
+    fn hints(&self, anchors: &[DistinguishedName]) -> Vec<DistinguishedName> {
+        let mut hints = anchors.to_vec();
+        for cert in &self.intermediates {
+            if let Ok((_, x509)) = x509_parser::parse_x509_certificate(cert.as_ref()) {
+                hints.push(DistinguishedName::from(x509.subject().as_raw().to_vec()));
+            }
+        }
+        hints
+    }
 }
 
 /// Reads every `*.pem`, `*.crl` and `*.der` file of `dir` (none when `dir` is empty).
@@ -167,6 +223,10 @@ fn load_crls(dir: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, T
 #[derive(Debug)]
 struct DeviceVerifier {
     inner: Arc<dyn ClientCertVerifier>,
+    /// Configured intermediates (see [`ClientCas`]), offered to path building after the ones
+    /// the device sent.
+    intermediates: Vec<CertificateDer<'static>>,
+    hints: Vec<DistinguishedName>,
     cache: ClaimsCache,
 }
 
@@ -180,7 +240,7 @@ impl ClientCertVerifier for DeviceVerifier {
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        &self.hints
     }
 
     fn verify_client_cert(
@@ -189,9 +249,14 @@ impl ClientCertVerifier for DeviceVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self
-            .inner
-            .verify_client_cert(end_entity, intermediates, now)?;
+        let verified = if self.intermediates.is_empty() {
+            self.inner
+                .verify_client_cert(end_entity, intermediates, now)?
+        } else {
+            let mut all: Vec<CertificateDer<'_>> = intermediates.to_vec();
+            all.extend(self.intermediates.iter().cloned());
+            self.inner.verify_client_cert(end_entity, &all, now)?
+        };
         if self.cache.is_revoked(&DeviceId::from_cert_der(end_entity)) {
             return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
         }

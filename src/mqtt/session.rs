@@ -510,7 +510,7 @@ where
             return true;
         }
         self.trust_generation = trust.generation;
-        trust.still_trusts(&self.identity.cert_der)
+        trust.still_trusts(&self.identity)
     }
 
     fn arm_redirect_grace(&mut self) {

@@ -296,7 +296,11 @@ pub fn client_tls_with(
     for c in CertificateDer::pem_file_iter(server_ca).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
-    let chain = vec![CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap()];
+    // Every certificate of `cert_pem`, in order: a device of a factory with an intermediate CA
+    // sends its leaf, then the intermediate.
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap();
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
