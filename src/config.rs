@@ -328,7 +328,29 @@ impl Default for LogConfig {
     }
 }
 
+/// The longest duration any key may hold (365 days): long past any sensible timeout, far
+/// below what overflows a clock.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
+/// The most permits a connection semaphore holds (tokio's limit); `max_connections` above it
+/// would panic at start.
+pub const MAX_PERMITS: usize = tokio::sync::Semaphore::MAX_PERMITS;
+
 impl Config {
+    /// Every duration key with its value, for the bounds every duration shares.
+    fn durations(&self) -> Vec<(&'static str, Duration)> {
+        vec![
+            ("limits.handshake_timeout", self.limits.handshake_timeout),
+            ("limits.connect_timeout", self.limits.connect_timeout),
+            ("limits.redirect_grace", self.limits.redirect_grace),
+            ("limits.reconnect_interval", self.limits.reconnect_interval),
+            ("shutdown.grace", self.shutdown.grace),
+            ("cluster.job_lease", self.cluster.job_lease),
+            ("aws.retry_base", self.aws.retry_base),
+            ("aws.retry_max", self.aws.retry_max),
+        ]
+    }
+
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -349,8 +371,11 @@ impl Config {
             key,
             message: message.into(),
         };
-        if self.limits.max_connections == 0 {
-            return Err(invalid("limits.max_connections", "must be at least 1"));
+        if self.limits.max_connections == 0 || self.limits.max_connections > MAX_PERMITS {
+            return Err(invalid(
+                "limits.max_connections",
+                &format!("must be between 1 and {MAX_PERMITS}"),
+            ));
         }
         if self.limits.max_packet_size < 128 || self.limits.max_packet_size > 268_435_460 {
             return Err(invalid(
@@ -365,6 +390,34 @@ impl Config {
         ] {
             if d.is_zero() {
                 return Err(invalid(key, "must be longer than 0s"));
+            }
+        }
+        // Every duration is added to a clock somewhere: bound them all, so no value overflows
+        // an instant (a panic in the connection path) or a millisecond count.
+        for (key, d) in self.durations() {
+            if d > MAX_DURATION {
+                return Err(invalid(key, "must be at most 365d"));
+            }
+        }
+        if self.limits.reconnect_burst == 0 {
+            return Err(invalid(
+                "limits.reconnect_burst",
+                "must be at least 1 (0 would refuse every reconnect)",
+            ));
+        }
+        for (key, rate, burst) in [
+            (
+                "limits.connect_burst_per_address",
+                self.limits.connect_rate_per_address,
+                self.limits.connect_burst_per_address,
+            ),
+            ("api.rate_burst", self.api.rate_limit, self.api.rate_burst),
+        ] {
+            if rate > 0.0 && burst == 0 {
+                return Err(invalid(
+                    key,
+                    "must be at least 1 when its rate is on (0 would refuse everyone)",
+                ));
             }
         }
         if self.limits.max_subscriptions == 0 {
@@ -458,5 +511,52 @@ mod tests {
         let mut c = Config::default();
         c.store.url = "mysql://x".into();
         assert!(c.validate().unwrap_err().to_string().contains("store.url"));
+    }
+
+    /// Values that would overflow a clock or a semaphore, or lock every device out, are
+    /// refused by name rather than panicking later in the connection path.
+    #[test]
+    fn values_that_overflow_or_lock_out_are_refused() {
+        type Tweak = fn(&mut Config);
+        let cases: Vec<(&str, Tweak)> = vec![
+            ("limits.redirect_grace", |c| {
+                c.limits.redirect_grace = Duration::from_secs(u64::MAX / 4)
+            }),
+            ("limits.handshake_timeout", |c| {
+                c.limits.handshake_timeout = Duration::MAX
+            }),
+            ("shutdown.grace", |c| {
+                c.shutdown.grace = Duration::from_secs(366 * 86_400)
+            }),
+            ("cluster.job_lease", |c| c.cluster.job_lease = Duration::MAX),
+            ("limits.max_connections", |c| {
+                c.limits.max_connections = usize::MAX
+            }),
+            ("limits.reconnect_burst", |c| c.limits.reconnect_burst = 0),
+            ("limits.connect_burst_per_address", |c| {
+                c.limits.connect_rate_per_address = 10.0;
+                c.limits.connect_burst_per_address = 0;
+            }),
+            ("api.rate_burst", |c| {
+                c.api.rate_limit = 5.0;
+                c.api.rate_burst = 0;
+            }),
+        ];
+        for (key, tweak) in cases {
+            let mut c = Config::default();
+            tweak(&mut c);
+            let e = c.validate().expect_err(key).to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+        // At the bounds themselves: accepted.
+        let mut c = Config::default();
+        c.limits.redirect_grace = MAX_DURATION;
+        c.limits.max_connections = MAX_PERMITS;
+        c.limits.reconnect_burst = 1;
+        c.validate().unwrap();
+        // A zero burst with its rate off is harmless.
+        let mut c = Config::default();
+        c.limits.connect_burst_per_address = 0;
+        c.validate().unwrap();
     }
 }

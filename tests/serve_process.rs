@@ -131,3 +131,50 @@ async fn lobby_serve_drains_on_sigterm_and_exits_0() {
         sent.elapsed()
     );
 }
+
+/// Config values that would overflow a semaphore or a clock, or lock every device out, stop
+/// `lobby serve` at start with a message naming the key: never a panic, never a lobby that
+/// runs and refuses everyone.
+#[tokio::test]
+async fn lobby_serve_refuses_values_that_overflow_or_lock_out() {
+    for (key, section, line) in [
+        (
+            "limits.max_connections",
+            "[limits]",
+            "max_connections = 9223372036854775807",
+        ),
+        ("limits.reconnect_burst", "[limits]", "reconnect_burst = 0"),
+        (
+            "limits.redirect_grace",
+            "[limits]",
+            "redirect_grace = \"100000000000y\"",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (mqtt, api) = (free_port(), free_port());
+        std::fs::write(
+            dir.path().join("lobby.toml"),
+            format!(
+                "[listener]\nmqtt = \"127.0.0.1:{mqtt}\"\napi = \"127.0.0.1:{api}\"\n\
+                 [dev]\nauto_init = true\n[log]\nlevel = \"warn\"\n{section}\n{line}\n"
+            ),
+        )
+        .unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lobby"))
+            .args(["serve", "--config", "lobby.toml"])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let out = timeout(Duration::from_secs(30), child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("{key}: lobby serve started instead of refusing"))
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{key}: {:?}", out.status);
+        assert!(!err.contains("panicked"), "{key}: {err}");
+        assert!(err.contains(key), "{key}: {err}");
+    }
+}
