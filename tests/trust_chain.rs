@@ -329,7 +329,7 @@ async fn mosquitto_sub_with_a_chain_file_stays_through_a_reload() {
         .arg(dir.join("chain.pem"))
         .arg("--key")
         .arg(dir.join("dev.key"))
-        .args(["-V", "mqttv311", "-q", "1", "-v", "-C", "2", "-W", "30"])
+        .args(["-V", "mqttv311", "-q", "1", "-v", "-W", "30"])
         .arg("-t")
         .arg(dev.topic("status"))
         .stdout(Stdio::piped())
