@@ -232,9 +232,9 @@ impl Pool {
 
     /// Relays a device's publish. For QoS 1 the receiver resolves once the tenant acknowledged
     /// it, or once it was given up on after `max_redeliveries` re-sends that each lost the
-    /// connection ([`Outcome::Rejected`]). A full upstream queue is waited on for [`BUSY_AFTER`] (the device's session stops
-    /// reading meanwhile: TCP flow control, not loss); past that QoS 0 is dropped and counted,
-    /// QoS 1 is `Busy`.
+    /// connection ([`Outcome::Rejected`]). A full upstream queue is waited on for
+    /// [`BUSY_AFTER`] (the device's session stops reading meanwhile: TCP flow control, not
+    /// loss); past that QoS 0 is dropped and counted, QoS 1 is `Busy`.
     pub async fn publish(
         &self,
         device: &DeviceId,
