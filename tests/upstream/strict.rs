@@ -194,6 +194,7 @@ where
                 properties: Default::default(),
             }),
             Packet::PingReq => Packet::PingResp,
+            Packet::Disconnect(_) => return,
             other => {
                 eprintln!("strict: unexpected {other:?}");
                 return;
