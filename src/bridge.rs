@@ -24,8 +24,8 @@ use crate::claims::model::{BridgeSettings, Tenant};
 use crate::edge::identity::DeviceId;
 use crate::mqtt::codec::QoS;
 use crate::mqtt::topic::filter_matches;
-pub use upstream::Inbound;
 use upstream::{Command, Target};
+pub use upstream::{Inbound, Outcome};
 
 /// Commands queued per upstream connection beyond its in-flight window; past this, devices
 /// are told the server is busy rather than queued without bound.
@@ -135,21 +135,30 @@ impl BridgeHub {
         }
     }
 
-    /// The tenant's pool, started (or restarted, when its settings changed) as needed.
+    /// The tenant's pool, started as needed, and started anew when its connection settings
+    /// (endpoint, port, TLS files, pool size) changed. `topics` are not part of it: they are
+    /// each session's to apply, so narrowing them keeps the upstream connections.
+    ///
+    /// A replaced pool is not cancelled here: it lives on while sessions hold it, so their
+    /// publishes in flight there are still answered, until each moves to the new one (a
+    /// tenant change wakes them) and the last one's leaving closes it.
     pub fn pool(&self, tenant: &Tenant) -> Result<Arc<Pool>, BridgeError> {
         let (Some(settings), Some(host)) = (&tenant.bridge, &tenant.endpoint) else {
             return Err(BridgeError::Config(
                 "tenant has no bridge settings or endpoint".into(),
             ));
         };
-        let key = (host.clone(), tenant.port, settings.clone());
+        let connection = BridgeSettings {
+            topics: Vec::new(),
+            ..settings.clone()
+        };
+        let key = (host.clone(), tenant.port, connection);
         let mut pools = self.inner.pools.lock().unwrap_or_else(|p| p.into_inner());
         pools.retain(|_, p| p.strong_count() > 0);
         if let Some(pool) = pools.get(&tenant.id).and_then(std::sync::Weak::upgrade) {
             if pool.key == key {
                 return Ok(pool);
             }
-            pool.cancel.cancel(); // settings changed: the old pool winds down
         }
         let pool = Pool::start(tenant, key, &self.inner.cancel, &self.inner.tracker)?;
         pools.insert(tenant.id.clone(), Arc::downgrade(&pool));
@@ -157,6 +166,7 @@ impl BridgeHub {
     }
 }
 
+/// Host, port and the bridge settings without `topics`.
 type PoolKey = (String, u16, BridgeSettings);
 
 /// A tenant's upstream connections and the device subscriptions riding on them.
@@ -220,17 +230,19 @@ impl Pool {
         &self.conns[i]
     }
 
-    /// Relays a device's publish. For QoS 1 the receiver resolves once the tenant acknowledged.
-    /// A full upstream queue is waited on for [`BUSY_AFTER`] (the device's session stops
-    /// reading meanwhile: TCP flow control, not loss); past that QoS 0 is dropped and counted,
-    /// QoS 1 is `Busy`.
+    /// Relays a device's publish. For QoS 1 the receiver resolves once the tenant acknowledged
+    /// it, or once it was given up on after `max_redeliveries` re-sends that each lost the
+    /// connection ([`Outcome::Rejected`]). A full upstream queue is waited on for
+    /// [`BUSY_AFTER`] (the device's session stops reading meanwhile: TCP flow control, not
+    /// loss); past that QoS 0 is dropped and counted, QoS 1 is `Busy`.
     pub async fn publish(
         &self,
         device: &DeviceId,
         topic: String,
         payload: Bytes,
         qos: QoS,
-    ) -> Result<Option<oneshot::Receiver<()>>, Busy> {
+        max_redeliveries: u16,
+    ) -> Result<Option<oneshot::Receiver<Outcome>>, Busy> {
         let (done, rx) = match qos {
             QoS::AtMostOnce => (None, None),
             _ => {
@@ -242,6 +254,7 @@ impl Pool {
             topic,
             payload,
             qos,
+            max_redeliveries,
             done,
         };
         match self.conn_for(device).send_timeout(cmd, BUSY_AFTER).await {

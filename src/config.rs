@@ -224,6 +224,12 @@ pub struct LimitsConfig {
     pub connect_rate_per_address: f64,
     /// Connections one address may open at once before the rate applies. Default 100.
     pub connect_burst_per_address: u32,
+    /// Bridge mode: times a device's QoS 1 publish is re-sent to a tenant broker that closed
+    /// the connection on it, before it is given up on (v5 PUBACK 0x80, v3.1.1 the connection
+    /// closed) so the tenant's other devices carry on (an extension). Default 3: an outage
+    /// rarely ends the same connection three times on one publish, a poison message (AWS IoT
+    /// on a topic its policy forbids) always does.
+    pub bridge_max_redeliveries: u16,
 }
 
 impl Default for LimitsConfig {
@@ -240,6 +246,7 @@ impl Default for LimitsConfig {
             max_inflight: 32,
             connect_rate_per_address: 0.0,
             connect_burst_per_address: 100,
+            bridge_max_redeliveries: 3,
         }
     }
 }
@@ -426,6 +433,12 @@ impl Config {
         if self.limits.max_inflight == 0 {
             return Err(invalid("limits.max_inflight", "must be at least 1"));
         }
+        if self.limits.bridge_max_redeliveries == 0 {
+            return Err(invalid(
+                "limits.bridge_max_redeliveries",
+                "must be at least 1",
+            ));
+        }
         for (key, rate) in [
             (
                 "limits.connect_rate_per_address",
@@ -511,6 +524,10 @@ mod tests {
         let mut c = Config::default();
         c.store.url = "mysql://x".into();
         assert!(c.validate().unwrap_err().to_string().contains("store.url"));
+        let mut c = Config::default();
+        c.limits.bridge_max_redeliveries = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("limits.bridge_max_redeliveries"), "{e}");
     }
 
     /// Values that would overflow a clock or a semaphore, or lock every device out, are

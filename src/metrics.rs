@@ -22,6 +22,9 @@ pub const STORE_OPERATION_DURATION_SECONDS: &str = "lobby_store_operation_durati
 /// An extension of SPEC §9: bridge messages dropped, by reason (`upstream_busy` for QoS 0
 /// past a full upstream queue, `device_slow` for a device that does not keep up).
 pub const BRIDGE_DROPPED_TOTAL: &str = "lobby_bridge_dropped_total";
+/// An extension of SPEC §9: device publishes given up on because the tenant's broker closed
+/// the connection each time one was sent (`limits.bridge_max_redeliveries`), by tenant.
+pub const BRIDGE_POISON_TOTAL: &str = "lobby_bridge_poison_total";
 /// An extension of SPEC §9: 1 while this node listens to the shared store's change log.
 pub const CLUSTER_WATCH_CONNECTED: &str = "lobby_cluster_watch_connected";
 /// An extension of SPEC §9: other nodes' changes applied to this node's map.
@@ -78,6 +81,10 @@ fn describe() {
         "TLS done to CONNACK sent."
     );
     describe_counter!(REDIRECTS_TOTAL, "Redirects sent by kind.");
+    describe_counter!(
+        BRIDGE_POISON_TOTAL,
+        "Bridged publishes given up on: the tenant closed the connection on each re-send."
+    );
     describe_gauge!(CLAIMS, "Claims in the map by state.");
     describe_histogram!(
         CLAIM_TO_REDIRECT_SECONDS,

@@ -5,6 +5,14 @@
 //! and does not tell which request a PUBACK belongs to. The bridge acknowledges a device only
 //! after the tenant acknowledged, so it needs exactly that: every QoS 1 publish stays in
 //! `inflight` until its PUBACK, across reconnects (re-sent with DUP), and its waiter is told.
+//!
+//! A poison message: a broker may close the connection on a publish it will never take (AWS
+//! IoT does, on a topic the policy forbids). Re-sending it on every reconnect would stall
+//! every device on the connection for good. So after a reconnect the un-acked publishes go
+//! again one at a time, oldest first, each waiting for its PUBACK before the next (and before
+//! any new command): a connection lost then is blamed on that one publish. Past its
+//! `max_redeliveries` it is given up on ([`Outcome::Rejected`], counted in
+//! `lobby_bridge_poison_total`) and the rest carry on.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -30,6 +38,16 @@ const MAX_PACKET: usize = 1 << 20;
 /// Most bytes written in one batch.
 const BATCH_BYTES: usize = 64 * 1024;
 
+/// How a relayed publish ended upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The tenant acknowledged it (QoS 1), or it was written (QoS 0).
+    Acked,
+    /// The tenant closed the connection each time it was sent, `max_redeliveries` re-sends
+    /// over: given up on, never acknowledged.
+    Rejected,
+}
+
 /// What an upstream connection is asked to do.
 #[derive(Debug)]
 pub enum Command {
@@ -37,8 +55,10 @@ pub enum Command {
         topic: String,
         payload: Bytes,
         qos: QoS,
-        /// Told when the tenant acknowledged (QoS 1) or the publish was written (QoS 0).
-        done: Option<oneshot::Sender<()>>,
+        /// Re-sends after a lost connection before a QoS 1 publish is given up on.
+        max_redeliveries: u16,
+        /// Told how it ended (QoS 1: once the tenant acknowledged it, or it was given up on).
+        done: Option<oneshot::Sender<Outcome>>,
     },
     Subscribe(String),
     Unsubscribe(String),
@@ -69,9 +89,14 @@ impl std::fmt::Debug for Target {
 }
 
 struct InFlight {
+    /// Arrival order (packet ids wrap around).
+    seq: u64,
     topic: String,
     payload: Bytes,
-    done: Option<oneshot::Sender<()>>,
+    /// Re-sends so far, counted only while it was the one publish outstanding.
+    redeliveries: u16,
+    max_redeliveries: u16,
+    done: Option<oneshot::Sender<Outcome>>,
 }
 
 /// The connection's state that outlives a reconnect.
@@ -81,6 +106,9 @@ struct State {
     inflight: BTreeMap<u16, InFlight>,
     subscriptions: HashSet<String>,
     next_pkid: u16,
+    next_seq: u64,
+    /// After a reconnect: the one re-sent publish awaiting its PUBACK before the next goes.
+    probing: Option<u16>,
 }
 
 type Conn = TlsStream<TcpStream>;
@@ -97,6 +125,8 @@ pub async fn run(
         inflight: BTreeMap::new(),
         subscriptions: HashSet::new(),
         next_pkid: 0,
+        next_seq: 0,
+        probing: None,
     };
     let mut attempt = 0u32;
     loop {
@@ -210,23 +240,13 @@ impl State {
         inbound: &mpsc::Sender<Inbound>,
         cancel: &CancellationToken,
     ) -> std::io::Result<()> {
-        // A new session: subscriptions again, then every un-acked publish, in order, as DUP.
+        // A new session: subscriptions again, then the un-acked publishes one at a time.
         for filter in self.subscriptions.clone() {
             let pkid = self.pkid();
             write(&mut conn, &subscribe(pkid, filter)).await?;
         }
-        let resend: Vec<(u16, String, Bytes)> = self
-            .inflight
-            .iter()
-            .map(|(id, f)| (*id, f.topic.clone(), f.payload.clone()))
-            .collect();
-        for (pkid, topic, payload) in resend {
-            write(
-                &mut conn,
-                &publish(pkid, topic, payload, QoS::AtLeastOnce, true),
-            )
-            .await?;
-        }
+        self.probing = None;
+        self.probe_next(&mut conn).await?;
         let mut buf = BytesMut::with_capacity(1024);
         let ping_every = Duration::from_secs(u64::from(KEEP_ALIVE) / 2);
         let mut last_rx = Instant::now();
@@ -237,7 +257,7 @@ impl State {
                     let _ = write(&mut conn, &Packet::Disconnect(Default::default())).await;
                     return Ok(());
                 }
-                cmd = commands.recv(), if self.inflight.len() < MAX_INFLIGHT => match cmd {
+                cmd = commands.recv(), if self.probing.is_none() && self.inflight.len() < MAX_INFLIGHT => match cmd {
                     Some(cmd) => self.commands_batch(&mut conn, cmd, commands).await?,
                     None => return Ok(()),
                 },
@@ -247,12 +267,50 @@ impl State {
                     }
                     last_rx = Instant::now();
                     self.input(&mut conn, &mut buf, inbound).await?;
+                    if self.probing.is_some_and(|p| !self.inflight.contains_key(&p)) {
+                        self.probe_next(&mut conn).await?;
+                    }
                 }
                 _ = ping.tick() => {
                     if last_rx.elapsed() > ping_every * 3 {
                         return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "keep-alive"));
                     }
                     write(&mut conn, &Packet::PingReq).await?;
+                }
+            }
+        }
+    }
+
+    /// Re-sends the oldest un-acked publish alone (as DUP), or gives it up past its
+    /// `max_redeliveries`; with none left, new commands are taken again.
+    async fn probe_next(&mut self, conn: &mut Conn) -> std::io::Result<()> {
+        self.probing = None;
+        loop {
+            let Some((&pkid, _)) = self.inflight.iter().min_by_key(|(_, f)| f.seq) else {
+                return Ok(());
+            };
+            let Some(f) = self.inflight.get_mut(&pkid) else {
+                return Ok(());
+            };
+            if f.redeliveries < f.max_redeliveries {
+                f.redeliveries += 1;
+                let p = publish(
+                    pkid,
+                    f.topic.clone(),
+                    f.payload.clone(),
+                    QoS::AtLeastOnce,
+                    true,
+                );
+                self.probing = Some(pkid);
+                return write(conn, &p).await;
+            }
+            if let Some(f) = self.inflight.remove(&pkid) {
+                tracing::warn!(upstream = ?self.target, topic = %f.topic, redeliveries = f.redeliveries,
+                    "the tenant closed the connection on this publish each time: given up on");
+                metrics::counter!(crate::metrics::BRIDGE_POISON_TOTAL, "tenant" => self.target.tenant.clone())
+                    .increment(1);
+                if let Some(done) = f.done {
+                    let _ = done.send(Outcome::Rejected);
                 }
             }
         }
@@ -266,23 +324,29 @@ impl State {
                 payload,
                 qos: QoS::AtMostOnce,
                 done,
+                ..
             } => {
                 if let Some(done) = done {
-                    let _ = done.send(());
+                    let _ = done.send(Outcome::Acked);
                 }
                 publish(0, topic, payload, QoS::AtMostOnce, false)
             }
             Command::Publish {
                 topic,
                 payload,
+                max_redeliveries,
                 done,
                 ..
             } => {
                 let pkid = self.pkid();
+                self.next_seq += 1;
                 // Kept until its PUBACK: if the write fails it goes again after a reconnect.
                 let in_flight = InFlight {
+                    seq: self.next_seq,
                     topic: topic.clone(),
                     payload: payload.clone(),
+                    redeliveries: 0,
+                    max_redeliveries,
                     done,
                 };
                 self.inflight.insert(pkid, in_flight);
@@ -345,7 +409,7 @@ impl State {
                     if let Some(f) = self.inflight.remove(&ack.pkid) {
                         metrics::counter!(crate::metrics::BRIDGE_MESSAGES_TOTAL, "direction" => "up", "tenant" => self.target.tenant.clone()).increment(1);
                         if let Some(done) = f.done {
-                            let _ = done.send(());
+                            let _ = done.send(Outcome::Acked);
                         }
                     }
                 }

@@ -67,6 +67,9 @@ pub enum End {
     QuotaExceeded,
     /// Bridge mode: the tenant's upstream queue is full.
     ServerBusy,
+    /// Bridge mode, v3.1.1: a publish the tenant's broker never took (it closed the
+    /// connection on each of `limits.bridge_max_redeliveries` re-sends).
+    BridgeRejected,
     /// The device reconnects faster than `limits.reconnect_*` allow.
     RateLimited,
     Io,
@@ -87,6 +90,7 @@ impl End {
             End::Shutdown => "shutdown",
             End::QuotaExceeded => "quota_exceeded",
             End::ServerBusy => "server_busy",
+            End::BridgeRejected => "bridge_rejected",
             End::RateLimited => "rate_limited",
             End::Io => "io_error",
         }
@@ -310,7 +314,7 @@ where
                 Err(End::Redirected)
             }
             _ => {
-                self.follow_bridge(&route);
+                let _no_link_yet = self.follow_bridge(&route);
                 let assigned = (self.protocol == Protocol::V5 && connect.client_id.is_empty())
                     .then(|| self.identity.device_id.to_hex());
                 self.send_connack(reason::SUCCESS, None, assigned);
@@ -349,14 +353,12 @@ where
                         self.deliver_inbound(msg);
                         self.flush().await
                     }
-                    bridged::BridgeEvent::Acked(Ok(pkid)) => {
-                        self.send_puback(pkid, reason::SUCCESS);
-                        self.ack_ready();
-                        self.flush().await
+                    bridged::BridgeEvent::Answered(pkid, outcome) => {
+                        self.on_answered(pkid, outcome).await
                     }
-                    bridged::BridgeEvent::Acked(Err(())) => {
-                        // The tenant's pool was replaced before it answered: the device keeps
-                        // the message and sends it again on its next connection.
+                    bridged::BridgeEvent::PoolGone => {
+                        // The tenant's pool stopped (the lobby stops) before it answered: the
+                        // device keeps the message and sends it again on its next connection.
                         self.send_disconnect(reason::SERVER_BUSY, None);
                         let _ = self.flush().await;
                         Err(End::ServerBusy)
@@ -473,7 +475,8 @@ where
             return Err(End::Revoked);
         }
         self.report_cert_if_registering(&route);
-        self.follow_bridge(&route);
+        let replaced = self.follow_bridge(&route);
+        self.carry_over(replaced).await?;
         let key = status_key(&route);
         if self.last_status.as_ref() != Some(&key) {
             self.last_status = Some(key.clone());

@@ -10,6 +10,8 @@
 
 #![allow(dead_code)]
 
+pub mod strict;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;

@@ -1,31 +1,65 @@
 //! A session in bridge mode: the device's publishes on its tenant's topics go upstream (QoS 1
 //! acknowledged only after the tenant acknowledged, in arrival order), its subscriptions ride
 //! the tenant's pool, and what the tenant sends is delivered at the granted QoS.
+//!
+//! A PATCH of the tenant wakes the session ([`crate::claims::service`] wakes every device of
+//! the tenant), which compares the settings its link was made from with the map's: narrowed
+//! `topics` apply at once (subscriptions outside them are dropped here and upstream; MQTT has
+//! no packet to tell a device so, it just receives nothing more there; publishes there are
+//! refused as SPEC §4 says), and a new endpoint or TLS files move the session to the new pool
+//! without dropping the device: its subscriptions within the topics follow, and the publishes
+//! the old pool had not acknowledged are sent again there and PUBACKed when it acknowledges.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{reason, End, Session, Step};
-use crate::bridge::{self, filter_within, Busy, Inbound, Pool};
-use crate::mqtt::codec::{Publish, QoS};
+use crate::bridge::{self, filter_within, Busy, Inbound, Outcome, Pool};
+use crate::claims::cache::TenantEntry;
+use crate::claims::model::Tenant;
+use crate::mqtt::codec::{Protocol, Publish, QoS};
 use crate::mqtt::topic::filter_matches;
 use crate::route::Route;
 
 /// The session's link to its tenant's bridge pool.
 pub(super) struct BridgeLink {
     pub(super) tenant: Arc<str>,
+    /// The tenant record the link was made from (a PATCH puts a new one in the map).
+    made_from: Arc<TenantEntry>,
     pool: Arc<Pool>,
     /// The tenant's topics for this device (placeholders filled in).
     patterns: Vec<String>,
     tx: mpsc::Sender<Inbound>,
     rx: mpsc::Receiver<Inbound>,
-    /// Device packet ids awaiting the tenant's PUBACK, in arrival order.
-    pending: VecDeque<(u16, oneshot::Receiver<()>)>,
+    /// Device publishes awaiting the tenant's PUBACK, in arrival order.
+    pending: VecDeque<Pending>,
     /// Filters this session holds on the pool.
     filters: HashSet<String>,
+}
+
+/// A device's QoS 1 publish relayed upstream and not yet PUBACKed to the device; kept whole,
+/// so a move to a new pool can send it again.
+struct Pending {
+    pkid: u16,
+    topic: String,
+    payload: Bytes,
+    answer: oneshot::Receiver<Outcome>,
+}
+
+/// Do `a` and `b` bridge the same way (endpoint, port, bridge settings)?
+fn same_bridge(a: &Tenant, b: &Tenant) -> bool {
+    a.endpoint == b.endpoint && a.port == b.port && a.bridge == b.bridge
+}
+
+/// An answer already known, for a pending publish carried over to a new pool.
+fn answered(outcome: Outcome) -> oneshot::Receiver<Outcome> {
+    let (tx, rx) = oneshot::channel();
+    let _ = tx.send(outcome);
+    rx
 }
 
 impl BridgeLink {
@@ -42,9 +76,10 @@ impl BridgeLink {
 pub(super) enum BridgeEvent {
     /// A message from the tenant.
     Inbound(Inbound),
-    /// The oldest pending publish was acknowledged by the tenant (`Ok(pkid)`), or its upstream
-    /// pool went away without an answer (`Err`).
-    Acked(Result<u16, ()>),
+    /// The oldest pending publish (this packet id) has its answer from the tenant.
+    Answered(u16, Outcome),
+    /// The oldest pending publish's pool went away without an answer (the lobby stops).
+    PoolGone,
 }
 
 /// The next bridge event (never, without a link). Cancel-safe: nothing is taken from the link
@@ -55,21 +90,25 @@ pub(super) async fn next_event(link: &mut Option<BridgeLink>) -> BridgeEvent {
     };
     tokio::select! {
         Some(m) = rx.recv() => BridgeEvent::Inbound(m),
-        acked = oldest_acked(pending) => BridgeEvent::Acked(acked),
+        answered = oldest_answered(pending) => answered,
         else => std::future::pending().await,
     }
 }
 
-async fn oldest_acked(pending: &mut VecDeque<(u16, oneshot::Receiver<()>)>) -> Result<u16, ()> {
-    let Some((_, rx)) = pending.front_mut() else {
+async fn oldest_answered(pending: &mut VecDeque<Pending>) -> BridgeEvent {
+    let Some(oldest) = pending.front_mut() else {
         return std::future::pending().await;
     };
-    let acked = rx.await.is_ok();
-    let (pkid, _) = pending.pop_front().ok_or(())?;
-    if acked {
-        Ok(pkid)
-    } else {
-        Err(())
+    match (&mut oldest.answer).await {
+        Ok(outcome) => {
+            let pkid = oldest.pkid;
+            pending.pop_front();
+            BridgeEvent::Answered(pkid, outcome)
+        }
+        Err(_) => {
+            oldest.answer = oneshot::channel().1; // never polled again once spent
+            BridgeEvent::PoolGone
+        }
     }
 }
 
@@ -77,22 +116,23 @@ impl<S> Session<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    /// Joins or leaves the tenant's bridge as the route says.
-    pub(super) fn follow_bridge(&mut self, route: &Route) {
+    /// Joins, leaves or re-links the tenant's bridge as the route and the tenant's current
+    /// settings say. Returns the link it replaced, for [`Self::carry_over`] to finish with.
+    pub(super) fn follow_bridge(&mut self, route: &Route) -> Option<BridgeLink> {
         let wanted = match route {
             Route::Bridge { tenant } => Some(tenant.clone()),
             _ => None,
         };
-        if self.bridge.as_ref().map(|l| &l.tenant) == wanted.as_ref() {
-            return;
+        if self.bridge.as_ref().map(|l| &l.tenant) == wanted.as_ref() && self.bridge_current() {
+            return None;
         }
-        self.detach_bridge();
-        let Some(tenant_id) = wanted else { return };
+        let old = self.bridge.take();
+        let Some(tenant_id) = wanted else { return old };
         let Some(entry) = self.ctx.cache.tenant(&tenant_id) else {
-            return;
+            return old;
         };
         let Some(settings) = &entry.tenant.bridge else {
-            return;
+            return old;
         };
         match self.ctx.bridge.pool(&entry.tenant) {
             Ok(pool) => {
@@ -104,6 +144,7 @@ where
                 );
                 self.bridge = Some(BridgeLink {
                     tenant: tenant_id,
+                    made_from: entry.clone(),
                     pool,
                     patterns,
                     tx,
@@ -114,15 +155,114 @@ where
             }
             Err(e) => tracing::warn!(tenant = %tenant_id, error = %e, "cannot bridge"),
         }
+        old
+    }
+
+    /// Does the link still bridge as its tenant's record in the map says (no link: yes)?
+    fn bridge_current(&self) -> bool {
+        let Some(link) = &self.bridge else {
+            return true;
+        };
+        self.ctx.cache.tenant(&link.tenant).is_some_and(|e| {
+            Arc::ptr_eq(&e, &link.made_from) || same_bridge(&e.tenant, &link.made_from.tenant)
+        })
+    }
+
+    /// Finishes [`Self::follow_bridge`] with the link it replaced. The same tenant's new
+    /// link takes over what the old one held: on the same pool (only `topics` changed) its
+    /// channel and pending answers, minus the subscriptions outside the new topics; on a new
+    /// pool (endpoint, port or TLS files changed) its subscriptions within the topics, and its
+    /// pending publishes, those the tenant answered with that answer and the rest sent again.
+    /// Nothing is PUBACKed that a tenant did not acknowledge. Another tenant, or none: the old
+    /// link's subscriptions are released.
+    pub(super) async fn carry_over(&mut self, old: Option<BridgeLink>) -> Step {
+        let Some(mut old) = old else { return Ok(()) };
+        let Some(mut new) = self.bridge.take_if(|l| l.tenant == old.tenant) else {
+            return self.leave_bridge(old).await;
+        };
+        let conn_id = self.handle.conn_id;
+        if Arc::ptr_eq(&old.pool, &new.pool) {
+            (new.tx, new.rx, new.pending) = (old.tx, old.rx, old.pending);
+            for f in old.filters {
+                if new.allows_subscribe(&f) {
+                    new.filters.insert(f);
+                } else {
+                    new.pool.unsubscribe(conn_id, &f);
+                    self.subs.remove(&f);
+                }
+            }
+            self.bridge = Some(new);
+            return Ok(());
+        }
+        for f in old.filters.drain() {
+            old.pool.unsubscribe(conn_id, &f);
+            if new.allows_subscribe(&f) {
+                new.pool.subscribe(conn_id, &f, new.tx.clone());
+                new.filters.insert(f);
+            } else {
+                self.subs.remove(&f);
+            }
+        }
+        let cap = self.limits.bridge_max_redeliveries;
+        for mut p in old.pending.drain(..) {
+            p.answer = match p.answer.try_recv() {
+                Ok(outcome) => answered(outcome),
+                Err(_) => {
+                    let (topic, payload) = (p.topic.clone(), p.payload.clone());
+                    let id = &self.identity.device_id;
+                    match new
+                        .pool
+                        .publish(id, topic, payload, QoS::AtLeastOnce, cap)
+                        .await
+                    {
+                        Ok(Some(rx)) => rx,
+                        // The new pool's queue stays full: the device keeps what is not
+                        // acknowledged and sends it again when it reconnects.
+                        Ok(None) | Err(Busy) => {
+                            self.bridge = Some(new);
+                            self.send_disconnect(reason::SERVER_BUSY, None);
+                            let _ = self.flush().await;
+                            return Err(End::ServerBusy);
+                        }
+                    }
+                }
+            };
+            new.pending.push_back(p);
+        }
+        self.bridge = Some(new);
+        // What the old pool delivered and the session has not yet: where still subscribed.
+        while let Ok(msg) = old.rx.try_recv() {
+            self.deliver_inbound(msg);
+        }
+        Ok(())
+    }
+
+    /// The session is no longer bridged by `old`'s tenant: its subscriptions are released.
+    /// If the tenant still wants it bridged but the new settings cannot be used (a TLS file
+    /// gone), publishes still unanswered end the session without a PUBACK, so the device
+    /// sends them again when it reconnects rather than waiting for good.
+    async fn leave_bridge(&mut self, old: BridgeLink) -> Step {
+        self.release(&old);
+        let still_wanted = matches!(self.route(), Route::Bridge { tenant } if tenant == old.tenant);
+        if still_wanted && !old.pending.is_empty() {
+            self.send_disconnect(reason::SERVER_BUSY, None);
+            let _ = self.flush().await;
+            return Err(End::ServerBusy);
+        }
+        Ok(())
     }
 
     /// Leaves the bridge: the session's upstream subscriptions are released.
     pub(super) fn detach_bridge(&mut self) {
         if let Some(link) = self.bridge.take() {
-            for f in &link.filters {
-                link.pool.unsubscribe(self.handle.conn_id, f);
-                self.subs.remove(f);
-            }
+            self.release(&link);
+        }
+    }
+
+    fn release(&mut self, link: &BridgeLink) {
+        for f in &link.filters {
+            link.pool.unsubscribe(self.handle.conn_id, f);
+            self.subs.remove(f);
         }
     }
 
@@ -139,12 +279,23 @@ where
             let _ = self.flush().await;
             return Err(End::QuotaExceeded);
         }
+        let cap = self.limits.bridge_max_redeliveries;
+        // A QoS 1 publish is kept until answered, to go again if the tenant's pool changes.
+        let kept = (p.qos == QoS::AtLeastOnce).then(|| (p.topic.clone(), p.payload.clone()));
         match link
             .pool
-            .publish(&self.identity.device_id, p.topic, p.payload, p.qos)
+            .publish(&self.identity.device_id, p.topic, p.payload, p.qos, cap)
             .await
         {
-            Ok(Some(rx)) => link.pending.push_back((p.pkid, rx)),
+            Ok(Some(answer)) => {
+                let (topic, payload) = kept.unwrap_or_default();
+                link.pending.push_back(Pending {
+                    pkid: p.pkid,
+                    topic,
+                    payload,
+                    answer,
+                });
+            }
             Ok(None) => {}
             Err(Busy) => {
                 self.send_disconnect(reason::SERVER_BUSY, None);
@@ -177,23 +328,48 @@ where
         }
     }
 
-    /// PUBACKs every further pending publish the tenant has already acknowledged, so one write
-    /// carries a run of acknowledgements (still in the order the device sent them).
-    pub(super) fn ack_ready(&mut self) {
-        let mut ready = Vec::new();
-        if let Some(link) = self.bridge.as_mut() {
-            while let Some((pkid, rx)) = link.pending.front_mut() {
-                match rx.try_recv() {
-                    Ok(()) => {
-                        ready.push(*pkid);
-                        link.pending.pop_front();
-                    }
-                    Err(_) => break, // not yet, or gone: `next_event` reports it
-                }
-            }
+    /// The tenant answered the oldest pending publish: the device is answered, with every
+    /// further one already answered (one write carries a run of them, still in the order the
+    /// device sent them).
+    pub(super) async fn on_answered(&mut self, pkid: u16, outcome: Outcome) -> Step {
+        let step = self
+            .answer(pkid, outcome)
+            .and_then(|()| self.answer_ready());
+        let flushed = self.flush().await;
+        step.and(flushed)
+    }
+
+    /// PUBACK for what the tenant acknowledged. A publish given up on (the tenant closed the
+    /// connection on each re-send, `limits.bridge_max_redeliveries`): v5 PUBACK 0x80, v3.1.1
+    /// (no negative PUBACK) the connection closed without one.
+    fn answer(&mut self, pkid: u16, outcome: Outcome) -> Step {
+        match (outcome, self.protocol) {
+            (Outcome::Acked, _) => self.send_puback(pkid, reason::SUCCESS),
+            (Outcome::Rejected, Protocol::V5) => self.send_puback(pkid, reason::UNSPECIFIED),
+            (Outcome::Rejected, Protocol::V311) => return Err(End::BridgeRejected),
         }
-        for pkid in ready {
-            self.send_puback(pkid, reason::SUCCESS);
+        Ok(())
+    }
+
+    fn answer_ready(&mut self) -> Step {
+        loop {
+            let Some(front) = self.bridge.as_mut().and_then(|l| l.pending.front_mut()) else {
+                return Ok(());
+            };
+            let outcome = match front.answer.try_recv() {
+                Ok(outcome) => outcome,
+                Err(oneshot::error::TryRecvError::Empty) => return Ok(()),
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    // A spent receiver must not be polled again: `next_event` sees this one.
+                    front.answer = oneshot::channel().1;
+                    return Ok(());
+                }
+            };
+            let pkid = front.pkid;
+            if let Some(link) = self.bridge.as_mut() {
+                link.pending.pop_front();
+            }
+            self.answer(pkid, outcome)?;
         }
     }
 
