@@ -25,7 +25,8 @@ use tokio_postgres::{AsyncMessage, NoTls, Row};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Change, Presence, RegistrationBody, Store, StoreError, StoredTenant, Subject, WriteLock,
+    Change, Presence, RegistrationBody, Store, StoreError, StoredTenant, Subject, Takeover, Watch,
+    WriteLock,
 };
 use crate::claims::model::{Claim, ClaimState, Tenant};
 use crate::edge::identity::DeviceId;
@@ -104,6 +105,12 @@ CREATE TABLE lobby_nodes (
     heartbeat TIMESTAMPTZ NOT NULL
 );
 ",
+    // Which of two connects of a device on two nodes is the newer (takeover across nodes).
+    "
+ALTER TABLE lobby_presence
+    ADD COLUMN stamp BIGINT NOT NULL DEFAULT 0,
+    ADD COLUMN origin TEXT COLLATE \"C\" NOT NULL DEFAULT '';
+",
 ];
 
 /// A node that has not reported for this long is taken for gone: its devices show as not
@@ -116,6 +123,12 @@ const NODE_GONE_AFTER_SECS: f64 = 15.0;
 pub const WRITE_LOCK: i64 = 0x6c6f_6262_7977_7274;
 /// The notification channel of the change log.
 const CHANNEL: &str = "lobby_changes";
+/// The notification channel of connect announcements: `<device_id> <stamp> <origin>`,
+/// sent with the presence that records the connect.
+const TAKEOVER_CHANNEL: &str = "lobby_takeover";
+/// Takeover notices queued towards the node's waiting room. The watch waits when it is full
+/// (PostgreSQL keeps the notifications meanwhile); the waiting room takes each in microseconds.
+const TAKEOVER_QUEUE: usize = 1024;
 /// Appends to the change log and notifies, inside the writing transaction (NOTIFY is sent
 /// at commit).
 const LOG_CHANGE: &str = "WITH ch AS (INSERT INTO lobby_changes (kind, key, origin) \
@@ -678,6 +691,12 @@ impl Store for PostgresStore {
         let protocols: Vec<&str> = batch.iter().map(|p| p.protocol.as_str()).collect();
         let connected: Vec<bool> = batch.iter().map(|p| p.connected).collect();
         let at: Vec<i64> = batch.iter().map(|p| p.last_seen).collect();
+        let stamps: Vec<i64> = batch.iter().map(|p| p.stamp).collect();
+        let announced: Vec<String> = batch
+            .iter()
+            .filter(|p| p.connected)
+            .map(|p| format!("{} {} {}", p.device_id.to_hex(), p.stamp, self.origin))
+            .collect();
         self.timed("put_presence", async {
             let mut client = self.client().await?;
             let beat = client
@@ -687,18 +706,32 @@ impl Store for PostgresStore {
                 )
                 .await
                 .map_err(pg)?;
-            // A disconnect reported by one node never hides a connection on another.
+            // A disconnect reported by one node never hides a connection on another, and a
+            // connect from another node replaces the row only when it is newer (stamp, then
+            // origin): the connection that the takeover keeps, even if written late.
             let upsert = client
                 .prepare_cached(
                     "INSERT INTO lobby_presence \
-                     (device_id, node, thing_name, protocol, connected, last_seen) \
-                     SELECT u.d, $6, u.t, u.p, u.c, u.l FROM UNNEST($1::text[], $2::text[], \
-                     $3::text[], $4::bool[], $5::bigint[]) AS u(d, t, p, c, l) \
+                     (device_id, node, thing_name, protocol, connected, last_seen, stamp, \
+                     origin) \
+                     SELECT u.d, $6, u.t, u.p, u.c, u.l, u.s, $8 FROM UNNEST($1::text[], \
+                     $2::text[], $3::text[], $4::bool[], $5::bigint[], $7::bigint[]) \
+                     AS u(d, t, p, c, l, s) \
                      ON CONFLICT (device_id) DO UPDATE SET node = EXCLUDED.node, \
                      thing_name = EXCLUDED.thing_name, protocol = EXCLUDED.protocol, \
-                     connected = EXCLUDED.connected, last_seen = EXCLUDED.last_seen \
-                     WHERE EXCLUDED.connected OR NOT lobby_presence.connected \
-                     OR lobby_presence.node = EXCLUDED.node",
+                     connected = EXCLUDED.connected, last_seen = EXCLUDED.last_seen, \
+                     stamp = EXCLUDED.stamp, origin = EXCLUDED.origin \
+                     WHERE lobby_presence.node = EXCLUDED.node \
+                     OR NOT (EXCLUDED.connected OR lobby_presence.connected) \
+                     OR (EXCLUDED.connected AND (EXCLUDED.stamp > lobby_presence.stamp \
+                     OR (EXCLUDED.stamp = lobby_presence.stamp \
+                     AND EXCLUDED.origin > lobby_presence.origin)))",
+                )
+                .await
+                .map_err(pg)?;
+            let announce = client
+                .prepare_cached(
+                    "SELECT pg_notify('lobby_takeover', a) FROM UNNEST($1::text[]) AS a",
                 )
                 .await
                 .map_err(pg)?;
@@ -707,10 +740,23 @@ impl Store for PostgresStore {
             if !batch.is_empty() {
                 tx.execute(
                     &upsert,
-                    &[&ids, &things, &protocols, &connected, &at, &node],
+                    &[
+                        &ids,
+                        &things,
+                        &protocols,
+                        &connected,
+                        &at,
+                        &node,
+                        &stamps,
+                        &&*self.origin,
+                    ],
                 )
                 .await
                 .map_err(pg)?;
+            }
+            if !announced.is_empty() {
+                // Delivered at commit, with the presence it announces.
+                tx.execute(&announce, &[&announced]).await.map_err(pg)?;
             }
             tx.commit().await.map_err(pg)
         })
@@ -721,7 +767,7 @@ impl Store for PostgresStore {
         let select = format!(
             "SELECT p.device_id, p.node, p.thing_name, p.protocol, \
              p.connected AND COALESCE(n.heartbeat > now() - \
-             make_interval(secs => {NODE_GONE_AFTER_SECS}), false), p.last_seen \
+             make_interval(secs => {NODE_GONE_AFTER_SECS}), false), p.last_seen, p.stamp \
              FROM lobby_presence p LEFT JOIN lobby_nodes n ON n.name = p.node"
         );
         let rows = match id {
@@ -742,6 +788,7 @@ impl Store for PostgresStore {
                     protocol: r.try_get(3).map_err(pg)?,
                     connected: r.try_get(4).map_err(pg)?,
                     last_seen: r.try_get(5).map_err(pg)?,
+                    stamp: r.try_get(6).map_err(pg)?,
                 })
             })
             .collect()
@@ -773,12 +820,21 @@ impl Store for PostgresStore {
         .map(drop)
     }
 
-    fn watch(&self, cancel: CancellationToken) -> Option<mpsc::Receiver<()>> {
-        let (tx, rx) = mpsc::channel(1);
+    fn watch(&self, cancel: CancellationToken) -> Option<Watch> {
+        let (changes, rx) = mpsc::channel(1);
+        let (takeovers, takeover_rx) = mpsc::channel(TAKEOVER_QUEUE);
         let mut config = self.config.clone();
         config.application_name(format!("lobby-listen-{}", self.origin));
-        tokio::spawn(listen(config, tx, cancel));
-        Some(rx)
+        let to = Listeners {
+            changes,
+            takeovers,
+            origin: self.origin.clone(),
+        };
+        tokio::spawn(listen(config, to, cancel));
+        Some(Watch {
+            changes: rx,
+            takeovers: takeover_rx,
+        })
     }
 }
 
@@ -822,15 +878,58 @@ impl Drop for PgWriteLock {
     }
 }
 
-/// The change-log watch: one connection in `LISTEN lobby_changes`, re-established with backoff
-/// whenever it drops. Pokes `tx` after every notification and after every (re)connect.
-async fn listen(config: tokio_postgres::Config, tx: mpsc::Sender<()>, cancel: CancellationToken) {
+/// Where the watch hands what it hears.
+struct Listeners {
+    changes: mpsc::Sender<()>,
+    takeovers: mpsc::Sender<Takeover>,
+    /// This process's origin: its own announcements are not for it.
+    origin: Arc<str>,
+}
+
+impl Listeners {
+    /// Hands on one notification.
+    async fn deliver(&self, n: &tokio_postgres::Notification) {
+        if n.channel() != TAKEOVER_CHANNEL {
+            let _ = self.changes.try_send(());
+            return;
+        }
+        match parse_takeover(n.payload(), &self.origin) {
+            Some(Some(t)) => {
+                let _ = self.takeovers.send(t).await;
+            }
+            Some(None) => {}
+            None => tracing::warn!(payload = n.payload(), "unreadable takeover notice"),
+        }
+    }
+}
+
+/// `<device_id> <stamp> <origin>` → the notice, `Some(None)` for this process's own, `None`
+/// when unreadable.
+fn parse_takeover(payload: &str, own: &str) -> Option<Option<Takeover>> {
+    let mut parts = payload.split(' ');
+    let (id, stamp, origin) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let notice = Takeover {
+        device_id: DeviceId::parse_hex(id)?,
+        stamp: stamp.parse().ok()?,
+        // Origins are lowercase hex, compared bytewise here and as `COLLATE "C"` in SQL.
+        wins_tie: origin > own,
+    };
+    Some((origin != own).then_some(notice))
+}
+
+/// The fleet's watch: one connection in `LISTEN lobby_changes` and `LISTEN lobby_takeover`,
+/// re-established with backoff whenever it drops. Pokes `to.changes` after every change
+/// notification and after every (re)connect; hands takeover notices to `to.takeovers`.
+async fn listen(config: tokio_postgres::Config, to: Listeners, cancel: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let session = async {
             let (client, mut conn) = config.connect(NoTls).await.map_err(pg)?;
             let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-            let listen = format!("LISTEN {CHANNEL}");
+            let listen = format!("LISTEN {CHANNEL}; LISTEN {TAKEOVER_CHANNEL}");
             let subscribe = client.batch_execute(&listen);
             let mut subscribe = std::pin::pin!(subscribe);
             // The connection makes progress only while its messages are polled.
@@ -847,12 +946,10 @@ async fn listen(config: tokio_postgres::Config, tx: mpsc::Sender<()>, cancel: Ca
             crate::metrics::cluster_watch_connected(true);
             tracing::info!("watching the change log");
             // Catch up on whatever was missed while not listening.
-            let _ = tx.try_send(());
+            let _ = to.changes.try_send(());
             while let Some(m) = messages.next().await {
                 match m {
-                    Ok(AsyncMessage::Notification(_)) => {
-                        let _ = tx.try_send(());
-                    }
+                    Ok(AsyncMessage::Notification(n)) => to.deliver(&n).await,
                     Ok(_) => {}
                     Err(e) => return Err(pg(e)),
                 }
@@ -896,6 +993,19 @@ mod tests {
         ] {
             let config = pg_config(url).unwrap();
             assert_eq!(config.get_ssl_mode(), SslMode::Disable, "{url}");
+        }
+    }
+
+    #[test]
+    fn takeover_notices_parse_and_order_the_nodes() {
+        let id = "ab".repeat(32);
+        let notice = |origin: &str| parse_takeover(&format!("{id} 42 {origin}"), "5555");
+        let t = notice("a000").unwrap().unwrap();
+        assert_eq!((t.device_id.to_hex(), t.stamp, t.wins_tie), (id.clone(), 42, true));
+        assert!(!notice("1fff").unwrap().unwrap().wins_tie);
+        assert_eq!(notice("5555"), Some(None), "its own notice");
+        for bad in ["", "xyz 1 a", &format!("{id} x a"), &format!("{id} 1"), &format!("{id} 1 a b")] {
+            assert_eq!(parse_takeover(bad, "5555"), None, "{bad:?}");
         }
     }
 
