@@ -118,7 +118,8 @@ impl Lobby {
         tracker.spawn(service.clone().run_activity(activity_rx, cancel.clone()));
         if let Some(watch) = service.store().watch(cancel.clone()) {
             tracker.spawn(service.clone().run_sync(watch.changes, cancel.clone()));
-            let takeovers = crate::presence::take_over(waiting.clone(), watch.takeovers, cancel.clone());
+            let takeovers =
+                crate::presence::take_over(waiting.clone(), watch.takeovers, cancel.clone());
             tracker.spawn(takeovers);
         }
         if service.store().shared() {

@@ -136,17 +136,26 @@ impl WaitingRoom {
     pub fn taken_over_elsewhere(&self, id: &DeviceId, stamp: i64, wins_tie: bool) -> bool {
         let mut clock = self.clock();
         *clock = (*clock).max(stamp);
-        let older = |_: &DeviceId, h: &SessionHandle| {
-            h.stamp < stamp || (h.stamp == stamp && wins_tie)
-        };
-        let removed = self.inner.live.pin().remove_if(id, older).ok().flatten().map(|(_, h)| h.clone());
+        let older =
+            |_: &DeviceId, h: &SessionHandle| h.stamp < stamp || (h.stamp == stamp && wins_tie);
+        let removed = self
+            .inner
+            .live
+            .pin()
+            .remove_if(id, older)
+            .ok()
+            .flatten()
+            .map(|(_, h)| h.clone());
         drop(clock);
         // Its session ends without a disconnect report: the device is connected elsewhere.
         removed.map(|old| old.wake.notify_one()).is_some()
     }
 
     fn clock(&self) -> std::sync::MutexGuard<'_, i64> {
-        self.inner.clock.lock().unwrap_or_else(PoisonError::into_inner)
+        self.inner
+            .clock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// May this device connect again now? A token bucket per device: `burst` connects at once,

@@ -1001,10 +1001,19 @@ mod tests {
         let id = "ab".repeat(32);
         let notice = |origin: &str| parse_takeover(&format!("{id} 42 {origin}"), "5555");
         let t = notice("a000").unwrap().unwrap();
-        assert_eq!((t.device_id.to_hex(), t.stamp, t.wins_tie), (id.clone(), 42, true));
+        assert_eq!(
+            (t.device_id.to_hex(), t.stamp, t.wins_tie),
+            (id.clone(), 42, true)
+        );
         assert!(!notice("1fff").unwrap().unwrap().wins_tie);
         assert_eq!(notice("5555"), Some(None), "its own notice");
-        for bad in ["", "xyz 1 a", &format!("{id} x a"), &format!("{id} 1"), &format!("{id} 1 a b")] {
+        for bad in [
+            "",
+            "xyz 1 a",
+            &format!("{id} x a"),
+            &format!("{id} 1"),
+            &format!("{id} 1 a b"),
+        ] {
             assert_eq!(parse_takeover(bad, "5555"), None, "{bad:?}");
         }
     }
