@@ -278,3 +278,28 @@ async fn simultaneous_connects_on_two_nodes_leave_exactly_one() {
         assert_eq!(d["node"], node, "round {round}");
     }
 }
+
+/// A connect announced while a node's watch is down is not lost: when the watch is back,
+/// the node looks up the connects recorded meanwhile and closes its older connection.
+#[tokio::test]
+async fn a_takeover_announced_while_the_watch_is_down_still_closes_the_older() {
+    let db = pg::TestDb::create().await;
+    let (a, b) = two_nodes(&db).await;
+    let dev = a.device("unheard");
+    let mut old = connected(&a, &dev, Protocol::V5).await;
+    let admin = pg::admin().await;
+    let cut = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+               WHERE datname = $1 AND application_name LIKE 'lobby-listen-%'";
+    admin.query(cut, &[&db.name]).await.unwrap();
+    // Every watch stays cut (each reconnect at once) while B records and announces the connect.
+    let mut new = connected(&b, &dev, Protocol::V5).await;
+    let until = Instant::now() + std::time::Duration::from_secs(2);
+    while Instant::now() < until {
+        admin.query(cut, &[&db.name]).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let started = Instant::now();
+    old.expect_disconnect(0x8E).await;
+    eprintln!("watch back → older connection closed: {:?}", started.elapsed());
+    new.ping_ok().await;
+}
