@@ -300,6 +300,9 @@ async fn a_takeover_announced_while_the_watch_is_down_still_closes_the_older() {
     }
     let started = Instant::now();
     old.expect_disconnect(0x8E).await;
-    eprintln!("watch back → older connection closed: {:?}", started.elapsed());
+    eprintln!(
+        "watch back → older connection closed: {:?}",
+        started.elapsed()
+    );
     new.ping_ok().await;
 }

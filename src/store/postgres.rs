@@ -16,21 +16,22 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::TryStreamExt;
 use tokio::sync::mpsc;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{AsyncMessage, NoTls, Row};
+use tokio_postgres::{NoTls, Row};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Change, Presence, RegistrationBody, Store, StoreError, StoredTenant, Subject, Takeover, Watch,
-    WriteLock,
+    Change, Presence, RegistrationBody, Store, StoreError, StoredTenant, Subject, Watch, WriteLock,
 };
 use crate::claims::model::{Claim, ClaimState, Tenant};
 use crate::edge::identity::DeviceId;
 use crate::provision::Registration;
+
+mod watch;
 
 /// Connections in the pool. Writes are serialised by the claims service; the rest are API reads
 /// and the provisioning worker, which a handful of connections serve.
@@ -123,12 +124,6 @@ const NODE_GONE_AFTER_SECS: f64 = 15.0;
 pub const WRITE_LOCK: i64 = 0x6c6f_6262_7977_7274;
 /// The notification channel of the change log.
 const CHANNEL: &str = "lobby_changes";
-/// The notification channel of connect announcements: `<device_id> <stamp> <origin>`,
-/// sent with the presence that records the connect.
-const TAKEOVER_CHANNEL: &str = "lobby_takeover";
-/// Takeover notices queued towards the node's waiting room. The watch waits when it is full
-/// (PostgreSQL keeps the notifications meanwhile); the waiting room takes each in microseconds.
-const TAKEOVER_QUEUE: usize = 1024;
 /// Appends to the change log and notifies, inside the writing transaction (NOTIFY is sent
 /// at commit).
 const LOG_CHANGE: &str = "WITH ch AS (INSERT INTO lobby_changes (kind, key, origin) \
@@ -822,15 +817,13 @@ impl Store for PostgresStore {
 
     fn watch(&self, cancel: CancellationToken) -> Option<Watch> {
         let (changes, rx) = mpsc::channel(1);
-        let (takeovers, takeover_rx) = mpsc::channel(TAKEOVER_QUEUE);
-        let mut config = self.config.clone();
-        config.application_name(format!("lobby-listen-{}", self.origin));
-        let to = Listeners {
+        let (takeovers, takeover_rx) = mpsc::channel(watch::TAKEOVER_QUEUE);
+        let to = watch::Listeners {
             changes,
             takeovers,
-            origin: self.origin.clone(),
+            store: self.clone(),
         };
-        tokio::spawn(listen(config, to, cancel));
+        tokio::spawn(watch::listen(to, cancel));
         Some(Watch {
             changes: rx,
             takeovers: takeover_rx,
@@ -878,100 +871,6 @@ impl Drop for PgWriteLock {
     }
 }
 
-/// Where the watch hands what it hears.
-struct Listeners {
-    changes: mpsc::Sender<()>,
-    takeovers: mpsc::Sender<Takeover>,
-    /// This process's origin: its own announcements are not for it.
-    origin: Arc<str>,
-}
-
-impl Listeners {
-    /// Hands on one notification.
-    async fn deliver(&self, n: &tokio_postgres::Notification) {
-        if n.channel() != TAKEOVER_CHANNEL {
-            let _ = self.changes.try_send(());
-            return;
-        }
-        match parse_takeover(n.payload(), &self.origin) {
-            Some(Some(t)) => {
-                let _ = self.takeovers.send(t).await;
-            }
-            Some(None) => {}
-            None => tracing::warn!(payload = n.payload(), "unreadable takeover notice"),
-        }
-    }
-}
-
-/// `<device_id> <stamp> <origin>` → the notice, `Some(None)` for this process's own, `None`
-/// when unreadable.
-fn parse_takeover(payload: &str, own: &str) -> Option<Option<Takeover>> {
-    let mut parts = payload.split(' ');
-    let (id, stamp, origin) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() {
-        return None;
-    }
-    let notice = Takeover {
-        device_id: DeviceId::parse_hex(id)?,
-        stamp: stamp.parse().ok()?,
-        // Origins are lowercase hex, compared bytewise here and as `COLLATE "C"` in SQL.
-        wins_tie: origin > own,
-    };
-    Some((origin != own).then_some(notice))
-}
-
-/// The fleet's watch: one connection in `LISTEN lobby_changes` and `LISTEN lobby_takeover`,
-/// re-established with backoff whenever it drops. Pokes `to.changes` after every change
-/// notification and after every (re)connect; hands takeover notices to `to.takeovers`.
-async fn listen(config: tokio_postgres::Config, to: Listeners, cancel: CancellationToken) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let session = async {
-            let (client, mut conn) = config.connect(NoTls).await.map_err(pg)?;
-            let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-            let listen = format!("LISTEN {CHANNEL}; LISTEN {TAKEOVER_CHANNEL}");
-            let subscribe = client.batch_execute(&listen);
-            let mut subscribe = std::pin::pin!(subscribe);
-            // The connection makes progress only while its messages are polled.
-            loop {
-                tokio::select! {
-                    r = &mut subscribe => { r.map_err(pg)?; break; }
-                    m = messages.next() => match m {
-                        Some(Ok(_)) => {}
-                        Some(Err(e)) => return Err(pg(e)),
-                        None => return Err(StoreError::Backend("watch connection closed".into())),
-                    },
-                }
-            }
-            crate::metrics::cluster_watch_connected(true);
-            tracing::info!("watching the change log");
-            // Catch up on whatever was missed while not listening.
-            let _ = to.changes.try_send(());
-            while let Some(m) = messages.next().await {
-                match m {
-                    Ok(AsyncMessage::Notification(n)) => to.deliver(&n).await,
-                    Ok(_) => {}
-                    Err(e) => return Err(pg(e)),
-                }
-            }
-            Err::<(), _>(StoreError::Backend("watch connection closed".into()))
-        };
-        let ended = tokio::select! {
-            r = session => r,
-            () = cancel.cancelled() => return,
-        };
-        crate::metrics::cluster_watch_connected(false);
-        if let Err(e) = ended {
-            tracing::warn!(error = %e, retry_in = ?backoff, "change-log watch lost");
-        }
-        tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
-            () = cancel.cancelled() => return,
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -993,28 +892,6 @@ mod tests {
         ] {
             let config = pg_config(url).unwrap();
             assert_eq!(config.get_ssl_mode(), SslMode::Disable, "{url}");
-        }
-    }
-
-    #[test]
-    fn takeover_notices_parse_and_order_the_nodes() {
-        let id = "ab".repeat(32);
-        let notice = |origin: &str| parse_takeover(&format!("{id} 42 {origin}"), "5555");
-        let t = notice("a000").unwrap().unwrap();
-        assert_eq!(
-            (t.device_id.to_hex(), t.stamp, t.wins_tie),
-            (id.clone(), 42, true)
-        );
-        assert!(!notice("1fff").unwrap().unwrap().wins_tie);
-        assert_eq!(notice("5555"), Some(None), "its own notice");
-        for bad in [
-            "",
-            "xyz 1 a",
-            &format!("{id} x a"),
-            &format!("{id} 1"),
-            &format!("{id} 1 a b"),
-        ] {
-            assert_eq!(parse_takeover(bad, "5555"), None, "{bad:?}");
         }
     }
 
