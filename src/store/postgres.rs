@@ -129,6 +129,28 @@ const CHANNEL: &str = "lobby_changes";
 const LOG_CHANGE: &str = "WITH ch AS (INSERT INTO lobby_changes (kind, key, origin) \
      VALUES ($1, $2, $3) RETURNING seq) SELECT pg_notify('lobby_changes', seq::text) FROM ch";
 
+/// Beats for a node (`$1`).
+const NODE_BEAT: &str = "INSERT INTO lobby_nodes (name, heartbeat) VALUES ($1, now()) \
+     ON CONFLICT (name) DO UPDATE SET heartbeat = EXCLUDED.heartbeat";
+/// Writes a presence batch from node `$6` (origin `$8`). A disconnect reported by one node
+/// never hides a connection on another, and a connect from another node replaces the row only
+/// when it is newer (stamp, then origin): the connection that the takeover keeps, even when
+/// written late.
+const PRESENCE_UPSERT: &str = "INSERT INTO lobby_presence \
+     (device_id, node, thing_name, protocol, connected, last_seen, stamp, origin) \
+     SELECT u.d, $6, u.t, u.p, u.c, u.l, u.s, $8 FROM UNNEST($1::text[], $2::text[], \
+     $3::text[], $4::bool[], $5::bigint[], $7::bigint[]) AS u(d, t, p, c, l, s) \
+     ON CONFLICT (device_id) DO UPDATE SET node = EXCLUDED.node, \
+     thing_name = EXCLUDED.thing_name, protocol = EXCLUDED.protocol, \
+     connected = EXCLUDED.connected, last_seen = EXCLUDED.last_seen, \
+     stamp = EXCLUDED.stamp, origin = EXCLUDED.origin \
+     WHERE lobby_presence.node = EXCLUDED.node \
+     OR NOT (EXCLUDED.connected OR lobby_presence.connected) \
+     OR (EXCLUDED.connected AND (EXCLUDED.stamp > lobby_presence.stamp \
+     OR (EXCLUDED.stamp = lobby_presence.stamp AND EXCLUDED.origin > lobby_presence.origin)))";
+/// Announces connects (`<device_id> <stamp> <origin>` each) to every node's watch, at commit.
+const ANNOUNCE: &str = "SELECT pg_notify('lobby_takeover', a) FROM UNNEST($1::text[]) AS a";
+
 /// The newest schema version this build knows.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 const _: () = assert!(SCHEMA_VERSION >= 1 && SCHEMA_VERSION as usize == MIGRATIONS.len());
@@ -694,42 +716,9 @@ impl Store for PostgresStore {
             .collect();
         self.timed("put_presence", async {
             let mut client = self.client().await?;
-            let beat = client
-                .prepare_cached(
-                    "INSERT INTO lobby_nodes (name, heartbeat) VALUES ($1, now()) \
-                     ON CONFLICT (name) DO UPDATE SET heartbeat = EXCLUDED.heartbeat",
-                )
-                .await
-                .map_err(pg)?;
-            // A disconnect reported by one node never hides a connection on another, and a
-            // connect from another node replaces the row only when it is newer (stamp, then
-            // origin): the connection that the takeover keeps, even if written late.
-            let upsert = client
-                .prepare_cached(
-                    "INSERT INTO lobby_presence \
-                     (device_id, node, thing_name, protocol, connected, last_seen, stamp, \
-                     origin) \
-                     SELECT u.d, $6, u.t, u.p, u.c, u.l, u.s, $8 FROM UNNEST($1::text[], \
-                     $2::text[], $3::text[], $4::bool[], $5::bigint[], $7::bigint[]) \
-                     AS u(d, t, p, c, l, s) \
-                     ON CONFLICT (device_id) DO UPDATE SET node = EXCLUDED.node, \
-                     thing_name = EXCLUDED.thing_name, protocol = EXCLUDED.protocol, \
-                     connected = EXCLUDED.connected, last_seen = EXCLUDED.last_seen, \
-                     stamp = EXCLUDED.stamp, origin = EXCLUDED.origin \
-                     WHERE lobby_presence.node = EXCLUDED.node \
-                     OR NOT (EXCLUDED.connected OR lobby_presence.connected) \
-                     OR (EXCLUDED.connected AND (EXCLUDED.stamp > lobby_presence.stamp \
-                     OR (EXCLUDED.stamp = lobby_presence.stamp \
-                     AND EXCLUDED.origin > lobby_presence.origin)))",
-                )
-                .await
-                .map_err(pg)?;
-            let announce = client
-                .prepare_cached(
-                    "SELECT pg_notify('lobby_takeover', a) FROM UNNEST($1::text[]) AS a",
-                )
-                .await
-                .map_err(pg)?;
+            let beat = client.prepare_cached(NODE_BEAT).await.map_err(pg)?;
+            let upsert = client.prepare_cached(PRESENCE_UPSERT).await.map_err(pg)?;
+            let announce = client.prepare_cached(ANNOUNCE).await.map_err(pg)?;
             let tx = client.transaction().await.map_err(pg)?;
             tx.execute(&beat, &[&node]).await.map_err(pg)?;
             if !batch.is_empty() {
