@@ -29,6 +29,9 @@ pub const BRIDGE_POISON_TOTAL: &str = "lobby_bridge_poison_total";
 pub const CLUSTER_WATCH_CONNECTED: &str = "lobby_cluster_watch_connected";
 /// An extension of SPEC §9: other nodes' changes applied to this node's map.
 pub const CLUSTER_CHANGES_APPLIED_TOTAL: &str = "lobby_cluster_changes_applied_total";
+/// An extension of SPEC §9: presence events (connects, disconnects) dropped because the
+/// presence writer's queue was full.
+pub const CLUSTER_PRESENCE_DROPPED_TOTAL: &str = "lobby_cluster_presence_dropped_total";
 /// An extension of SPEC §9: completed device handshakes by kind (`full`, `resumed`).
 pub const TLS_HANDSHAKES_TOTAL: &str = "lobby_tls_handshakes_total";
 

@@ -90,9 +90,10 @@ pub trait Store: Send + Sync + 'static {
     async fn finish_job(&self, _key: &str) -> Result<(), StoreError> {
         Ok(())
     }
-    /// Records where devices are connected (`batch`, from node `node`) and that `node` is alive.
-    /// A store that one node uses alone has nothing to share: the node's own waiting room
-    /// says it all.
+    /// Records where devices are connected (`batch`, from node `node`) and that `node` is alive,
+    /// and announces each connect in `batch` to the other nodes ([`Takeover`]). Of two
+    /// connects of a device on two nodes the newer (by `stamp`) is kept. A store that one node
+    /// uses alone has nothing to share: the node's own waiting room says it all.
     async fn put_presence(&self, _node: &str, _batch: &[Presence]) -> Result<(), StoreError> {
         Ok(())
     }
@@ -114,12 +115,34 @@ pub trait Store: Send + Sync + 'static {
     async fn changes_since(&self, _seq: i64) -> Result<Vec<Change>, StoreError> {
         Ok(Vec::new())
     }
-    /// Starts watching for other nodes' changes until `cancel`: the receiver gets a poke after
+    /// Starts watching for other nodes' changes until `cancel`: `changes` gets a poke after
     /// each change notification and after every (re)connect of the watch, so a node that lost
-    /// its notifications catches up from the change log. `None`: nothing to watch.
-    fn watch(&self, _cancel: CancellationToken) -> Option<mpsc::Receiver<()>> {
+    /// its notifications catches up from the change log; `takeovers` gets the connects other
+    /// nodes announced with their presence. `None`: nothing to watch.
+    fn watch(&self, _cancel: CancellationToken) -> Option<Watch> {
         None
     }
+}
+
+/// What a node hears from the other nodes of its fleet ([`Store::watch`]).
+#[derive(Debug)]
+pub struct Watch {
+    /// A poke: apply the change log.
+    pub changes: mpsc::Receiver<()>,
+    /// Devices that connected on another node.
+    pub takeovers: mpsc::Receiver<Takeover>,
+}
+
+/// Another node's announcement that a device connected there (written with its presence):
+/// this node closes its own connection of that device if it is older.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Takeover {
+    pub device_id: DeviceId,
+    /// The connect stamp (`SessionHandle::stamp`).
+    pub stamp: i64,
+    /// At an equal stamp the announcing node's connection is the newer (a fixed order of the
+    /// nodes, the same seen from each).
+    pub wins_tie: bool,
 }
 
 /// Where a device is connected, or was last seen, as a node of a fleet reports it.
@@ -133,6 +156,8 @@ pub struct Presence {
     pub connected: bool,
     /// Unix ms of the connect or disconnect.
     pub last_seen: i64,
+    /// The connect stamp of the connection this is about (`SessionHandle::stamp`).
+    pub stamp: i64,
 }
 
 /// The cluster-wide write lock; dropping it releases the lock.

@@ -5,10 +5,15 @@
 //! claim; the session then re-reads the claims map and acts (status, redirect, revoke). Wake-ups
 //! coalesce (a `Notify` permit), so a burst of changes costs one re-read and nothing blocks.
 //! A newer connection of the same device replaces the handle and wakes the old session, which
-//! finds it is no longer registered and closes (takeover).
+//! finds it is no longer registered and closes (takeover). In a fleet the newer connection may
+//! be on another node: each connect carries a stamp from a hybrid logical clock (wall-clock µs,
+//! never behind any stamp this node has made or heard of), other nodes announce theirs
+//! (`presence`), and [`WaitingRoom::taken_over_elsewhere`] closes a session older than the
+//! announced one. Every node orders connects of a device the same way, by (stamp, node), so
+//! exactly the newest one stays.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use tokio::sync::{mpsc, Notify};
 
@@ -25,6 +30,8 @@ pub struct SessionHandle {
     pub wake: Arc<Notify>,
     /// `"mqtt3.1.1"` or `"mqtt5"`.
     pub protocol: &'static str,
+    /// When it connected, on the fleet's hybrid logical clock (µs; see the module doc).
+    pub stamp: i64,
 }
 
 /// What was last seen of a device that connected.
@@ -50,8 +57,12 @@ struct Inner {
     live: papaya::HashMap<DeviceId, SessionHandle, IdHashBuilder>,
     seen: papaya::HashMap<DeviceId, Seen, IdHashBuilder>,
     next_conn: AtomicU64,
+    /// The newest connect stamp made or heard of. Held while a stamp is made and its handle
+    /// inserted, and while another node's stamp is compared with the live handle, so a
+    /// connect racing an announcement is either seen by it or stamped after it.
+    clock: Mutex<i64>,
     /// In a fleet: where connects and disconnects are reported (`presence`).
-    presence: OnceLock<mpsc::UnboundedSender<presence::Event>>,
+    presence: OnceLock<mpsc::Sender<presence::Event>>,
 }
 
 impl std::fmt::Debug for WaitingRoom {
@@ -64,22 +75,30 @@ impl std::fmt::Debug for WaitingRoom {
 
 impl WaitingRoom {
     /// Reports every later connect and disconnect to `tx` (a fleet's presence). Once.
-    pub fn report_presence(&self, tx: mpsc::UnboundedSender<presence::Event>) {
+    pub fn report_presence(&self, tx: mpsc::Sender<presence::Event>) {
         let _ = self.inner.presence.set(tx);
     }
 
-    fn report(&self, id: DeviceId, connected: bool) {
+    /// Never waits: the presence writer drains its queue while it writes, so a full queue
+    /// means that task is starved; the event is then dropped and counted (the store keeps
+    /// this device's previous presence until its next connect or disconnect, and another
+    /// node's older connection of it is not told to close).
+    fn report(&self, id: DeviceId, connected: bool, stamp: i64) {
         let Some(tx) = self.inner.presence.get() else {
             return;
         };
         if let Some(s) = self.inner.seen.pin().get(&id) {
-            let _ = tx.send(presence::Event {
+            let event = presence::Event {
                 device_id: id,
                 thing_name: s.thing_name.clone(),
                 protocol: s.protocol,
                 connected,
                 at: s.last_seen,
-            });
+                stamp,
+            };
+            if tx.try_send(event).is_err() {
+                presence::dropped();
+            }
         }
     }
 
@@ -91,18 +110,52 @@ impl WaitingRoom {
         protocol: &'static str,
         burst: u32,
     ) -> SessionHandle {
+        let mut clock = self.clock();
+        let stamp = (*clock + 1).max(now_us());
+        *clock = stamp;
         let handle = SessionHandle {
             conn_id: self.inner.next_conn.fetch_add(1, Ordering::Relaxed),
             wake: Arc::new(Notify::new()),
             protocol,
+            stamp,
         };
-        let live = self.inner.live.pin();
-        if let Some(old) = live.insert(id, handle.clone()) {
+        let old = self.inner.live.pin().insert(id, handle.clone()).cloned();
+        drop(clock);
+        if let Some(old) = old {
             old.wake.notify_one();
         }
         self.touch(id, thing_name, protocol, burst);
-        self.report(id, true);
+        self.report(id, true, stamp);
         handle
+    }
+
+    /// Another node announced a connect of `id` at `stamp`; `wins_tie`: that node goes first
+    /// at an equal stamp. A live session here that is older loses its handle and is woken,
+    /// so it closes as taken over (v5 DISCONNECT 0x8E); a newer one stays (that node closes
+    /// its own when it hears of this one). True when a session here was taken over.
+    pub fn taken_over_elsewhere(&self, id: &DeviceId, stamp: i64, wins_tie: bool) -> bool {
+        let mut clock = self.clock();
+        *clock = (*clock).max(stamp);
+        let older =
+            |_: &DeviceId, h: &SessionHandle| h.stamp < stamp || (h.stamp == stamp && wins_tie);
+        let removed = self
+            .inner
+            .live
+            .pin()
+            .remove_if(id, older)
+            .ok()
+            .flatten()
+            .map(|(_, h)| h.clone());
+        drop(clock);
+        // Its session ends without a disconnect report: the device is connected elsewhere.
+        removed.map(|old| old.wake.notify_one()).is_some()
+    }
+
+    fn clock(&self) -> std::sync::MutexGuard<'_, i64> {
+        self.inner
+            .clock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// May this device connect again now? A token bucket per device: `burst` connects at once,
@@ -136,14 +189,14 @@ impl WaitingRoom {
             .remove_if(id, |_, h| h.conn_id == conn_id)
             .ok()
             .flatten()
-            .is_some();
-        if removed {
+            .map(|(_, h)| h.stamp);
+        if let Some(stamp) = removed {
             if let Some(seen) = self.inner.seen.pin().get(id) {
                 let mut s = seen.clone();
                 s.last_seen = now_ms();
                 self.inner.seen.pin().insert(*id, s);
             }
-            self.report(*id, false);
+            self.report(*id, false, stamp);
         }
     }
 
@@ -218,6 +271,13 @@ impl WaitingRoom {
     }
 }
 
+/// Now, in µs since the Unix epoch.
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,5 +296,28 @@ mod tests {
         room.deregister(&id, second.conn_id);
         assert_eq!(room.connected(&id), None);
         assert!(room.seen(&id).is_some());
+    }
+
+    #[tokio::test]
+    async fn only_an_older_session_is_taken_over_from_elsewhere() {
+        let room = WaitingRoom::default();
+        let id = DeviceId([4; 32]);
+        let here = room.register(id, "d", "mqtt5", 5);
+        // Announced before this connect: this one is newer and stays.
+        assert!(!room.taken_over_elsewhere(&id, here.stamp - 1, true));
+        // An equal stamp: the tie-break decides, the same way on both nodes.
+        assert!(!room.taken_over_elsewhere(&id, here.stamp, false));
+        assert!(room.is_current(&id, here.conn_id));
+        assert!(room.taken_over_elsewhere(&id, here.stamp, true));
+        here.wake.notified().await;
+        assert!(!room.is_current(&id, here.conn_id));
+        assert_eq!(room.connected(&id), None);
+        // A connect after hearing of a far-ahead stamp is stamped after it (it is newer).
+        let far = now_us() + 60_000_000;
+        assert!(!room.taken_over_elsewhere(&id, far, true));
+        let later = room.register(id, "d", "mqtt5", 5);
+        assert!(later.stamp > far);
+        assert!(!room.taken_over_elsewhere(&id, far, true));
+        assert!(room.is_current(&id, later.conn_id));
     }
 }

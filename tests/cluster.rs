@@ -191,3 +191,118 @@ async fn a_tenant_token_works_on_every_node_at_once() {
         .await;
     assert_eq!(st, 401);
 }
+
+/// SPEC §2 across nodes: `dev` connects to `first`, then to `second` (as a load balancer
+/// would send a clone or a reconnect). The older connection gets DISCONNECT 0x8E (v3.1.1: a
+/// plain close), the newer one stays, and both nodes' device JSON say `second_name` holds it.
+async fn takes_over(
+    first: &TestLobby,
+    second: &TestLobby,
+    second_name: &str,
+    dev: &Device,
+    protocol: Protocol,
+) {
+    let mut old = connected(first, dev, protocol).await;
+    let mut new = connected(second, dev, protocol).await;
+    let started = Instant::now();
+    match protocol {
+        Protocol::V5 => drop(old.expect_disconnect(0x8E).await),
+        Protocol::V311 => assert!(old.expect_closed().await.is_empty(), "v3.1.1: closed only"),
+    }
+    eprintln!(
+        "{protocol:?}: connect on {second_name} → older connection closed: {:?}",
+        started.elapsed()
+    );
+    for node in [first, second] {
+        let d = eventually(|| async {
+            let (st, d) = node.admin_device_json(dev).await;
+            (st == 200 && d["connected"] == true && d["node"] == second_name).then_some(d)
+        })
+        .await;
+        assert_eq!(d["thing_name"], dev.name.as_str(), "{d}");
+    }
+    // Long enough for the older node's own (older) connect notice to have reached the newer
+    // node: it must not close the newer connection.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    new.ping_ok().await;
+}
+
+#[tokio::test]
+async fn a_connection_on_b_takes_over_from_a_and_back() {
+    let db = pg::TestDb::create().await;
+    let (a, b) = two_nodes(&db).await;
+    takes_over(&a, &b, "node-b", &a.device("clone-v5"), Protocol::V5).await;
+    takes_over(&a, &b, "node-b", &a.device("clone-v3"), Protocol::V311).await;
+    takes_over(&b, &a, "node-a", &a.device("clone-back"), Protocol::V5).await;
+    let metrics = a.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("lobby_connections_total{outcome=\"taken_over\"}")),
+        "{metrics}"
+    );
+}
+
+/// Two connections of one device reaching two nodes at the same moment: exactly one stays,
+/// whichever it is (never both closed, never both kept).
+#[tokio::test]
+async fn simultaneous_connects_on_two_nodes_leave_exactly_one() {
+    let db = pg::TestDb::create().await;
+    let (a, b) = two_nodes(&db).await;
+    for round in 0..3 {
+        let dev = a.device(&format!("twin-{round}"));
+        let (mut on_a, mut on_b) = tokio::join!(
+            connected(&a, &dev, Protocol::V5),
+            connected(&b, &dev, Protocol::V5)
+        );
+        let (closed_on, first) = tokio::select! {
+            p = on_a.recv() => ("node-a", p),
+            p = on_b.recv() => ("node-b", p),
+        };
+        assert!(
+            matches!(&first, Some(lobby::mqtt::codec::Packet::Disconnect(d)) if d.reason == 0x8E),
+            "round {round}: {closed_on} sent {first:?}"
+        );
+        let (survivor, node) = if closed_on == "node-a" {
+            (&mut on_b, "node-b")
+        } else {
+            (&mut on_a, "node-a")
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        survivor.ping_ok().await;
+        let d = eventually(|| async {
+            let (_, d) = a.admin_device_json(&dev).await;
+            (d["connected"] == true && d["node"] == node).then_some(d)
+        })
+        .await;
+        assert_eq!(d["node"], node, "round {round}");
+    }
+}
+
+/// A connect announced while a node's watch is down is not lost: when the watch is back,
+/// the node looks up the connects recorded meanwhile and closes its older connection.
+#[tokio::test]
+async fn a_takeover_announced_while_the_watch_is_down_still_closes_the_older() {
+    let db = pg::TestDb::create().await;
+    let (a, b) = two_nodes(&db).await;
+    let dev = a.device("unheard");
+    let mut old = connected(&a, &dev, Protocol::V5).await;
+    let admin = pg::admin().await;
+    let cut = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+               WHERE datname = $1 AND application_name LIKE 'lobby-listen-%'";
+    admin.query(cut, &[&db.name]).await.unwrap();
+    // Every watch stays cut (each reconnect at once) while B records and announces the connect.
+    let mut new = connected(&b, &dev, Protocol::V5).await;
+    let until = Instant::now() + std::time::Duration::from_secs(2);
+    while Instant::now() < until {
+        admin.query(cut, &[&db.name]).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let started = Instant::now();
+    old.expect_disconnect(0x8E).await;
+    eprintln!(
+        "watch back → older connection closed: {:?}",
+        started.elapsed()
+    );
+    new.ping_ok().await;
+}

@@ -331,6 +331,7 @@ async fn postgres_presence_across_nodes() {
         protocol: "mqtt5".into(),
         connected,
         last_seen: at,
+        stamp: at,
     };
     let now = |store: Arc<dyn Store>| async move {
         let got = store.presence(Some(&device(1))).await.unwrap();
@@ -357,6 +358,13 @@ async fn postgres_presence_across_nodes() {
         now(store.clone()).await,
         ("n2".into(), true),
         "the device moved to n2"
+    );
+    // n1's connect stamped before n2's, written late: n2's (newer) connection is the one kept.
+    store.put_presence("n1", &[p("n1", true, 2)]).await.unwrap();
+    assert_eq!(
+        now(store.clone()).await,
+        ("n2".into(), true),
+        "an older connect is stale news"
     );
     assert_eq!(store.presence(None).await.unwrap().len(), 1);
     let Place::Postgres(db) = &f.place else {

@@ -16,20 +16,22 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::TryStreamExt;
 use tokio::sync::mpsc;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{AsyncMessage, NoTls, Row};
+use tokio_postgres::{NoTls, Row};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Change, Presence, RegistrationBody, Store, StoreError, StoredTenant, Subject, WriteLock,
+    Change, Presence, RegistrationBody, Store, StoreError, StoredTenant, Subject, Watch, WriteLock,
 };
 use crate::claims::model::{Claim, ClaimState, Tenant};
 use crate::edge::identity::DeviceId;
 use crate::provision::Registration;
+
+mod watch;
 
 /// Connections in the pool. Writes are serialised by the claims service; the rest are API reads
 /// and the provisioning worker, which a handful of connections serve.
@@ -104,6 +106,12 @@ CREATE TABLE lobby_nodes (
     heartbeat TIMESTAMPTZ NOT NULL
 );
 ",
+    // Which of two connects of a device on two nodes is the newer (takeover across nodes).
+    "
+ALTER TABLE lobby_presence
+    ADD COLUMN stamp BIGINT NOT NULL DEFAULT 0,
+    ADD COLUMN origin TEXT COLLATE \"C\" NOT NULL DEFAULT '';
+",
 ];
 
 /// A node that has not reported for this long is taken for gone: its devices show as not
@@ -120,6 +128,28 @@ const CHANNEL: &str = "lobby_changes";
 /// at commit).
 const LOG_CHANGE: &str = "WITH ch AS (INSERT INTO lobby_changes (kind, key, origin) \
      VALUES ($1, $2, $3) RETURNING seq) SELECT pg_notify('lobby_changes', seq::text) FROM ch";
+
+/// Beats for a node (`$1`).
+const NODE_BEAT: &str = "INSERT INTO lobby_nodes (name, heartbeat) VALUES ($1, now()) \
+     ON CONFLICT (name) DO UPDATE SET heartbeat = EXCLUDED.heartbeat";
+/// Writes a presence batch from node `$6` (origin `$8`). A disconnect reported by one node
+/// never hides a connection on another, and a connect from another node replaces the row only
+/// when it is newer (stamp, then origin): the connection that the takeover keeps, even when
+/// written late.
+const PRESENCE_UPSERT: &str = "INSERT INTO lobby_presence \
+     (device_id, node, thing_name, protocol, connected, last_seen, stamp, origin) \
+     SELECT u.d, $6, u.t, u.p, u.c, u.l, u.s, $8 FROM UNNEST($1::text[], $2::text[], \
+     $3::text[], $4::bool[], $5::bigint[], $7::bigint[]) AS u(d, t, p, c, l, s) \
+     ON CONFLICT (device_id) DO UPDATE SET node = EXCLUDED.node, \
+     thing_name = EXCLUDED.thing_name, protocol = EXCLUDED.protocol, \
+     connected = EXCLUDED.connected, last_seen = EXCLUDED.last_seen, \
+     stamp = EXCLUDED.stamp, origin = EXCLUDED.origin \
+     WHERE lobby_presence.node = EXCLUDED.node \
+     OR NOT (EXCLUDED.connected OR lobby_presence.connected) \
+     OR (EXCLUDED.connected AND (EXCLUDED.stamp > lobby_presence.stamp \
+     OR (EXCLUDED.stamp = lobby_presence.stamp AND EXCLUDED.origin > lobby_presence.origin)))";
+/// Announces connects (`<device_id> <stamp> <origin>` each) to every node's watch, at commit.
+const ANNOUNCE: &str = "SELECT pg_notify('lobby_takeover', a) FROM UNNEST($1::text[]) AS a";
 
 /// The newest schema version this build knows.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
@@ -678,39 +708,39 @@ impl Store for PostgresStore {
         let protocols: Vec<&str> = batch.iter().map(|p| p.protocol.as_str()).collect();
         let connected: Vec<bool> = batch.iter().map(|p| p.connected).collect();
         let at: Vec<i64> = batch.iter().map(|p| p.last_seen).collect();
+        let stamps: Vec<i64> = batch.iter().map(|p| p.stamp).collect();
+        let announced: Vec<String> = batch
+            .iter()
+            .filter(|p| p.connected)
+            .map(|p| format!("{} {} {}", p.device_id.to_hex(), p.stamp, self.origin))
+            .collect();
         self.timed("put_presence", async {
             let mut client = self.client().await?;
-            let beat = client
-                .prepare_cached(
-                    "INSERT INTO lobby_nodes (name, heartbeat) VALUES ($1, now()) \
-                     ON CONFLICT (name) DO UPDATE SET heartbeat = EXCLUDED.heartbeat",
-                )
-                .await
-                .map_err(pg)?;
-            // A disconnect reported by one node never hides a connection on another.
-            let upsert = client
-                .prepare_cached(
-                    "INSERT INTO lobby_presence \
-                     (device_id, node, thing_name, protocol, connected, last_seen) \
-                     SELECT u.d, $6, u.t, u.p, u.c, u.l FROM UNNEST($1::text[], $2::text[], \
-                     $3::text[], $4::bool[], $5::bigint[]) AS u(d, t, p, c, l) \
-                     ON CONFLICT (device_id) DO UPDATE SET node = EXCLUDED.node, \
-                     thing_name = EXCLUDED.thing_name, protocol = EXCLUDED.protocol, \
-                     connected = EXCLUDED.connected, last_seen = EXCLUDED.last_seen \
-                     WHERE EXCLUDED.connected OR NOT lobby_presence.connected \
-                     OR lobby_presence.node = EXCLUDED.node",
-                )
-                .await
-                .map_err(pg)?;
+            let beat = client.prepare_cached(NODE_BEAT).await.map_err(pg)?;
+            let upsert = client.prepare_cached(PRESENCE_UPSERT).await.map_err(pg)?;
+            let announce = client.prepare_cached(ANNOUNCE).await.map_err(pg)?;
             let tx = client.transaction().await.map_err(pg)?;
             tx.execute(&beat, &[&node]).await.map_err(pg)?;
             if !batch.is_empty() {
                 tx.execute(
                     &upsert,
-                    &[&ids, &things, &protocols, &connected, &at, &node],
+                    &[
+                        &ids,
+                        &things,
+                        &protocols,
+                        &connected,
+                        &at,
+                        &node,
+                        &stamps,
+                        &&*self.origin,
+                    ],
                 )
                 .await
                 .map_err(pg)?;
+            }
+            if !announced.is_empty() {
+                // Delivered at commit, with the presence it announces.
+                tx.execute(&announce, &[&announced]).await.map_err(pg)?;
             }
             tx.commit().await.map_err(pg)
         })
@@ -721,7 +751,7 @@ impl Store for PostgresStore {
         let select = format!(
             "SELECT p.device_id, p.node, p.thing_name, p.protocol, \
              p.connected AND COALESCE(n.heartbeat > now() - \
-             make_interval(secs => {NODE_GONE_AFTER_SECS}), false), p.last_seen \
+             make_interval(secs => {NODE_GONE_AFTER_SECS}), false), p.last_seen, p.stamp \
              FROM lobby_presence p LEFT JOIN lobby_nodes n ON n.name = p.node"
         );
         let rows = match id {
@@ -742,6 +772,7 @@ impl Store for PostgresStore {
                     protocol: r.try_get(3).map_err(pg)?,
                     connected: r.try_get(4).map_err(pg)?,
                     last_seen: r.try_get(5).map_err(pg)?,
+                    stamp: r.try_get(6).map_err(pg)?,
                 })
             })
             .collect()
@@ -773,12 +804,19 @@ impl Store for PostgresStore {
         .map(drop)
     }
 
-    fn watch(&self, cancel: CancellationToken) -> Option<mpsc::Receiver<()>> {
-        let (tx, rx) = mpsc::channel(1);
-        let mut config = self.config.clone();
-        config.application_name(format!("lobby-listen-{}", self.origin));
-        tokio::spawn(listen(config, tx, cancel));
-        Some(rx)
+    fn watch(&self, cancel: CancellationToken) -> Option<Watch> {
+        let (changes, rx) = mpsc::channel(1);
+        let (takeovers, takeover_rx) = mpsc::channel(watch::TAKEOVER_QUEUE);
+        let to = watch::Listeners {
+            changes,
+            takeovers,
+            store: self.clone(),
+        };
+        tokio::spawn(watch::listen(to, cancel));
+        Some(Watch {
+            changes: rx,
+            takeovers: takeover_rx,
+        })
     }
 }
 
@@ -819,59 +857,6 @@ impl Drop for PgWriteLock {
                 drop(Object::take(conn));
             }
         });
-    }
-}
-
-/// The change-log watch: one connection in `LISTEN lobby_changes`, re-established with backoff
-/// whenever it drops. Pokes `tx` after every notification and after every (re)connect.
-async fn listen(config: tokio_postgres::Config, tx: mpsc::Sender<()>, cancel: CancellationToken) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let session = async {
-            let (client, mut conn) = config.connect(NoTls).await.map_err(pg)?;
-            let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-            let listen = format!("LISTEN {CHANNEL}");
-            let subscribe = client.batch_execute(&listen);
-            let mut subscribe = std::pin::pin!(subscribe);
-            // The connection makes progress only while its messages are polled.
-            loop {
-                tokio::select! {
-                    r = &mut subscribe => { r.map_err(pg)?; break; }
-                    m = messages.next() => match m {
-                        Some(Ok(_)) => {}
-                        Some(Err(e)) => return Err(pg(e)),
-                        None => return Err(StoreError::Backend("watch connection closed".into())),
-                    },
-                }
-            }
-            crate::metrics::cluster_watch_connected(true);
-            tracing::info!("watching the change log");
-            // Catch up on whatever was missed while not listening.
-            let _ = tx.try_send(());
-            while let Some(m) = messages.next().await {
-                match m {
-                    Ok(AsyncMessage::Notification(_)) => {
-                        let _ = tx.try_send(());
-                    }
-                    Ok(_) => {}
-                    Err(e) => return Err(pg(e)),
-                }
-            }
-            Err::<(), _>(StoreError::Backend("watch connection closed".into()))
-        };
-        let ended = tokio::select! {
-            r = session => r,
-            () = cancel.cancelled() => return,
-        };
-        crate::metrics::cluster_watch_connected(false);
-        if let Err(e) = ended {
-            tracing::warn!(error = %e, retry_in = ?backoff, "change-log watch lost");
-        }
-        tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
-            () = cancel.cancelled() => return,
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
