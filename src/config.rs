@@ -224,6 +224,24 @@ pub struct LimitsConfig {
     pub connect_rate_per_address: f64,
     /// Connections one address may open at once before the rate applies. Default 100.
     pub connect_burst_per_address: u32,
+    /// Connections that may be in their PROXY header or TLS handshake at once (SPEC §12).
+    /// When all are taken, a new connection closes the oldest handshake in progress
+    /// (`lobby_tls_handshake_failures_total{reason="busy"}`), so sockets that stall go first
+    /// and devices that finish in milliseconds get through. Default 2048: far more than
+    /// honest devices have in flight, a small share of `max_connections`.
+    pub max_handshakes: usize,
+    /// Close a session that has sent nothing (not even PINGREQ) for this long, also when its
+    /// keep-alive is 0 (v5 DISCONNECT 0x8D first). Default 0s: no cap beyond keep-alive
+    /// (SPEC §12); set it above 1.5 × your devices' keep-alive.
+    #[serde(with = "humantime_serde")]
+    pub max_idle: Duration,
+    /// PUBLISH packets per second one device may send, in bursts of one second's worth;
+    /// past it the lobby stops reading from that device until it is back within the rate
+    /// (backpressure: nothing is dropped or refused). Default 0: off (SPEC §12).
+    pub publish_rate: f64,
+    /// PUBLISH bytes (topic and payload) per second one device may send, paced like
+    /// `publish_rate`. Default 0: off (SPEC §12).
+    pub publish_bytes_rate: f64,
 }
 
 impl Default for LimitsConfig {
@@ -240,6 +258,10 @@ impl Default for LimitsConfig {
             max_inflight: 32,
             connect_rate_per_address: 0.0,
             connect_burst_per_address: 100,
+            max_handshakes: 2048,
+            max_idle: Duration::ZERO,
+            publish_rate: 0.0,
+            publish_bytes_rate: 0.0,
         }
     }
 }
@@ -352,6 +374,9 @@ impl Config {
         if self.limits.max_connections == 0 {
             return Err(invalid("limits.max_connections", "must be at least 1"));
         }
+        if self.limits.max_handshakes == 0 {
+            return Err(invalid("limits.max_handshakes", "must be at least 1"));
+        }
         if self.limits.max_packet_size < 128 || self.limits.max_packet_size > 268_435_460 {
             return Err(invalid(
                 "limits.max_packet_size",
@@ -379,6 +404,8 @@ impl Config {
                 self.limits.connect_rate_per_address,
             ),
             ("api.rate_limit", self.api.rate_limit),
+            ("limits.publish_rate", self.limits.publish_rate),
+            ("limits.publish_bytes_rate", self.limits.publish_bytes_rate),
         ] {
             if !rate.is_finite() || rate < 0.0 {
                 return Err(invalid(
@@ -455,6 +482,14 @@ mod tests {
         c.limits.max_connections = 0;
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("limits.max_connections"), "{e}");
+        let mut c = Config::default();
+        c.limits.max_handshakes = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("limits.max_handshakes"), "{e}");
+        let mut c = Config::default();
+        c.limits.publish_bytes_rate = -1.0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("limits.publish_bytes_rate"), "{e}");
         let mut c = Config::default();
         c.store.url = "mysql://x".into();
         assert!(c.validate().unwrap_err().to_string().contains("store.url"));
