@@ -227,8 +227,9 @@ pub struct LimitsConfig {
     /// Connections that may be in their PROXY header or TLS handshake at once (SPEC §12).
     /// When all are taken, a new connection closes the oldest handshake in progress
     /// (`lobby_tls_handshake_failures_total{reason="busy"}`), so sockets that stall go first
-    /// and devices that finish in milliseconds get through. Default 2048: far more than
-    /// honest devices have in flight, a small share of `max_connections`.
+    /// and devices that finish in milliseconds get through. Never more than half of
+    /// `max_connections` is used. Default 2048: far more than honest devices have in
+    /// flight, a small share of `max_connections`.
     pub max_handshakes: usize,
     /// Close a session that has sent nothing (not even PINGREQ) for this long, also when its
     /// keep-alive is 0 (v5 DISCONNECT 0x8D first). Default 0s: no cap beyond keep-alive

@@ -124,6 +124,29 @@ async fn stalled_handshakes_keep_neither_devices_nor_permits() {
     gets_in(&lobby, "legit-after").await;
 }
 
+/// A lobby of 100 connections with the default budget (2,048): handshakes get at most half
+/// of its permits, so 300 stalled sockets leave room for devices. If the budget alone
+/// applied, the stalled sockets would take all 100 permits.
+#[tokio::test]
+async fn a_small_lobby_keeps_half_its_permits_from_handshakes() {
+    let lobby = TestLobby::start_with(|c| {
+        c.limits.max_connections = 100;
+        c.limits.handshake_timeout = NEVER;
+    })
+    .await;
+    let mut socks = Vec::new();
+    for i in 0..300 {
+        socks.push(stalled(&lobby, i).await);
+    }
+    let mut c = gets_in(&lobby, "small-lobby").await;
+    eventually(|| {
+        let open = socks.iter().filter(|s| !closed_now(s)).count();
+        async move { (open <= 50).then_some(()) }
+    })
+    .await;
+    c.ping_ok().await;
+}
+
 /// `handshake_timeout` (2 s) runs from accept through the PROXY header *and* the TLS
 /// handshake: a balancer header after 1.4 s leaves 0.6 s for TLS, so a handshake started at
 /// 2.6 s is too late and the device gets no CONNACK. With a fresh timeout per step (the PROXY
@@ -284,9 +307,15 @@ async fn a_publish_flood_is_paced_per_device() {
 #[ignore]
 async fn connect_latency_under_stalled_handshakes() {
     const DEVICES: usize = 200;
-    for (stall, budget) in [(0, 2048), (5000, 2048), (5000, 500)] {
+    let cases = [
+        (0, 20_000, 2048),
+        (5000, 20_000, 2048),
+        (5000, 20_000, 500),
+        (5000, 5000, 2048),
+    ];
+    for (stall, max_connections, budget) in cases {
         let lobby = TestLobby::start_with(|c| {
-            c.limits.max_connections = 20_000;
+            c.limits.max_connections = max_connections;
             c.limits.max_handshakes = budget;
             c.limits.handshake_timeout = Duration::from_secs(10);
             c.limits.reconnect_burst = 1000;
@@ -350,7 +379,7 @@ async fn connect_latency_under_stalled_handshakes() {
         };
         let m = lobby.metrics().await;
         println!(
-            "stalled={stall} max_handshakes={budget}: {} of {DEVICES} devices in, p50 {:.1} ms, \
+            "stalled={stall} max_connections={max_connections} max_handshakes={budget}: {} of {DEVICES} devices in, p50 {:.1} ms, \
              p99 {:.1} ms, max {:.1} ms; {failed} failed; attacker opened {}, busy closes {}",
             took.len(),
             pct(0.5),

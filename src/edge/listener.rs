@@ -80,6 +80,13 @@ pub async fn serve(listener: TcpListener, ctx: Arc<EdgeContext>, tracker: TaskTr
     }
 }
 
+/// Handshakes allowed at once: `limits.max_handshakes`, and never more than half of
+/// `limits.max_connections` (a small lobby with the default budget would otherwise let stalled
+/// handshakes take every connection permit).
+fn handshake_budget(limits: &crate::config::LimitsConfig) -> usize {
+    limits.max_handshakes.min(limits.max_connections / 2).max(1)
+}
+
 /// Sets what every device socket gets: no Nagle delay, and TCP keepalive.
 fn device_socket_options(tcp: &TcpStream) {
     let _ = tcp.set_nodelay(true);
@@ -121,7 +128,7 @@ async fn connection(
         tracing::debug!(%peer, "connection rate of this address exceeded");
         return;
     }
-    let (slot, evicted) = handshakes.start(limits.max_handshakes);
+    let (slot, evicted) = handshakes.start(handshake_budget(&limits));
     for _ in 0..evicted {
         metrics::handshake_failure("busy");
     }
@@ -216,4 +223,37 @@ async fn handshake(
         tracing::debug!(%peer, reason, error = %e, "TLS handshake failed");
         Refused(reason)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshakes_take_at_most_half_the_connections() {
+        let mut l = crate::config::LimitsConfig::default();
+        assert_eq!(handshake_budget(&l), 2048);
+        l.max_connections = 1000;
+        assert_eq!(handshake_budget(&l), 500);
+        l.max_connections = 1;
+        assert_eq!(handshake_budget(&l), 1);
+    }
+
+    #[tokio::test]
+    async fn device_sockets_get_tcp_keepalive() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (tcp, _) = accepted.unwrap();
+        device_socket_options(&tcp);
+        let sock = socket2::SockRef::from(&tcp);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), TCP_KEEPALIVE_IDLE);
+        assert_eq!(
+            sock.tcp_keepalive_interval().unwrap(),
+            TCP_KEEPALIVE_INTERVAL
+        );
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), TCP_KEEPALIVE_RETRIES);
+        assert!(tcp.nodelay().unwrap());
+    }
 }
