@@ -2,12 +2,15 @@
 //! (`limits.max_handshakes`) against thousands of stalled handshakes, one deadline for the
 //! PROXY header and the TLS handshake together, the idle cap (`limits.max_idle`) for
 //! keep-alive 0, and the per-device publish rates (`limits.publish_rate`,
-//! `limits.publish_bytes_rate`). The bounded maps (waiting room `seen`, address limiter) and
+//! `limits.publish_bytes_rate`), for a waiting device and for two bridged devices of one tenant
+//! (mosquitto as the tenant's broker, `tests/upstream`). The bounded maps (waiting room `seen`, address limiter) and
 //! the pace arithmetic have unit tests beside their code.
 mod common;
+mod upstream;
 
 use std::time::Duration;
 
+use common::flows::device_when;
 use common::*;
 use lobby::edge::proxy::header_v2;
 use lobby::mqtt::codec::{self, Packet, Protocol, QoS};
@@ -295,6 +298,76 @@ async fn a_publish_flood_is_paced_per_device() {
         }
         c.ping_ok().await;
     }
+}
+
+/// Bridge mode, the case the rate is for: two devices of one tenant share one upstream
+/// connection (pool of 1) to the tenant's broker. One writes 100 QoS 1 PUBLISHes at once with
+/// `publish_rate` 20/s: the broker sees at most about two seconds' worth of them in the first
+/// second (without the rate, the lot, or a DISCONNECT 0x97 past the in-flight bound), while
+/// the other device's publish reaches the broker and is acknowledged; then all 100 arrive.
+#[tokio::test]
+async fn a_bridged_flood_is_paced_and_the_tenants_other_device_is_served() {
+    let up = upstream::Upstream::start().await;
+    let obs = up.observer().await;
+    let lobby = TestLobby::start_with(|c| c.limits.publish_rate = 20.0).await;
+    let (st, body) = lobby
+        .call(
+            "POST",
+            "/v1/tenants",
+            &lobby.admin,
+            Some(serde_json::json!({
+                "id": "acme", "name": "Acme", "mode": "bridge", "endpoint": "localhost",
+                "port": up.port(), "backend": {"kind": "none"},
+                "bridge": up.bridge(&["things/{thing_name}/#"], 1),
+            })),
+        )
+        .await;
+    assert_eq!(st, 201, "{body}");
+    let token = body["token"].as_str().unwrap().to_owned();
+    let mut bridged = Vec::new();
+    for name in ["bflood", "bcalm"] {
+        let dev = lobby.device(name);
+        let (st, body) = lobby.claim(&token, &dev).await;
+        assert_eq!(st, 201, "{body}");
+        device_when(&lobby, &dev, |d| d["state"] == "ready").await;
+        bridged.push(connected(&lobby, &dev, Protocol::V5).await);
+    }
+    let (mut flooder, mut calm) = (bridged.remove(0), bridged.remove(0));
+    let mut flood = bytes::BytesMut::new();
+    for pkid in 1..=100u16 {
+        let p = publish(
+            "things/bflood/up",
+            QoS::AtLeastOnce,
+            pkid,
+            &pkid.to_be_bytes(),
+        );
+        codec::encode(&p, Protocol::V5, &mut flood).unwrap();
+    }
+    flooder.stream.write_all(&flood).await.unwrap();
+    flooder.stream.flush().await.unwrap();
+    let mut next = 1;
+    pubacks_within(&mut flooder, &mut next, Duration::from_secs(1)).await;
+    let upstream_seen = obs.on("things/bflood/up").len();
+    assert!(
+        next <= 60 && upstream_seen <= 60,
+        "first second: {} PUBACKs, {upstream_seen} at the broker",
+        next - 1
+    );
+    calm.send(publish("things/bcalm/up", QoS::AtLeastOnce, 7, b"calm"))
+        .await;
+    match calm.expect().await {
+        Packet::PubAck(a) => assert_eq!((a.pkid, a.reason), (7, 0)),
+        p => panic!("the calm device: expected PUBACK, got {p:?}"),
+    }
+    obs.wait_for("things/bcalm/up", b"calm", WAIT).await;
+    while next <= 100 {
+        let before = next;
+        pubacks_within(&mut flooder, &mut next, Duration::from_secs(2)).await;
+        assert!(next > before, "the flooder stalled at PUBACK {next}");
+    }
+    obs.wait_for("things/bflood/up", &100u16.to_be_bytes(), WAIT)
+        .await;
+    flooder.ping_ok().await;
 }
 
 // ---- figures (ignored: run by hand) -------------------------------------------------------
