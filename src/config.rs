@@ -230,6 +230,25 @@ pub struct LimitsConfig {
     /// rarely ends the same connection three times on one publish, a poison message (AWS IoT
     /// on a topic its policy forbids) always does.
     pub bridge_max_redeliveries: u16,
+    /// Connections that may be in their PROXY header or TLS handshake at once (SPEC §12).
+    /// When all are taken, a new connection closes the oldest handshake in progress
+    /// (`lobby_tls_handshake_failures_total{reason="busy"}`), so sockets that stall go first
+    /// and devices that finish in milliseconds get through. Never more than half of
+    /// `max_connections` is used. Default 2048: far more than honest devices have in
+    /// flight, a small share of `max_connections`.
+    pub max_handshakes: usize,
+    /// Close a session that has sent nothing (not even PINGREQ) for this long, also when its
+    /// keep-alive is 0 (v5 DISCONNECT 0x8D first). Default 0s: no cap beyond keep-alive
+    /// (SPEC §12); set it above 1.5 × your devices' keep-alive.
+    #[serde(with = "humantime_serde")]
+    pub max_idle: Duration,
+    /// PUBLISH packets per second one device may send, in bursts of one second's worth;
+    /// past it the lobby stops reading from that device until it is back within the rate
+    /// (backpressure: nothing is dropped or refused). Default 0: off (SPEC §12).
+    pub publish_rate: f64,
+    /// PUBLISH bytes (topic and payload) per second one device may send, paced like
+    /// `publish_rate`. Default 0: off (SPEC §12).
+    pub publish_bytes_rate: f64,
 }
 
 impl Default for LimitsConfig {
@@ -247,6 +266,10 @@ impl Default for LimitsConfig {
             connect_rate_per_address: 0.0,
             connect_burst_per_address: 100,
             bridge_max_redeliveries: 3,
+            max_handshakes: 2048,
+            max_idle: Duration::ZERO,
+            publish_rate: 0.0,
+            publish_bytes_rate: 0.0,
         }
     }
 }
@@ -339,6 +362,9 @@ impl Default for LogConfig {
 /// below what overflows a clock.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
 
+/// The longest a device is paced for one publish (`limits.publish_rate`), whatever the rate.
+pub const MAX_PACE_WAIT: Duration = Duration::from_secs(86_400);
+
 /// The most permits a connection semaphore holds (tokio's limit); `max_connections` above it
 /// would panic at start.
 pub const MAX_PERMITS: usize = tokio::sync::Semaphore::MAX_PERMITS;
@@ -351,6 +377,7 @@ impl Config {
             ("limits.connect_timeout", self.limits.connect_timeout),
             ("limits.redirect_grace", self.limits.redirect_grace),
             ("limits.reconnect_interval", self.limits.reconnect_interval),
+            ("limits.max_idle", self.limits.max_idle),
             ("shutdown.grace", self.shutdown.grace),
             ("cluster.job_lease", self.cluster.job_lease),
             ("aws.retry_base", self.aws.retry_base),
@@ -383,6 +410,9 @@ impl Config {
                 "limits.max_connections",
                 &format!("must be between 1 and {MAX_PERMITS}"),
             ));
+        }
+        if self.limits.max_handshakes == 0 {
+            return Err(invalid("limits.max_handshakes", "must be at least 1"));
         }
         if self.limits.max_packet_size < 128 || self.limits.max_packet_size > 268_435_460 {
             return Err(invalid(
@@ -445,6 +475,8 @@ impl Config {
                 self.limits.connect_rate_per_address,
             ),
             ("api.rate_limit", self.api.rate_limit),
+            ("limits.publish_rate", self.limits.publish_rate),
+            ("limits.publish_bytes_rate", self.limits.publish_bytes_rate),
         ] {
             if !rate.is_finite() || rate < 0.0 {
                 return Err(invalid(
@@ -521,6 +553,14 @@ mod tests {
         c.limits.max_connections = 0;
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("limits.max_connections"), "{e}");
+        let mut c = Config::default();
+        c.limits.max_handshakes = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("limits.max_handshakes"), "{e}");
+        let mut c = Config::default();
+        c.limits.publish_bytes_rate = -1.0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("limits.publish_bytes_rate"), "{e}");
         let mut c = Config::default();
         c.store.url = "mysql://x".into();
         assert!(c.validate().unwrap_err().to_string().contains("store.url"));

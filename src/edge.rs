@@ -3,6 +3,7 @@
 //! `EdgeContext` is everything the device path needs, shared by all connections; it holds no
 //! store handle on purpose: the connect path reads only the claims map.
 
+pub mod handshakes;
 pub mod identity;
 pub mod listener;
 pub mod proxy;

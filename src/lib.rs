@@ -3,7 +3,8 @@
 //!
 //! # Layout: the data flow
 //! The device path, one connection:
-//! 1. [`edge::listener`] accepts (a connection permit first) and spawns the connection task;
+//! 1. [`edge::listener`] accepts (a connection permit first) and spawns the connection task,
+//!    which takes a place in the handshake budget ([`edge::handshakes`]);
 //! 2. [`edge::tls`] runs the mTLS handshake against the manufacturing CAs; [`edge::identity`]
 //!    turns the leaf certificate into the `device_id`;
 //! 3. [`mqtt::session`] reads CONNECT ([`mqtt::codec`]) and looks the claim up in

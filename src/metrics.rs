@@ -111,7 +111,9 @@ pub fn connection_outcome(outcome: &'static str) {
     metrics::counter!(CONNECTIONS_TOTAL, "outcome" => outcome).increment(1);
 }
 
-/// Counts a failed handshake.
+/// Counts a failed handshake. Reasons besides the TLS ones: `timeout`, `proxy_protocol`,
+/// `rate_limited`, `revoked`, `expired`, `no_certificate`, and `busy` (closed as the oldest
+/// handshake in progress when `limits.max_handshakes` were taken).
 pub fn handshake_failure(reason: &'static str) {
     metrics::counter!(TLS_HANDSHAKE_FAILURES_TOTAL, "reason" => reason).increment(1);
 }

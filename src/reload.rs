@@ -1,8 +1,9 @@
 //! Hot reload (SIGHUP, or `POST /v1/admin/reload`): the config file is read again and what
 //! can change without a restart is applied — `[tls]` (server certificate and key, CAs, CRLs),
 //! `[limits]` and the API's rate limit. Existing connections stay, keeping the limits they
-//! started with; new connections get the new config. A file that does not load or validate
-//! changes nothing. Other keys (listeners, store, claim key) need a restart.
+//! started with; new connections get the new config (`limits.max_handshakes` applies to the
+//! next handshake: the budget is a count, not a semaphore; `max_idle` and the publish rates to
+//! sessions that start after). A file that does not load or validate changes nothing. Other keys (listeners, store, claim key) need a restart.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

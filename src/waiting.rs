@@ -11,8 +11,13 @@
 //! (`presence`), and [`WaitingRoom::taken_over_elsewhere`] closes a session older than the
 //! announced one. Every node orders connects of a device the same way, by (stamp, node), so
 //! exactly the newest one stays.
+//!
+//! What was seen is bounded: an entry of a device that is not connected is forgotten
+//! [`SEEN_RETENTION`] after it was last seen, and past [`SEEN_MAX`] entries the oldest such
+//! go first (a live device is never forgotten). Sweeps run off the connect path, at most
+//! once per [`SEEN_SWEEP_EVERY`] or when the map has grown past the cap.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use tokio::sync::{mpsc, Notify};
@@ -21,6 +26,18 @@ use crate::claims::cache::IdHashBuilder;
 use crate::claims::model::now_ms;
 use crate::edge::identity::DeviceId;
 use crate::presence;
+
+/// How long the lobby remembers a device that left (its `last_seen`, thing name and protocol
+/// in the device list): 30 days.
+pub const SEEN_RETENTION_MS: i64 = 30 * 24 * 3600 * 1000;
+/// The same, as a duration (for the docs).
+pub const SEEN_RETENTION: std::time::Duration =
+    std::time::Duration::from_millis(SEEN_RETENTION_MS as u64);
+/// Devices remembered at most, live ones aside (about 150 bytes each: some 150 MB at worst,
+/// which takes a million distinct certified devices).
+pub const SEEN_MAX: usize = 1_000_000;
+/// Sweeps for entries past `SEEN_RETENTION` run at most this often.
+pub const SEEN_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The live session of a device.
 #[derive(Clone, Debug)]
@@ -63,6 +80,20 @@ struct Inner {
     clock: Mutex<i64>,
     /// In a fleet: where connects and disconnects are reported (`presence`).
     presence: OnceLock<mpsc::Sender<presence::Event>>,
+    /// When `seen` is swept next.
+    seen_sweep: SeenSweep,
+}
+
+/// When the next sweep of `seen` is due; 0 fields mean "not yet set".
+#[derive(Default)]
+struct SeenSweep {
+    /// Unix ms of the next sweep for age.
+    next_at: AtomicI64,
+    /// The size that calls a sweep for the cap (0: the cap).
+    at_len: AtomicUsize,
+    /// The cap (0: `SEEN_MAX`; tests set a small one).
+    cap: AtomicUsize,
+    running: AtomicBool,
 }
 
 impl std::fmt::Debug for WaitingRoom {
@@ -268,6 +299,80 @@ impl WaitingRoom {
                 tokens_at,
             },
         );
+        drop(seen);
+        self.maybe_sweep_seen(now);
+    }
+
+    /// Starts a sweep of `seen` when one is due: in a blocking task when in a runtime, so the
+    /// connect that noticed does not pay for it.
+    fn maybe_sweep_seen(&self, now: i64) {
+        let sweep = &self.inner.seen_sweep;
+        let cap = match sweep.cap.load(Ordering::Relaxed) {
+            0 => SEEN_MAX,
+            n => n,
+        };
+        let at_len = match sweep.at_len.load(Ordering::Relaxed) {
+            0 => cap,
+            n => n,
+        };
+        let next_at = sweep.next_at.load(Ordering::Relaxed);
+        if next_at == 0 {
+            let first = now + SEEN_SWEEP_EVERY.as_millis() as i64;
+            let _ = sweep
+                .next_at
+                .compare_exchange(0, first, Ordering::Relaxed, Ordering::Relaxed);
+        }
+        let due = (next_at != 0 && now >= next_at) || self.inner.seen.len() > at_len;
+        if !due || sweep.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let room = self.clone();
+        let run = move || {
+            room.sweep_seen(now, SEEN_RETENTION_MS, cap);
+            room.inner
+                .seen_sweep
+                .running
+                .store(false, Ordering::Release);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(run)),
+            Err(_) => run(),
+        }
+    }
+
+    /// Forgets devices not connected now that were last seen before `now - retention_ms`,
+    /// then, above `max` entries, the longest gone of the rest down to 7/8 of `max`.
+    /// Returns how many were forgotten.
+    pub fn sweep_seen(&self, now: i64, retention_ms: i64, max: usize) -> usize {
+        let live = self.inner.live.pin();
+        let seen = self.inner.seen.pin();
+        let before = seen.len();
+        let cutoff = now - retention_ms;
+        seen.retain(|id, s| s.last_seen >= cutoff || live.contains_key(id));
+        if seen.len() > max {
+            let mut gone: Vec<(i64, DeviceId)> = seen
+                .iter()
+                .filter(|(id, _)| !live.contains_key(*id))
+                .map(|(id, s)| (s.last_seen, *id))
+                .collect();
+            let excess = (seen.len() - max * 7 / 8).min(gone.len());
+            if excess > 0 && excess < gone.len() {
+                gone.select_nth_unstable(excess);
+            }
+            for (_, id) in gone.iter().take(excess) {
+                seen.remove(id);
+            }
+        }
+        let after = seen.len();
+        let sweep = &self.inner.seen_sweep;
+        // Live devices above the cap are kept: the next cap sweep waits for max/8 more.
+        sweep
+            .at_len
+            .store(max.max(after + max / 8), Ordering::Relaxed);
+        sweep
+            .next_at
+            .store(now + SEEN_SWEEP_EVERY.as_millis() as i64, Ordering::Relaxed);
+        before - after
     }
 }
 
@@ -319,5 +424,78 @@ mod tests {
         assert!(later.stamp > far);
         assert!(!room.taken_over_elsewhere(&id, far, true));
         assert!(room.is_current(&id, later.conn_id));
+    }
+
+    /// A device seen `age_ms` ago, not connected.
+    fn seen_gone(room: &WaitingRoom, n: u8, age_ms: i64) -> DeviceId {
+        let id = DeviceId([n; 32]);
+        let h = room.register(id, "d", "mqtt5", 5);
+        room.deregister(&id, h.conn_id);
+        let mut s = room.seen(&id).unwrap();
+        s.last_seen = now_ms() - age_ms;
+        room.inner.seen.pin().insert(id, s);
+        id
+    }
+
+    #[test]
+    fn seen_forgets_old_departed_devices_never_live_ones() {
+        let room = WaitingRoom::default();
+        let day = 24 * 3600 * 1000;
+        let old = seen_gone(&room, 1, 31 * day);
+        let recent = seen_gone(&room, 2, day);
+        let live = DeviceId([3; 32]);
+        let _h = room.register(live, "live", "mqtt5", 5);
+        let mut s = room.seen(&live).unwrap();
+        s.last_seen = now_ms() - 365 * day; // connected for a year
+        room.inner.seen.pin().insert(live, s);
+        assert_eq!(room.sweep_seen(now_ms(), SEEN_RETENTION_MS, SEEN_MAX), 1);
+        assert!(room.seen(&old).is_none(), "gone for 31 days: forgotten");
+        assert!(room.seen(&recent).is_some());
+        assert!(
+            room.seen(&live).is_some(),
+            "a live device is never forgotten"
+        );
+    }
+
+    #[test]
+    fn seen_is_capped_oldest_first() {
+        let room = WaitingRoom::default();
+        let ids: Vec<DeviceId> = (0..16u8)
+            .map(|n| seen_gone(&room, n, 1000 * i64::from(16 - n)))
+            .collect();
+        let live = DeviceId([200; 32]);
+        let _h = room.register(live, "live", "mqtt5", 5);
+        // 17 entries, cap 8: down to 7 (7/8 of the cap), the longest gone first, live kept.
+        let forgotten = room.sweep_seen(now_ms(), SEEN_RETENTION_MS, 8);
+        assert_eq!(forgotten, 10);
+        assert!(room.seen(&live).is_some());
+        assert!(
+            ids[..10].iter().all(|id| room.seen(id).is_none()),
+            "oldest forgotten"
+        );
+        assert!(
+            ids[10..].iter().all(|id| room.seen(id).is_some()),
+            "newest kept"
+        );
+    }
+
+    /// Past the cap, a connect starts the sweep itself.
+    #[tokio::test]
+    async fn connects_past_the_cap_start_a_sweep() {
+        let room = WaitingRoom::default();
+        for n in 0..=u8::MAX {
+            seen_gone(&room, n, 1000);
+        }
+        room.inner.seen_sweep.cap.store(100, Ordering::Relaxed);
+        let _h = room.register(DeviceId([7; 32]), "d", "mqtt5", 5);
+        for _ in 0..500 {
+            if !room.inner.seen_sweep.running.load(Ordering::Acquire)
+                && room.inner.seen.len() == 100 * 7 / 8
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("no sweep: {} entries", room.inner.seen.len());
     }
 }

@@ -392,8 +392,8 @@ async fn publish_to_dollar_and_other_devices_topics_is_refused() {
 
 /// At least 20,000 QoS 0 PUBLISHes to the device's own `…/ack` (the topic SPEC §4 has a device
 /// publish to), written as fast as the socket takes them; the flood goes on until a second
-/// device has connected, so that connect happens under it. The lobby has no publish rate
-/// limit: the second device gets CONNACK 0 within `WAIT`, and the flooder is served to the end
+/// device has connected, so that connect happens under it. `limits.publish_rate` is off (the
+/// default; `bounds.rs` tests it on): the second device gets CONNACK 0 within `WAIT`, and the flooder is served to the end
 /// (its PINGRESP comes after the whole flood, with no DISCONNECT). The test runs on one thread
 /// with the lobby, so a session that read without yielding, or blocked on each publish, would
 /// starve the second device.

@@ -1,8 +1,11 @@
 //! The MQTT/TLS accept loop and the per-connection task.
 //!
 //! A connection permit is taken before `accept` (`limits.max_connections`), so a full lobby
-//! stops accepting instead of accepting and dropping. The TLS handshake runs in the
-//! connection's own task under `limits.handshake_timeout`, never in the accept loop.
+//! stops accepting instead of accepting and dropping. The PROXY header and the TLS handshake
+//! run in the connection's own task, never in the accept loop, under one deadline
+//! (`limits.handshake_timeout` from accept) and within the handshake budget
+//! (`limits.max_handshakes`, see [`super::handshakes`]). Device sockets get TCP keepalive, so a
+//! peer that vanished is found even when its MQTT keep-alive is 0.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,20 +13,31 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::time::{timeout, Instant};
+use tokio::time::Instant;
 use tokio_rustls::rustls::HandshakeKind;
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::handshakes::Handshakes;
 use super::identity::Identity;
 use super::EdgeContext;
 use crate::metrics;
 use crate::mqtt::session;
 
+/// TCP keepalive on device sockets: the first probe after this much silence…
+const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(300);
+/// …then one probe per interval…
+const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// …and the kernel closes the socket after this many unanswered probes (about 7 min in all).
+/// Five minutes of silence keeps probes off a cellular device's radio in normal operation.
+const TCP_KEEPALIVE_RETRIES: u32 = 4;
+
 /// Accepts device connections until `ctx.cancel` fires.
 pub async fn serve(listener: TcpListener, ctx: Arc<EdgeContext>, tracker: TaskTracker) {
     let permits = ctx.permits.clone();
+    let handshakes = Arc::new(Handshakes::default());
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p {
@@ -38,7 +52,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<EdgeContext>, tracker: TaskTr
         };
         match accepted {
             Ok((tcp, peer)) => {
-                let _ = tcp.set_nodelay(true);
+                device_socket_options(&tcp);
                 let trust = ctx.trust.load();
                 let acceptor = TlsAcceptor::from(trust.server_config.clone());
                 let generation = trust.generation;
@@ -48,10 +62,14 @@ pub async fn serve(listener: TcpListener, ctx: Arc<EdgeContext>, tracker: TaskTr
                     client = tracing::field::Empty,
                     device_id = tracing::field::Empty
                 );
-                tracker.spawn(
-                    connection(tcp, peer, (acceptor, generation), ctx.clone(), permit)
-                        .instrument(span),
-                );
+                let conn = Conn {
+                    peer,
+                    acceptor,
+                    trust_generation: generation,
+                    _permit: permit,
+                };
+                tracker
+                    .spawn(connection(tcp, conn, ctx.clone(), handshakes.clone()).instrument(span));
             }
             Err(e) => {
                 // EMFILE/ENFILE and friends: back off instead of spinning on the error.
@@ -62,58 +80,81 @@ pub async fn serve(listener: TcpListener, ctx: Arc<EdgeContext>, tracker: TaskTr
     }
 }
 
-async fn connection(
-    mut tcp: TcpStream,
+/// Handshakes allowed at once: `limits.max_handshakes`, and never more than half of
+/// `limits.max_connections` (a small lobby with the default budget would otherwise let stalled
+/// handshakes take every connection permit).
+fn handshake_budget(limits: &crate::config::LimitsConfig) -> usize {
+    limits.max_handshakes.min(limits.max_connections / 2).max(1)
+}
+
+/// Sets what every device socket gets: no Nagle delay, and TCP keepalive.
+fn device_socket_options(tcp: &TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(TCP_KEEPALIVE_IDLE)
+        .with_interval(TCP_KEEPALIVE_INTERVAL)
+        .with_retries(TCP_KEEPALIVE_RETRIES);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "TCP keepalive not set");
+    }
+}
+
+/// An accepted connection, before its handshake.
+struct Conn {
     peer: SocketAddr,
-    (acceptor, trust_generation): (TlsAcceptor, u64),
-    ctx: Arc<EdgeContext>,
+    acceptor: TlsAcceptor,
+    trust_generation: u64,
+    /// Held for the connection's life (`limits.max_connections`).
     _permit: OwnedSemaphorePermit,
+}
+
+/// Why a handshake did not finish: the `reason` label of the failure metric.
+struct Refused(&'static str);
+
+async fn connection(
+    tcp: TcpStream,
+    conn: Conn,
+    ctx: Arc<EdgeContext>,
+    handshakes: Arc<Handshakes>,
 ) {
     let started = Instant::now();
+    let peer = conn.peer;
     // The connection's limits, from accept to close (a reload applies to the next ones).
     let limits = ctx.limits.load_full();
-    let handshake_timeout = limits.handshake_timeout;
-    let mut source = peer.ip();
-    if ctx.proxy_protocol {
-        // The balancer's header comes first, under the same deadline as the handshake.
-        match timeout(handshake_timeout, super::proxy::read_v2(&mut tcp)).await {
-            Ok(Ok(client)) => {
-                if let Some(client) = client {
-                    tracing::Span::current().record("client", tracing::field::display(client));
-                    source = client.ip();
-                }
-            }
-            Ok(Err(e)) => {
-                metrics::handshake_failure("proxy_protocol");
-                tracing::debug!(%peer, error = %e, "PROXY header refused");
-                return;
-            }
-            Err(_) => {
-                metrics::handshake_failure("timeout");
-                return;
-            }
-        }
-    }
-    // Before any crypto: a flood from one address costs an accept and a close.
-    if !ctx.connect_limiter.load().allow(source) {
+    // Without a PROXY header the source is known now: a flood from one address costs an
+    // accept and a close, and takes no place in the handshake budget.
+    if !ctx.proxy_protocol && !ctx.connect_limiter.load().allow(peer.ip()) {
         metrics::handshake_failure("rate_limited");
         tracing::debug!(%peer, "connection rate of this address exceeded");
         return;
     }
-    let stream = match timeout(handshake_timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            let reason = super::tls::failure_reason(&e);
-            metrics::handshake_failure(reason);
-            tracing::debug!(%peer, reason, error = %e, "TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            metrics::handshake_failure("timeout");
-            tracing::debug!(%peer, "TLS handshake timed out");
+    let (slot, evicted) = handshakes.start(handshake_budget(&limits));
+    for _ in 0..evicted {
+        metrics::handshake_failure("busy");
+    }
+    // One deadline for the PROXY header and the TLS handshake together.
+    let deadline = started + limits.handshake_timeout;
+    let handshake = tokio::time::timeout_at(deadline, handshake(tcp, &conn, &ctx));
+    let stream = tokio::select! {
+        done = handshake => match done {
+            Ok(Ok(s)) => s,
+            Ok(Err(Refused(reason))) => {
+                metrics::handshake_failure(reason);
+                return;
+            }
+            Err(_) => {
+                metrics::handshake_failure("timeout");
+                tracing::debug!(%peer, "handshake timed out");
+                return;
+            }
+        },
+        // Counted by the connection that took the place.
+        () = slot.evicted.cancelled() => {
+            tracing::debug!(%peer, "handshake closed: handshake budget full, this the oldest");
             return;
         }
     };
+    drop(slot);
     let tls_done = Instant::now();
     ::metrics::histogram!(metrics::TLS_HANDSHAKE_DURATION_SECONDS)
         .record((tls_done - started).as_secs_f64());
@@ -142,10 +183,77 @@ async fn connection(
     tracing::Span::current().record("device_id", tracing::field::display(&identity.device_id));
     let accepted = session::Accepted {
         tls_done,
-        trust_generation,
+        trust_generation: conn.trust_generation,
         limits,
     };
     let end = session::run(stream, identity, ctx, accepted).await;
     metrics::connection_outcome(end.label());
     tracing::debug!(outcome = end.label(), "connection closed");
+}
+
+/// The PROXY header (when configured), the address rate limit behind a balancer, then TLS.
+async fn handshake(
+    mut tcp: TcpStream,
+    conn: &Conn,
+    ctx: &EdgeContext,
+) -> Result<TlsStream<TcpStream>, Refused> {
+    let peer = conn.peer;
+    if ctx.proxy_protocol {
+        let mut source = peer.ip();
+        match super::proxy::read_v2(&mut tcp).await {
+            Ok(client) => {
+                if let Some(client) = client {
+                    tracing::Span::current().record("client", tracing::field::display(client));
+                    source = client.ip();
+                }
+            }
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "PROXY header refused");
+                return Err(Refused("proxy_protocol"));
+            }
+        }
+        // Before any crypto: a flood from one address costs a header and a close.
+        if !ctx.connect_limiter.load().allow(source) {
+            tracing::debug!(%peer, "connection rate of this address exceeded");
+            return Err(Refused("rate_limited"));
+        }
+    }
+    conn.acceptor.accept(tcp).await.map_err(|e| {
+        let reason = super::tls::failure_reason(&e);
+        tracing::debug!(%peer, reason, error = %e, "TLS handshake failed");
+        Refused(reason)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshakes_take_at_most_half_the_connections() {
+        let mut l = crate::config::LimitsConfig::default();
+        assert_eq!(handshake_budget(&l), 2048);
+        l.max_connections = 1000;
+        assert_eq!(handshake_budget(&l), 500);
+        l.max_connections = 1;
+        assert_eq!(handshake_budget(&l), 1);
+    }
+
+    #[tokio::test]
+    async fn device_sockets_get_tcp_keepalive() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (tcp, _) = accepted.unwrap();
+        device_socket_options(&tcp);
+        let sock = socket2::SockRef::from(&tcp);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), TCP_KEEPALIVE_IDLE);
+        assert_eq!(
+            sock.tcp_keepalive_interval().unwrap(),
+            TCP_KEEPALIVE_INTERVAL
+        );
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), TCP_KEEPALIVE_RETRIES);
+        assert!(tcp.nodelay().unwrap());
+    }
 }

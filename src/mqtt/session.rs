@@ -22,6 +22,7 @@ use crate::claims::model::ClaimState;
 use crate::config::LimitsConfig;
 use crate::edge::identity::Identity;
 use crate::edge::EdgeContext;
+use crate::ratelimit::Pace;
 use crate::route::{self, Redirect, Route};
 use crate::waiting::SessionHandle;
 
@@ -72,6 +73,8 @@ pub enum End {
     BridgeRejected,
     /// The device reconnects faster than `limits.reconnect_*` allow.
     RateLimited,
+    /// Nothing received for `limits.max_idle`.
+    IdleTimeout,
     Io,
 }
 
@@ -92,6 +95,7 @@ impl End {
             End::ServerBusy => "server_busy",
             End::BridgeRejected => "bridge_rejected",
             End::RateLimited => "rate_limited",
+            End::IdleTimeout => "idle_timeout",
             End::Io => "io_error",
         }
     }
@@ -119,8 +123,11 @@ where
     let mut rbuf = BytesMut::with_capacity(1024);
     let mut io = io;
     let limits = accepted.limits.clone();
+    // What the session needs of CONNECT, taken out: the packet's byte fields (password, will,
+    // authentication data) share the read buffer's allocation and would pin it for the
+    // session's life.
     let connect = match read_connect(&mut io, &mut rbuf, &limits).await {
-        Ok(c) => c,
+        Ok(c) => ConnectInfo::from(c),
         Err(end) => return end,
     };
     let protocol = connect.protocol;
@@ -146,6 +153,11 @@ where
     let compat_topic = ctx
         .compat_aws_device_lobby
         .then(|| format!("lobby/{}", identity.thing_name));
+    let max_idle = (!limits.max_idle.is_zero()).then_some(limits.max_idle);
+    let (publish_pace, publish_bytes_pace) = (
+        Pace::new(limits.publish_rate),
+        Pace::new(limits.publish_bytes_rate),
+    );
     let mut s = Session {
         io,
         rbuf,
@@ -158,7 +170,11 @@ where
         handle,
         subs: Subscriptions::default(),
         keep_alive: keep_alive_window(connect.keep_alive),
+        max_idle,
         last_rx: Instant::now(),
+        publish_pace,
+        publish_bytes_pace,
+        paused_until: None,
         next_pkid: 0,
         redirect_pkid: None,
         redirect_sent: None,
@@ -168,10 +184,10 @@ where
         trust_generation: accepted.trust_generation,
         bridge: None,
         last_status: None,
-        client_max_packet: connect.properties.maximum_packet_size,
+        client_max_packet: connect.client_max_packet,
     };
     metrics::gauge!(crate::metrics::CONNECTIONS_ACTIVE, "protocol" => proto_label).increment(1.0);
-    let end = match s.start(&connect, accepted.tls_done).await {
+    let end = match s.start(connect, accepted.tls_done).await {
         Ok(()) => {
             s.release_idle_read_buffer();
             s.run_loop().await
@@ -185,6 +201,28 @@ where
         .deregister(&s.identity.device_id, s.handle.conn_id);
     let _ = timeout(Duration::from_secs(1), s.io.shutdown()).await;
     end
+}
+
+/// What the session keeps of CONNECT: no byte field of the packet (see [`run`]).
+#[derive(Debug, Clone, Copy)]
+struct ConnectInfo {
+    protocol: Protocol,
+    keep_alive: u16,
+    client_id_empty: bool,
+    has_auth_method: bool,
+    client_max_packet: Option<u32>,
+}
+
+impl From<Connect> for ConnectInfo {
+    fn from(c: Connect) -> Self {
+        Self {
+            protocol: c.protocol,
+            keep_alive: c.keep_alive,
+            client_id_empty: c.client_id.is_empty(),
+            has_auth_method: c.properties.authentication_method.is_some(),
+            client_max_packet: c.properties.maximum_packet_size,
+        }
+    }
 }
 
 /// MQTT allows 1.5 × keep-alive of silence; 0 turns the check off.
@@ -264,7 +302,14 @@ struct Session<S> {
     handle: SessionHandle,
     subs: Subscriptions,
     keep_alive: Option<Duration>,
+    /// `limits.max_idle`, when set: the cap on silence whatever the keep-alive.
+    max_idle: Option<Duration>,
     last_rx: Instant,
+    /// `limits.publish_rate` and `limits.publish_bytes_rate`, when set.
+    publish_pace: Option<Pace>,
+    publish_bytes_pace: Option<Pace>,
+    /// Over a publish rate: nothing more is read or decoded until then (backpressure).
+    paused_until: Option<Instant>,
     next_pkid: u16,
     /// The packet id of the redirect publish awaiting PUBACK (v3.1.1 closes on it).
     redirect_pkid: Option<u16>,
@@ -290,8 +335,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     /// Answers CONNECT: a v5 device with a due redirect gets CONNACK 0x9D and leaves.
-    async fn start(&mut self, connect: &Connect, tls_done: Instant) -> Step {
-        if self.protocol == Protocol::V5 && connect.properties.authentication_method.is_some() {
+    async fn start(&mut self, connect: ConnectInfo, tls_done: Instant) -> Step {
+        if self.protocol == Protocol::V5 && connect.has_auth_method {
             self.send_connack(reason::BAD_AUTH_METHOD, None, None);
             self.flush().await?;
             return Err(End::ProtocolError);
@@ -315,7 +360,7 @@ where
             }
             _ => {
                 let _no_link_yet = self.follow_bridge(&route);
-                let assigned = (self.protocol == Protocol::V5 && connect.client_id.is_empty())
+                let assigned = (self.protocol == Protocol::V5 && connect.client_id_empty)
                     .then(|| self.identity.device_id.to_hex());
                 self.send_connack(reason::SUCCESS, None, assigned);
                 self.flush().await?;
@@ -339,7 +384,7 @@ where
         loop {
             let deadline = self.next_deadline();
             let step = tokio::select! {
-                read = self.io.read_buf(&mut self.rbuf) => match read {
+                read = self.io.read_buf(&mut self.rbuf), if self.paused_until.is_none() => match read {
                     Ok(0) => Err(End::Closed),
                     Ok(_) => {
                         self.last_rx = Instant::now();
@@ -375,13 +420,21 @@ where
         }
     }
 
-    /// The earliest of the keep-alive and the redirect-grace deadlines.
+    /// The earliest of the keep-alive, idle, redirect-grace and end-of-pause deadlines. While
+    /// paused nothing is read, so silence is not counted.
     fn next_deadline(&self) -> Option<Instant> {
-        let ka = self.keep_alive.map(|w| self.last_rx + w);
-        match (ka, self.redirect_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        if self.paused_until.is_some() {
+            return [self.paused_until, self.redirect_deadline]
+                .into_iter()
+                .flatten()
+                .min();
         }
+        let ka = self.keep_alive.map(|w| self.last_rx + w);
+        let idle = self.max_idle.map(|m| self.last_rx + m);
+        [ka, idle, self.redirect_deadline]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     async fn on_deadline(&mut self) -> Step {
@@ -389,10 +442,26 @@ where
         if self.redirect_deadline.is_some_and(|d| d <= now) {
             return Err(End::Redirected);
         }
-        if self.keep_alive.is_some_and(|w| self.last_rx + w <= now) {
+        if let Some(until) = self.paused_until {
+            if until <= now {
+                // Back within the publish rates: what is buffered first, then reading again;
+                // the device was not silent while the lobby did not read.
+                self.paused_until = None;
+                self.last_rx = now;
+                return self.on_input().await;
+            }
+            return Ok(());
+        }
+        let silent_for = |d: Option<Duration>| d.is_some_and(|d| self.last_rx + d <= now);
+        if silent_for(self.keep_alive) || silent_for(self.max_idle) {
+            let end = if silent_for(self.keep_alive) {
+                End::KeepAliveTimeout
+            } else {
+                End::IdleTimeout
+            };
             self.send_disconnect(reason::KEEP_ALIVE_TIMEOUT, None);
             let _ = self.flush().await;
-            return Err(End::KeepAliveTimeout);
+            return Err(end);
         }
         Ok(())
     }
@@ -409,7 +478,8 @@ where
 
     /// Decodes and handles every complete packet buffered.
     async fn on_input(&mut self) -> Step {
-        loop {
+        // Over a publish rate: the rest stays buffered (and the socket unread) until the pause.
+        while self.paused_until.is_none() {
             let packet = match codec::decode(
                 &mut self.rbuf,
                 Some(self.protocol),
@@ -436,7 +506,10 @@ where
                 self.send(&Packet::PingResp);
                 Ok(())
             }
-            Packet::Publish(p) => self.on_publish(p).await,
+            Packet::Publish(p) => {
+                self.pace_publish(&p);
+                self.on_publish(p).await
+            }
             Packet::PubAck(ack) => {
                 if self.redirect_pkid == Some(ack.pkid) && self.protocol == Protocol::V311 {
                     return Err(End::Redirected);

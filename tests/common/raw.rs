@@ -46,6 +46,15 @@ impl RawClient {
         })
     }
 
+    /// A client over a TLS stream the caller opened (e.g. after its own bytes on the TCP).
+    pub fn from_stream(stream: TlsStream<TcpStream>, protocol: Protocol) -> Self {
+        Self {
+            stream,
+            protocol,
+            buf: BytesMut::new(),
+        }
+    }
+
     pub async fn send(&mut self, packet: Packet) {
         self.try_send(packet).await.unwrap();
     }

@@ -51,6 +51,24 @@ where
         Ok(())
     }
 
+    /// Charges a PUBLISH to the device's publish rates; past one, the session pauses reading
+    /// (backpressure: QoS 1 stays safe, nothing is dropped) until the debt is repaid.
+    pub(super) fn pace_publish(&mut self, p: &Publish) {
+        let bytes = (p.topic.len() + p.payload.len()) as f64;
+        let until = [
+            self.publish_pace.as_mut().and_then(|b| b.spend(1.0)),
+            self.publish_bytes_pace
+                .as_mut()
+                .and_then(|b| b.spend(bytes)),
+        ]
+        .into_iter()
+        .flatten()
+        .max();
+        if until.is_some() {
+            self.paused_until = until;
+        }
+    }
+
     /// `{"redirect_id": …}` naming the redirect this session delivered.
     pub(super) fn is_ack_of_sent_redirect(&self, payload: &[u8]) -> bool {
         #[derive(serde::Deserialize)]
