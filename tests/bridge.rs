@@ -311,8 +311,12 @@ async fn hostile_cns_reach_only_their_own_bridged_topics() {
             let got = c.subscribe(n as u16 + 1, f).await;
             assert_eq!(got, vec![0x87], "{cn:?} subscribing {f}");
         }
-        assert_eq!(c.subscribe(10, &format!("{own}/#")).await, vec![1], "{cn:?}");
-        warm_up(&s.obs, &mut c, &format!("{own}/probe")).await;
+        assert_eq!(
+            c.subscribe(10, &format!("{own}/cmd/#")).await,
+            vec![1],
+            "{cn:?}"
+        );
+        warm_up(&s.obs, &mut c, &format!("{own}/cmd/probe")).await;
         // Device → tenant: the victim's topic is refused, its own goes through.
         let forged = format!("forged-{i}");
         publish(&mut c, 11, "things/victim/cmd", QoS::AtLeastOnce, &forged).await;
@@ -324,15 +328,22 @@ async fn hostile_cns_reach_only_their_own_bridged_topics() {
         // its own message, sent after the victim's.
         let for_victim = format!("for-victim-{i}");
         s.obs
-            .publish("things/victim/cmd", rumqttc::QoS::AtLeastOnce, for_victim.clone())
+            .publish(
+                "things/victim/cmd",
+                rumqttc::QoS::AtLeastOnce,
+                for_victim.clone(),
+            )
             .await;
         expect_message(&mut v, "things/victim/cmd", &for_victim, QoS::AtLeastOnce).await;
         s.obs
-            .publish(&format!("{own}/cmd"), rumqttc::QoS::AtLeastOnce, "for-me")
+            .publish(&format!("{own}/cmd/x"), rumqttc::QoS::AtLeastOnce, "for-me")
             .await;
-        expect_message(&mut c, &format!("{own}/cmd"), "for-me", QoS::AtLeastOnce).await;
+        expect_message(&mut c, &format!("{own}/cmd/x"), "for-me", QoS::AtLeastOnce).await;
         assert!(
-            s.obs.on("things/victim/cmd").iter().all(|m| m.payload != forged.as_bytes()),
+            s.obs
+                .on("things/victim/cmd")
+                .iter()
+                .all(|m| m.payload != forged.as_bytes()),
             "{cn:?}: a forged publish reached the tenant"
         );
     }

@@ -264,7 +264,15 @@ async fn hostile_and_duplicate_cns_make_valid_distinct_things() {
     assert_eq!(st, 201, "{b}");
     let beta = b["token"].as_str().unwrap().to_owned();
     let ten_kb = "a".repeat(10 * 1024);
-    let cns = ["+", "a/b", "dev\0ice", &ten_kb, "\u{202e}lave", "twin", "twin"];
+    let cns = [
+        "+",
+        "a/b",
+        "dev\0ice",
+        &ten_kb,
+        "\u{202e}lave",
+        "twin",
+        "twin",
+    ];
     let mut named = Vec::new();
     for token in [&acme, &beta] {
         let devices: Vec<Device> = cns.iter().map(|cn| t.device(cn)).collect();
@@ -277,7 +285,10 @@ async fn hostile_and_duplicate_cns_make_valid_distinct_things() {
             let name = j["thing_name"].as_str().unwrap_or_default().to_owned();
             let shown: String = cn.chars().take(20).collect();
             assert!(valid_thing_name(&name), "{shown:?} named {name:?}");
-            assert!(names.insert(name.clone()), "{shown:?}: {name:?} given twice");
+            assert!(
+                names.insert(name.clone()),
+                "{shown:?}: {name:?} given twice"
+            );
             named.push((name, d.clone()));
         }
     }
@@ -289,7 +300,10 @@ async fn hostile_and_duplicate_cns_make_valid_distinct_things() {
         let certs = principals.iter().filter(|(thing, _)| thing == name).count();
         assert_eq!(certs, 1, "{name} holds {certs} certificates");
     }
-    assert!(things.contains("twin") && things.contains("beta-twin"), "{things:?}");
+    assert!(
+        things.contains("twin") && things.contains("beta-twin"),
+        "{things:?}"
+    );
 }
 
 #[tokio::test]

@@ -104,6 +104,10 @@ CREATE TABLE lobby_nodes (
     heartbeat TIMESTAMPTZ NOT NULL
 );
 ",
+    // Thing names are unique per tenant (`thing_name_holder`, asked on every claim).
+    "
+CREATE INDEX claims_tenant_thing ON claims (tenant, thing_name);
+",
 ];
 
 /// A node that has not reported for this long is taken for gone: its devices show as not
@@ -600,6 +604,29 @@ impl Store for PostgresStore {
         let rows = self.query("claim", &sql, &[&id.to_hex()]).await?;
         rows.first()
             .map(|r| claim_from_row(r, &mut HashMap::new()))
+            .transpose()
+    }
+
+    async fn thing_name_holder(
+        &self,
+        tenant: &str,
+        thing_name: &str,
+        except: &DeviceId,
+    ) -> Result<Option<DeviceId>, StoreError> {
+        let rows = self
+            .query(
+                "thing_name_holder",
+                "SELECT device_id FROM claims WHERE tenant = $1 AND thing_name = $2 \
+                 AND device_id <> $3 LIMIT 1",
+                &[&tenant, &thing_name, &except.to_hex()],
+            )
+            .await?;
+        rows.first()
+            .map(|r| {
+                let hex: String = r.get(0);
+                DeviceId::parse_hex(&hex)
+                    .ok_or_else(|| StoreError::Corrupt(format!("device_id {hex:?}")))
+            })
             .transpose()
     }
 

@@ -80,14 +80,16 @@ where
     /// Joins or leaves the tenant's bridge as the route says.
     pub(super) fn follow_bridge(&mut self, route: &Route) {
         let wanted = match route {
-            Route::Bridge { tenant } => Some(tenant.clone()),
+            Route::Bridge { tenant, thing_name } => Some((tenant.clone(), thing_name.as_str())),
             _ => None,
         };
-        if self.bridge.as_ref().map(|l| &l.tenant) == wanted.as_ref() {
+        if self.bridge.as_ref().map(|l| &l.tenant) == wanted.as_ref().map(|w| &w.0) {
             return;
         }
         self.detach_bridge();
-        let Some(tenant_id) = wanted else { return };
+        let Some((tenant_id, thing_name)) = wanted else {
+            return;
+        };
         let Some(entry) = self.ctx.cache.tenant(&tenant_id) else {
             return;
         };
@@ -97,11 +99,9 @@ where
         match self.ctx.bridge.pool(&entry.tenant) {
             Ok(pool) => {
                 let (tx, rx) = mpsc::channel(bridge::DEVICE_QUEUE);
-                let patterns = bridge::device_patterns(
-                    settings,
-                    &self.identity.thing_name,
-                    &self.identity.device_id,
-                );
+                // The claim's name, unique in the tenant; never the certificate's raw CN.
+                let patterns =
+                    bridge::device_patterns(settings, thing_name, &self.identity.device_id);
                 self.bridge = Some(BridgeLink {
                     tenant: tenant_id,
                     pool,
