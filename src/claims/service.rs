@@ -19,7 +19,7 @@ use super::tenant_input::TenantInput;
 mod cluster;
 mod names;
 mod registrations;
-use crate::edge::identity::{self, DeviceId};
+use crate::edge::identity::DeviceId;
 use crate::provision::Provisioner;
 use crate::store::{Store, StoreError, StoredTenant};
 use crate::waiting::WaitingRoom;
@@ -54,7 +54,7 @@ pub enum Activity {
     },
     /// A device whose registration waits, or whose claim has no thing name yet, connected:
     /// its certificate, from the handshake. `named` is answered once the claim is named (or
-    /// needed no name); a bridged session waits for it before it joins the bridge.
+    /// needed no name); the session waits for it at connect, so it routes by the claim's name.
     CertSeen {
         device_id: DeviceId,
         cert_der: Vec<u8>,
@@ -493,21 +493,6 @@ impl ClaimsService {
         self.inner.cache.put_claim(claim);
         self.inner.waiting.wake(&id);
         self.inner.cache.claim(&id).ok_or(ServiceError::NotFound)
-    }
-
-    /// The thing name a claim's `cert_pem` gives its device ([`identity::thing_name_for`]).
-    fn cert_thing_name(&self, id: &DeviceId, pem: &str) -> Result<String, ServiceError> {
-        let der = identity::cert_pem_to_der(pem)
-            .map_err(|e| ServiceError::Invalid(format!("cert_pem: {e}")))?;
-        if DeviceId::from_cert_der(&der) != *id {
-            return Err(ServiceError::Invalid(
-                "cert_pem is not the certificate of the device in the code".into(),
-            ));
-        }
-        Ok(identity::thing_name_for(
-            identity::common_name(&der).as_deref(),
-            id,
-        ))
     }
 
     fn tenant_device_count(&self, tenant: &str) -> usize {

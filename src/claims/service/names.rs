@@ -14,6 +14,21 @@ use crate::claims::model::ClaimState;
 use crate::edge::identity::{self, DeviceId};
 
 impl ClaimsService {
+    /// The thing name a claim's `cert_pem` gives its device ([`identity::thing_name_for`]).
+    pub(super) fn cert_thing_name(&self, id: &DeviceId, pem: &str) -> Result<String, ServiceError> {
+        let der = identity::cert_pem_to_der(pem)
+            .map_err(|e| ServiceError::Invalid(format!("cert_pem: {e}")))?;
+        if DeviceId::from_cert_der(&der) != *id {
+            return Err(ServiceError::Invalid(
+                "cert_pem is not the certificate of the device in the code".into(),
+            ));
+        }
+        Ok(identity::thing_name_for(
+            identity::common_name(&der).as_deref(),
+            id,
+        ))
+    }
+
     /// `wanted` when it is usable for `id` and no other claim of `tenant` holds it, else the
     /// device id. Call under the write lock.
     pub(super) async fn unique_thing_name(
