@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::claims::model::{BridgeSettings, Tenant};
-use crate::edge::identity::DeviceId;
+use crate::edge::identity::{fill_template, DeviceId};
 use crate::mqtt::codec::QoS;
 use crate::mqtt::topic::filter_matches;
 use upstream::{Command, Target};
@@ -78,14 +78,13 @@ pub fn client_tls(b: &BridgeSettings) -> Result<Arc<rustls::ClientConfig>, Bridg
     Ok(Arc::new(config))
 }
 
-/// The tenant's `topics` for one device: `{thing_name}` and `{device_id}` filled in.
+/// The tenant's `topics` for one device: `{thing_name}` (and `{cn}`, the same) and
+/// `{device_id}` filled in by [`fill_template`], so a placeholder is one literal level however
+/// the certificate is named. `thing_name` is the claim's (unique in the tenant).
 pub fn device_patterns(b: &BridgeSettings, thing_name: &str, id: &DeviceId) -> Vec<String> {
     b.topics
         .iter()
-        .map(|t| {
-            t.replace("{thing_name}", thing_name)
-                .replace("{device_id}", &id.to_hex())
-        })
+        .map(|t| fill_template(t, thing_name, id))
         .collect()
 }
 
@@ -393,5 +392,27 @@ mod tests {
         let p = device_patterns(&b, "dev-1", &DeviceId([0xab; 32]));
         assert_eq!(p[0], "things/dev-1/#");
         assert!(p[1].starts_with("ids/abab"));
+    }
+
+    #[test]
+    fn a_hostile_name_fills_one_literal_level() {
+        let b = BridgeSettings {
+            ca: String::new(),
+            cert: String::new(),
+            key: String::new(),
+            topics: vec!["things/{thing_name}/#".into(), "c/{cn}/up".into()],
+            pool_size: 1,
+        };
+        let id = DeviceId([0xab; 32]);
+        let hex = id.to_hex();
+        for name in ["+", "#", "a/b", "$SYS", "a\0b", "", "\u{202e}x"] {
+            let p = device_patterns(&b, name, &id);
+            assert_eq!(p[0], format!("things/{hex}/#"), "{name:?}");
+            assert_eq!(p[1], format!("c/{hex}/up"), "{name:?}");
+        }
+        assert!(!filter_within(
+            &device_patterns(&b, "+", &id)[0],
+            "things/other/#"
+        ));
     }
 }

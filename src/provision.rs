@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::claims::model::AwsIotBackend;
-use crate::edge::identity::DeviceId;
+use crate::edge::identity::{self, DeviceId};
 
 /// How a backend call failed, as the worker needs to know it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -149,13 +149,20 @@ impl Provisioner {
     }
 }
 
-/// Fills in a tenant's thing-name template: `{cn}` and `{device_id}`; default the CN.
-pub fn thing_name(template: Option<&str>, cn: &str, device_id: &DeviceId) -> String {
-    match template {
-        Some(t) if !t.is_empty() => t
-            .replace("{cn}", cn)
-            .replace("{device_id}", &device_id.to_hex()),
-        _ => cn.to_owned(),
+/// The AWS thing name for device `id` whose own thing name ([`identity::thing_name_for`] of
+/// its CN) is `base`: the tenant's template with `{cn}` (or `{thing_name}`) and `{device_id}`
+/// filled in ([`identity::fill_template`]), `base` itself without a template. A result that is
+/// not a usable thing name (too long, say) is the device id. Unique in the tenant only once the
+/// claims service has accepted it ([`crate::claims::service::ClaimsService::reserve_thing_name`]).
+pub fn thing_name(template: Option<&str>, base: &str, device_id: &DeviceId) -> String {
+    let filled = match template {
+        Some(t) if !t.is_empty() => identity::fill_template(t, base, device_id),
+        _ => base.to_owned(),
+    };
+    if identity::usable_thing_name(&filled, device_id) {
+        filled
+    } else {
+        device_id.to_hex()
     }
 }
 
@@ -173,5 +180,27 @@ mod tests {
             "acme-dev-1".to_string()
         );
         assert!(thing_name(Some("{device_id}"), "dev-1", &id).starts_with("abab"));
+    }
+
+    #[test]
+    fn a_template_never_makes_an_invalid_thing_name() {
+        let id = DeviceId([0xab; 32]);
+        let hex = id.to_hex();
+        // Hostile bases are replaced before they are inserted.
+        for base in ["+", "#", "a/b", "$SYS", "a\0b", "\u{202e}x", ""] {
+            assert_eq!(
+                thing_name(Some("acme-{cn}"), base, &id),
+                format!("acme-{hex}")
+            );
+            assert_eq!(thing_name(None, base, &id), hex);
+        }
+        // A result AWS would refuse (too long, or a character the template brought) is the id.
+        let long = "a".repeat(128);
+        assert_eq!(thing_name(Some("x-{cn}"), &long, &id), hex);
+        assert_eq!(thing_name(Some("a b {cn}"), "dev", &id), hex);
+        // Another device's id is not this device's name.
+        let other = DeviceId([0xcd; 32]).to_hex();
+        assert_eq!(thing_name(Some(&other), "dev", &id), hex);
+        assert_eq!(thing_name(None, &other, &id), hex);
     }
 }

@@ -19,9 +19,12 @@ pub enum Route {
     },
     /// Go to the tenant's endpoint.
     Redirect(Redirect),
-    /// Stay and have traffic relayed to the tenant (bridge mode; relaying is a later issue,
-    /// until then the device waits with state `ready`).
-    Bridge { tenant: Arc<str> },
+    /// Stay and have traffic relayed to the tenant (bridge mode), on the tenant's topics filled
+    /// in with `thing_name`, the claim's (unique in the tenant).
+    Bridge {
+        tenant: Arc<str>,
+        thing_name: String,
+    },
     /// Revoked: close.
     Refuse,
 }
@@ -50,7 +53,9 @@ impl Redirect {
     }
 }
 
-/// Decides the route. `thing_name` is the device's certificate CN, used when the claim has none.
+/// Decides the route. `thing_name` is the device's own name (`identity::thing_name_for` of its
+/// CN), put in a redirect when the claim has none. A bridged device needs the claim's name (its
+/// topics must be its own in the tenant): without one it waits, `ready`, until it is named.
 pub fn decide(claim: Option<&Claim>, tenant: Option<&Tenant>, thing_name: &str) -> Route {
     let Some(claim) = claim else {
         return Route::Wait {
@@ -70,7 +75,13 @@ pub fn decide(claim: Option<&Claim>, tenant: Option<&Tenant>, thing_name: &str) 
                 return wait();
             };
             if tenant.mode == Mode::Bridge {
-                return Route::Bridge { tenant: tenant_id };
+                return match &claim.thing_name {
+                    Some(name) => Route::Bridge {
+                        tenant: tenant_id,
+                        thing_name: name.clone(),
+                    },
+                    None => wait(),
+                };
             }
             match (&tenant.endpoint, &claim.redirect_id) {
                 (Some(endpoint), Some(redirect_id)) if !endpoint.is_empty() => {
@@ -99,7 +110,7 @@ impl Route {
         match self {
             Route::Wait { state, tenant } => (*state, tenant.as_deref()),
             Route::Redirect(r) => (ClaimState::Ready, Some(&r.tenant)),
-            Route::Bridge { tenant } => (ClaimState::Ready, Some(tenant)),
+            Route::Bridge { tenant, .. } => (ClaimState::Ready, Some(tenant)),
             Route::Refuse => (ClaimState::Revoked, None),
         }
     }
@@ -229,10 +240,23 @@ mod tests {
     fn bridge_tenant_stays() {
         let mut t = tenant();
         t.mode = Mode::Bridge;
-        assert!(matches!(
-            decide(Some(&claim(ClaimState::Ready)), Some(&t), "cn"),
-            Route::Bridge { .. }
-        ));
+        let mut c = claim(ClaimState::Ready);
+        // Not named yet: it waits, ready, and never bridges under its certificate's name.
+        assert_eq!(
+            decide(Some(&c), Some(&t), "cn"),
+            Route::Wait {
+                state: ClaimState::Ready,
+                tenant: Some("acme".into())
+            }
+        );
+        c.thing_name = Some("dev-1".into());
+        assert_eq!(
+            decide(Some(&c), Some(&t), "cn"),
+            Route::Bridge {
+                tenant: "acme".into(),
+                thing_name: "dev-1".into()
+            }
+        );
     }
 
     #[test]

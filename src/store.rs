@@ -67,6 +67,15 @@ pub trait Store: Send + Sync + 'static {
     async fn removing_registrations(&self) -> Result<Vec<Registration>, StoreError>;
     async fn delete_registration(&self, id: &DeviceId, tenant: &str) -> Result<(), StoreError>;
 
+    /// A device other than `except` whose claim with `tenant` holds `thing_name`, if any: the
+    /// claims service keeps thing names unique per tenant (asked under its write lock).
+    async fn thing_name_holder(
+        &self,
+        tenant: &str,
+        thing_name: &str,
+        except: &DeviceId,
+    ) -> Result<Option<DeviceId>, StoreError>;
+
     /// One claim, as stored (a node applying another node's change reads it here).
     async fn claim(&self, id: &DeviceId) -> Result<Option<Claim>, StoreError>;
     /// One tenant with its token hash, as stored.

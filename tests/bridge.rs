@@ -284,6 +284,74 @@ async fn round_trip_v5() {
     round_trip(Protocol::V5, "rt-v5").await;
 }
 
+// ---- 1b. certificate names are attacker input (issue 12) ------------------------------------
+
+/// Devices whose CN is `+`, `#`, `a/b`, `$SYS`, or the victim's own CN, in a tenant with
+/// `things/{thing_name}/#`: each is bridged on `things/<its device_id>/#` and nothing else. It
+/// cannot subscribe to the victim's topics or publish on them, gets none of the victim's
+/// messages, and its own topics work both ways.
+#[tokio::test]
+async fn hostile_cns_reach_only_their_own_bridged_topics() {
+    let s = setup(THINGS, 2).await;
+    let (victim, mut v) = s.bridged("victim", Protocol::V5).await;
+    assert_eq!(v.subscribe(1, "things/victim/#").await, vec![1]);
+    warm_up(&s.obs, &mut v, "things/victim/probe").await;
+    for (i, cn) in ["+", "#", "a/b", "$SYS", "victim"].into_iter().enumerate() {
+        let dev = s.lobby.device(cn);
+        let (st, body) = s.lobby.claim(&s.token, &dev).await;
+        assert_eq!(st, 201, "{body}");
+        let (mut c, ack) = connack(&s.lobby, &dev, Protocol::V5, "attacker").await;
+        assert_eq!(ack.code, 0, "{cn:?}: {ack:?}");
+        let own = format!("things/{}", dev.hex());
+        // Tenant → device: only its own topics.
+        for (n, f) in ["things/victim/#", "things/+/#", "things/#", "#"]
+            .into_iter()
+            .enumerate()
+        {
+            let got = c.subscribe(n as u16 + 1, f).await;
+            assert_eq!(got, vec![0x87], "{cn:?} subscribing {f}");
+        }
+        assert_eq!(
+            c.subscribe(10, &format!("{own}/cmd/#")).await,
+            vec![1],
+            "{cn:?}"
+        );
+        warm_up(&s.obs, &mut c, &format!("{own}/cmd/probe")).await;
+        // Device → tenant: the victim's topic is refused, its own goes through.
+        let forged = format!("forged-{i}");
+        publish(&mut c, 11, "things/victim/cmd", QoS::AtLeastOnce, &forged).await;
+        expect_puback(&mut c, 11, 0x87).await;
+        publish(&mut c, 12, &format!("{own}/up"), QoS::AtLeastOnce, "mine").await;
+        expect_puback(&mut c, 12, 0).await;
+        s.obs.wait_for(&format!("{own}/up"), b"mine", WAIT).await;
+        // The victim's message reaches the victim only: the next thing this device gets is
+        // its own message, sent after the victim's.
+        let for_victim = format!("for-victim-{i}");
+        s.obs
+            .publish(
+                "things/victim/cmd",
+                rumqttc::QoS::AtLeastOnce,
+                for_victim.clone(),
+            )
+            .await;
+        expect_message(&mut v, "things/victim/cmd", &for_victim, QoS::AtLeastOnce).await;
+        s.obs
+            .publish(&format!("{own}/cmd/x"), rumqttc::QoS::AtLeastOnce, "for-me")
+            .await;
+        expect_message(&mut c, &format!("{own}/cmd/x"), "for-me", QoS::AtLeastOnce).await;
+        assert!(
+            s.obs
+                .on("things/victim/cmd")
+                .iter()
+                .all(|m| m.payload != forged.as_bytes()),
+            "{cn:?}: a forged publish reached the tenant"
+        );
+    }
+    // The device with the victim's CN was named apart.
+    let d = s.lobby.admin_device(&victim).await;
+    assert_eq!(d["thing_name"], "victim", "{d}");
+}
+
 // ---- 2. QoS 1 acknowledged only after the broker acknowledged -------------------------------
 
 async fn outage_keeps_qos1_unacked(protocol: Protocol, name: &str) {

@@ -109,6 +109,26 @@ async fn a_revoke_on_b_cuts_off_a_device_on_a() {
     }
 }
 
+/// Two devices with one CN claimed into one tenant through two nodes get two thing names: the
+/// check runs in the store under the fleet's write lock (README, "How thing names are derived
+/// from certificate names").
+#[tokio::test]
+async fn one_cn_claimed_through_two_nodes_gets_two_names() {
+    let db = pg::TestDb::create().await;
+    let (a, b) = two_nodes(&db).await;
+    let token = a.tenant("acme", "iot.acme.example").await;
+    let (first, second) = (a.device("twin"), a.device("twin"));
+    for (node, dev) in [(&a, &first), (&b, &second)] {
+        let body = serde_json::json!({"code": dev.code, "cert_pem": dev.cert_pem});
+        let (st, got) = node.call("POST", "/v1/claims", &token, Some(body)).await;
+        assert_eq!(st, 201, "{got}");
+    }
+    let (_, one) = a.device_json(&token, &first).await;
+    let (_, two) = b.device_json(&token, &second).await;
+    assert_eq!(one["thing_name"], "twin", "{one}");
+    assert_eq!(two["thing_name"], second.hex(), "{two}");
+}
+
 #[tokio::test]
 async fn a_watch_connection_killed_and_restored_loses_nothing() {
     let db = pg::TestDb::create().await;

@@ -237,6 +237,75 @@ async fn throttled_twice_then_registered() {
     assert_eq!(tenant["endpoint"], "fake-ats.iot.eu-west-1.amazonaws.com");
 }
 
+/// 1 to 128 characters of `[a-zA-Z0-9:_-]`: what AWS IoT accepts as a thing name.
+fn valid_thing_name(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'))
+}
+
+/// Certificate names are attacker input (issue 12): devices whose CN is `+`, `a/b`, NUL,
+/// 10 KB, right-to-left text, or the CN of another device of the tenant, become valid and
+/// distinct AWS things (with the default name and with a `{cn}` template), each with only its
+/// own certificate attached.
+#[tokio::test]
+async fn hostile_and_duplicate_cns_make_valid_distinct_things() {
+    let account = Arc::new(Account::default());
+    let t = lobby_with(&account).await;
+    let acme = aws_tenant(&t).await;
+    let body = json!({
+        "id": "beta", "name": "Beta",
+        "backend": {"kind": "aws-iot", "region": "eu-west-1",
+            "role_arn": "arn:aws:iam::111122223333:role/lobby", "external_id": "x-2",
+            "policy_name": "device-policy", "rate_limit": 100, "thing_name": "beta-{cn}"}
+    });
+    let (st, b) = t.call("POST", "/v1/tenants", &t.admin, Some(body)).await;
+    assert_eq!(st, 201, "{b}");
+    let beta = b["token"].as_str().unwrap().to_owned();
+    let ten_kb = "a".repeat(10 * 1024);
+    let cns = [
+        "+",
+        "a/b",
+        "dev\0ice",
+        &ten_kb,
+        "\u{202e}lave",
+        "twin",
+        "twin",
+    ];
+    let mut named = Vec::new();
+    for token in [&acme, &beta] {
+        let devices: Vec<Device> = cns.iter().map(|cn| t.device(cn)).collect();
+        for d in &devices {
+            claim_with_cert(&t, token, d).await;
+        }
+        let mut names = HashSet::new();
+        for (cn, d) in cns.iter().zip(&devices) {
+            let j = wait_state(&t, d, "ready").await;
+            let name = j["thing_name"].as_str().unwrap_or_default().to_owned();
+            let shown: String = cn.chars().take(20).collect();
+            assert!(valid_thing_name(&name), "{shown:?} named {name:?}");
+            assert!(
+                names.insert(name.clone()),
+                "{shown:?}: {name:?} given twice"
+            );
+            named.push((name, d.clone()));
+        }
+    }
+    // Each thing exists and holds exactly one certificate: its own device's.
+    let things = account.things.lock().unwrap().clone();
+    let principals = account.principals.lock().unwrap().clone();
+    for (name, _) in &named {
+        assert!(things.contains(name), "{name} was not created");
+        let certs = principals.iter().filter(|(thing, _)| thing == name).count();
+        assert_eq!(certs, 1, "{name} holds {certs} certificates");
+    }
+    assert!(
+        things.contains("twin") && things.contains("beta-twin"),
+        "{things:?}"
+    );
+}
+
 #[tokio::test]
 async fn access_denied_ends_in_failed_with_the_aws_code() {
     let account = Arc::new(Account::default());

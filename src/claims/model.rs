@@ -38,7 +38,8 @@ pub struct AwsIotBackend {
     pub role_arn: String,
     pub external_id: String,
     pub policy_name: String,
-    /// Template with `{cn}` and `{device_id}`; default: the certificate CN.
+    /// Template with `{cn}` and `{device_id}`; default: the device's thing name (its CN when
+    /// that is a valid thing name, else its device id; `provision::thing_name`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thing_name: Option<String>,
     /// Calls per second the lobby makes in this account (an extension; default 10, under AWS
@@ -143,7 +144,9 @@ pub struct Claim {
     /// The owning tenant; `None` only for a device revoked while unclaimed.
     pub tenant: Option<Arc<str>>,
     pub state: ClaimState,
-    /// Certificate CN when known (from the handshake or the claim's `cert_pem`).
+    /// The device's thing name in its tenant, when known (from the claim's `cert_pem`, the
+    /// handshake, or the AWS registration): never a raw CN, unique in the tenant (see
+    /// `claims::service::names`).
     pub thing_name: Option<String>,
     /// Identifies the current redirect; new for every claim and migration.
     pub redirect_id: Option<String>,

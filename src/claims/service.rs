@@ -17,8 +17,9 @@ use super::model::{now_ms, Backend, Claim, ClaimState, Mode, Tenant};
 use super::tenant_input::TenantInput;
 
 mod cluster;
+mod names;
 mod registrations;
-use crate::edge::identity::{self, DeviceId};
+use crate::edge::identity::DeviceId;
 use crate::provision::Provisioner;
 use crate::store::{Store, StoreError, StoredTenant};
 use crate::waiting::WaitingRoom;
@@ -51,10 +52,13 @@ pub enum Activity {
         redirect_id: String,
         at: i64,
     },
-    /// A device whose registration waits connected: its certificate, from the handshake.
+    /// A device whose registration waits, or whose claim has no thing name yet, connected:
+    /// its certificate, from the handshake. `named` is answered once the claim is named (or
+    /// needed no name); the session waits for it at connect, so it routes by the claim's name.
     CertSeen {
         device_id: DeviceId,
         cert_der: Vec<u8>,
+        named: Option<tokio::sync::oneshot::Sender<()>>,
     },
 }
 
@@ -247,8 +251,8 @@ impl ClaimsService {
             .key
             .verify(code)
             .ok_or(ServiceError::InvalidCode)?;
-        let cert_cn = match cert_pem {
-            Some(pem) => Some(self.cert_cn(&device_id, pem)?),
+        let cert_name = match cert_pem {
+            Some(pem) => Some(self.cert_thing_name(&device_id, pem)?),
             None => None,
         };
         let _w = self.write().await?;
@@ -276,12 +280,14 @@ impl ClaimsService {
                 return Err(ServiceError::QuotaExceeded);
             }
         }
-        let thing_name = cert_cn.flatten().or_else(|| {
-            self.inner
-                .waiting
-                .seen(&device_id)
-                .map(|s| s.thing_name.to_string())
-        });
+        let own = match cert_name {
+            Some(n) => Some(n),
+            None => self.seen_thing_name(&device_id).await?,
+        };
+        let thing_name = match own {
+            Some(n) => Some(self.unique_thing_name(tenant_id, &n, &device_id).await?),
+            None => None, // named when the device connects (`name_claim`)
+        };
         let claim = self.bound_claim(device_id, &entry.tenant, thing_name, now_ms());
         let claim = self.commit(claim, cert_pem).await?;
         self.after_binding(&claim).await?;
@@ -333,7 +339,11 @@ impl ClaimsService {
                 return Err(ServiceError::QuotaExceeded);
             }
         }
-        let claim = self.bound_claim(*id, &entry.tenant, existing.thing_name.clone(), now_ms());
+        let thing_name = match &existing.thing_name {
+            Some(n) => Some(self.unique_thing_name(to, n, id).await?),
+            None => None,
+        };
+        let claim = self.bound_claim(*id, &entry.tenant, thing_name, now_ms());
         // The old registration stays until the new one is ready (see `registration_done`).
         let claim = self.commit(claim, None).await?;
         self.after_binding(&claim).await?;
@@ -389,7 +399,14 @@ impl ClaimsService {
                 Activity::CertSeen {
                     device_id,
                     cert_der,
+                    named,
                 } => {
+                    if let Err(e) = self.name_claim(&device_id, &cert_der).await {
+                        tracing::warn!(error = %e, "naming a claim failed");
+                    }
+                    if let Some(named) = named {
+                        let _ = named.send(());
+                    }
                     if let Err(e) = self.cert_seen(&device_id, &cert_der).await {
                         tracing::warn!(error = %e, "storing a device certificate failed");
                     }
@@ -476,17 +493,6 @@ impl ClaimsService {
         self.inner.cache.put_claim(claim);
         self.inner.waiting.wake(&id);
         self.inner.cache.claim(&id).ok_or(ServiceError::NotFound)
-    }
-
-    fn cert_cn(&self, id: &DeviceId, pem: &str) -> Result<Option<String>, ServiceError> {
-        let der = identity::cert_pem_to_der(pem)
-            .map_err(|e| ServiceError::Invalid(format!("cert_pem: {e}")))?;
-        if DeviceId::from_cert_der(&der) != *id {
-            return Err(ServiceError::Invalid(
-                "cert_pem is not the certificate of the device in the code".into(),
-            ));
-        }
-        Ok(identity::common_name(&der))
     }
 
     fn tenant_device_count(&self, tenant: &str) -> usize {

@@ -4,6 +4,8 @@ use serde::Deserialize;
 
 use super::model::{Backend, BridgeSettings, Mode, Tenant};
 use super::service::ServiceError;
+use crate::edge::identity::{self, DeviceId};
+use crate::mqtt::topic::valid_topic_filter;
 
 /// Every tenant field, all optional: create requires `name`; PATCH changes what it names.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -144,6 +146,78 @@ fn validate(t: &Tenant) -> Result<(), ServiceError> {
             "bridge settings and an endpoint are required for mode \"bridge\"",
         ));
     }
+    if let Some(b) = &t.bridge {
+        validate_bridge_topics(&b.topics)?;
+    }
+    if let Backend::AwsIot(aws) = &t.backend {
+        validate_thing_template(aws.thing_name.as_deref().unwrap_or(""))?;
+    }
+    Ok(())
+}
+
+/// Most `bridge.topics` a tenant may list (each is checked on every device publish).
+const MAX_BRIDGE_TOPICS: usize = 32;
+/// Longest `bridge.topics` entry, before its placeholders are filled in.
+const MAX_BRIDGE_TOPIC_LEN: usize = 512;
+
+/// Does `template` use only the placeholders `fill_template` knows (and no other brace)?
+fn known_placeholders(template: &str) -> bool {
+    let mut rest = template;
+    while let Some(i) = rest.find(['{', '}']) {
+        let tail = &rest[i..];
+        match identity::PLACEHOLDERS
+            .iter()
+            .find(|p| tail.starts_with(**p))
+        {
+            Some(p) => rest = &tail[p.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// `bridge.topics`: MQTT filters, placeholders only where a name fits. Checked filled in
+/// with a sample name: what a device gets is that with its own name, which is one literal
+/// level's worth of `[a-zA-Z0-9:_-]` ([`identity::fill_template`]).
+fn validate_bridge_topics(topics: &[String]) -> Result<(), ServiceError> {
+    if topics.len() > MAX_BRIDGE_TOPICS {
+        return Err(invalid(format!(
+            "bridge.topics: at most {MAX_BRIDGE_TOPICS} patterns"
+        )));
+    }
+    let sample = DeviceId([0; 32]);
+    for t in topics {
+        let filled = identity::fill_template(t, "sample", &sample);
+        if t.is_empty()
+            || t.len() > MAX_BRIDGE_TOPIC_LEN
+            || !known_placeholders(t)
+            || !valid_topic_filter(&filled)
+        {
+            return Err(invalid(format!(
+                "bridge.topics: {t:?} is not an MQTT topic filter of at most \
+                 {MAX_BRIDGE_TOPIC_LEN} bytes using only {{thing_name}}, {{cn}} and {{device_id}}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `backend.thing_name`: empty (the device's own name), or a template that names each device
+/// apart (it has `{cn}`, `{thing_name}` or `{device_id}`) and otherwise holds only thing-name
+/// characters. A device whose filled-in name would still be invalid (too long) is named by its
+/// device id.
+fn validate_thing_template(template: &str) -> Result<(), ServiceError> {
+    if template.is_empty() {
+        return Ok(());
+    }
+    let filled = identity::fill_template(template, "x", &DeviceId([0; 32]));
+    let names_apart = identity::PLACEHOLDERS.iter().any(|p| template.contains(p));
+    if !known_placeholders(template) || !names_apart || !identity::is_valid_thing_name(&filled) {
+        return Err(invalid(
+            "backend.thing_name: a template of a-z, A-Z, 0-9, ':', '_', '-' with {cn} or \
+             {device_id}, at most 128 characters filled in",
+        ));
+    }
     Ok(())
 }
 
@@ -209,5 +283,55 @@ mod tests {
         assert!(valid_tenant_id("t-1_a"));
         assert!(!valid_tenant_id("-a"));
         assert!(!valid_tenant_id(""));
+    }
+
+    #[test]
+    fn bridge_topic_templates() {
+        for ok in [
+            "things/{thing_name}/#",
+            "ids/{device_id}/up",
+            "c/{cn}",
+            "fleet/#",
+            "$aws/things/{thing_name}/shadow/#",
+            "dev-{thing_name}/+",
+        ] {
+            assert!(validate_bridge_topics(&[ok.into()]).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "things/#/x",
+            "things/{thing}/#",
+            "things/{thing_name/#",
+            "a}b",
+            "a+/b",
+            "nul\0",
+        ] {
+            assert!(validate_bridge_topics(&[bad.into()]).is_err(), "{bad:?}");
+        }
+        assert!(validate_bridge_topics(&vec!["a".to_string(); 33]).is_err());
+        assert!(validate_bridge_topics(&["a".repeat(513)]).is_err());
+    }
+
+    #[test]
+    fn thing_name_templates() {
+        for ok in [
+            "",
+            "{cn}",
+            "acme-{cn}",
+            "acme:{device_id}",
+            "{thing_name}_x",
+        ] {
+            assert!(validate_thing_template(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "fixed",
+            "a/{cn}",
+            "a b{cn}",
+            "{nope}",
+            "+{cn}",
+            &"a".repeat(128),
+        ] {
+            assert!(validate_thing_template(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -2,7 +2,14 @@
 //!
 //! Contract: a device's id is the lowercase hex SHA-256 of its leaf
 //! certificate's DER encoding; its thing name is the certificate subject's
-//! common name, or the device id when there is no (non-empty) CN.
+//! common name when that is a usable AWS IoT thing name, or the device id otherwise
+//! (no CN, or one that is not: SPEC §2's fallback, extended).
+//!
+//! The CN is attacker text: any trusted factory CA can sign any subject, so it may hold `+`,
+//! `#`, `/`, `$`, NUL, control or right-to-left characters, be kilobytes long, or equal another
+//! device's CN. [`thing_name_for`] is the one place a CN becomes a name; everything that puts a
+//! name into a topic, a thing name or a database column takes it from there (or from
+//! [`fill_template`], which only ever inserts such names).
 
 use std::fmt;
 
@@ -68,12 +75,96 @@ fn cn_of(cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<String>
     (!cn.is_empty()).then(|| cn.to_owned())
 }
 
+/// Longest thing name AWS IoT accepts.
+pub const MAX_THING_NAME: usize = 128;
+
+/// Is `name` a valid AWS IoT thing name: 1 to 128 characters of `[a-zA-Z0-9:_-]`? Such a name
+/// can never be or introduce an MQTT wildcard, a level separator, a `$` topic or a NUL.
+pub fn is_valid_thing_name(name: &str) -> bool {
+    (1..=MAX_THING_NAME).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'))
+}
+
+/// Is `name` shaped like a device id (64 lowercase hex characters)?
+fn looks_like_device_id(name: &str) -> bool {
+    name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// May device `id` be called `name`? A valid thing name that is not another device's id:
+/// device ids are every device's fallback name, so a CN (or template result) that spells
+/// someone else's id is refused and the fallback stays unique.
+pub fn usable_thing_name(name: &str, id: &DeviceId) -> bool {
+    is_valid_thing_name(name) && (!looks_like_device_id(name) || name == id.to_hex())
+}
+
+/// The thing name of device `id` whose certificate CN is `cn`: the CN when it is usable
+/// ([`usable_thing_name`]), otherwise the device id in hex.
+pub fn thing_name_for(cn: Option<&str>, id: &DeviceId) -> String {
+    match cn {
+        Some(cn) if usable_thing_name(cn, id) => cn.to_owned(),
+        _ => id.to_hex(),
+    }
+}
+
+/// A CN as display text for logs: escaped (`\0`, `\u{202e}`, quotes), at most 64 characters
+/// of the original, then `…`. Never a name, never stored.
+pub fn display_cn(cn: &str) -> String {
+    const SHOWN: usize = 64;
+    let mut out: String = cn
+        .chars()
+        .take(SHOWN)
+        .flat_map(char::escape_debug)
+        .collect();
+    if cn.chars().nth(SHOWN).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+/// Fills a tenant's template (a bridge topic, an AWS thing-name template): `{thing_name}` and
+/// `{cn}` become `thing_name`, `{device_id}` the id in hex, in one pass (an inserted value is
+/// never read again as a placeholder). A `thing_name` that is not usable is replaced by the
+/// device id first, so what is inserted is always `[a-zA-Z0-9:_-]+`: one literal topic level
+/// (or part of one) per placeholder, never `+`, `#`, `/`, `$` or NUL.
+pub fn fill_template(template: &str, thing_name: &str, id: &DeviceId) -> String {
+    let hex = id.to_hex();
+    let name = if usable_thing_name(thing_name, id) {
+        thing_name
+    } else {
+        &hex
+    };
+    let mut out = String::with_capacity(template.len() + name.len());
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let tail = &rest[open..];
+        let (value, len) = [
+            ("{thing_name}", name),
+            ("{cn}", name),
+            ("{device_id}", hex.as_str()),
+        ]
+        .into_iter()
+        .find(|(p, _)| tail.starts_with(p))
+        .map_or(("{", 1), |(p, v)| (v, p.len()));
+        out.push_str(value);
+        rest = &tail[len..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The placeholders [`fill_template`] knows.
+pub const PLACEHOLDERS: [&str; 3] = ["{thing_name}", "{cn}", "{device_id}"];
+
 /// A device's identity as seen by the broker.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
     /// SHA-256 of `cert_der`.
     pub device_id: DeviceId,
-    /// Subject CN, or the device id in hex when the certificate has none.
+    /// [`thing_name_for`] of the subject CN: the CN when it is a usable thing name, else the
+    /// device id in hex. Not unique: a claim's stored thing name is (see the claims service).
     pub thing_name: String,
     /// The leaf certificate, DER encoded.
     pub cert_der: Vec<u8>,
@@ -110,8 +201,12 @@ impl Identity {
             ),
             None => (None, (0, -1)),
         };
+        let thing_name = thing_name_for(cn.as_deref(), &device_id);
+        if let Some(cn) = cn.as_deref().filter(|cn| *cn != thing_name) {
+            tracing::debug!(%device_id, cn = %display_cn(cn), "certificate CN is not a usable thing name; the device id stands in");
+        }
         Identity {
-            thing_name: cn.unwrap_or_else(|| device_id.to_hex()),
+            thing_name,
             device_id,
             cert_der: der.to_vec(),
             intermediates: Vec::new(),
@@ -216,6 +311,79 @@ mod tests {
         assert_eq!(common_name(b"not a certificate"), None);
         let junk = Identity::from_cert_der(b"not a certificate");
         assert!(!junk.valid_at(0) && !junk.valid_at(1_800_000_000));
+    }
+
+    #[test]
+    fn thing_name_rule() {
+        let id = DeviceId([0xab; 32]);
+        let hex = id.to_hex();
+        for ok in ["thing-42", "a", "A:b_c-9", &"x".repeat(128), &hex] {
+            assert_eq!(thing_name_for(Some(ok), &id), ok, "{ok:?}");
+        }
+        let long = "x".repeat(129);
+        let other = DeviceId([0xcd; 32]).to_hex();
+        let ten_kb = "a".repeat(10 * 1024);
+        for bad in [
+            "+",
+            "#",
+            "a/b",
+            "$SYS",
+            "a\0b",
+            "",
+            "é",
+            "\u{202e}abc",
+            "a b",
+            "a.b",
+            &long,
+            &ten_kb,
+            &other,
+        ] {
+            assert_eq!(thing_name_for(Some(bad), &id), hex, "{bad:?}");
+        }
+        assert_eq!(thing_name_for(None, &id), hex);
+        // A CN spelling another device's id in upper case is a distinct, valid name.
+        assert_eq!(
+            thing_name_for(Some(&other.to_uppercase()), &id),
+            other.to_uppercase()
+        );
+    }
+
+    #[test]
+    fn templates_fill_one_pass_with_safe_values() {
+        let id = DeviceId([0xab; 32]);
+        let hex = id.to_hex();
+        assert_eq!(
+            fill_template("t/{thing_name}/{cn}/{device_id}/#", "dev", &id),
+            format!("t/dev/dev/{hex}/#")
+        );
+        // Unknown or broken placeholders stay literal; inserted text is not re-read.
+        assert_eq!(fill_template("{x}{cn", "d", &id), "{x}{cn");
+        assert_eq!(fill_template("a{{cn}}", "d", &id), "a{d}");
+        for bad in ["+", "#", "a/b", "$SYS", "a\0b", "{device_id}", ""] {
+            assert_eq!(
+                fill_template("t/{cn}", bad, &id),
+                format!("t/{hex}"),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn display_cn_is_escaped_and_bounded() {
+        assert_eq!(display_cn("a\0b\u{202e}"), "a\\0b\\u{202e}");
+        let shown = display_cn(&"x".repeat(10_000));
+        assert_eq!(shown.chars().count(), 65);
+        assert!(shown.ends_with('…'));
+    }
+
+    #[test]
+    fn hostile_cns_in_certificates() {
+        for cn in ["+", "a/b", "a\0b", "\u{202e}evil", &"a".repeat(10 * 1024)] {
+            let der = cert_with_cn(Some(cn));
+            assert_eq!(common_name(&der).as_deref(), Some(cn), "{cn:?}");
+            let ident = Identity::from_cert_der(&der);
+            assert_eq!(ident.thing_name, ident.device_id.to_hex(), "{cn:?}");
+        }
     }
 
     #[test]

@@ -181,6 +181,7 @@ where
         redirect_deadline: None,
         due_redirect: None,
         cert_reported: false,
+        name_reported: false,
         trust_generation: accepted.trust_generation,
         bridge: None,
         last_status: None,
@@ -321,6 +322,8 @@ struct Session<S> {
     due_redirect: Option<String>,
     /// The certificate went to the control plane for a waiting registration.
     cert_reported: bool,
+    /// The certificate went to the control plane to name an unnamed claim.
+    name_reported: bool,
     /// The trust generation this device's certificate was last checked against.
     trust_generation: u64,
     /// Set while the device's tenant bridges its traffic.
@@ -341,6 +344,7 @@ where
             self.flush().await?;
             return Err(End::ProtocolError);
         }
+        self.name_claim_if_unnamed(true).await;
         let route = self.route();
         match (&route, self.protocol) {
             (Route::Refuse, _) => {
@@ -548,6 +552,7 @@ where
             return Err(End::Revoked);
         }
         self.report_cert_if_registering(&route);
+        self.name_claim_if_unnamed(false).await;
         let replaced = self.follow_bridge(&route);
         self.carry_over(replaced).await?;
         let key = status_key(&route);
@@ -612,7 +617,43 @@ where
                 .try_send(crate::claims::service::Activity::CertSeen {
                     device_id: self.identity.device_id,
                     cert_der: self.identity.cert_der.clone(),
+                    named: None,
                 });
+        }
+    }
+
+    /// A claim made before its device was ever seen (and without its certificate) has no
+    /// thing name: have it named from this certificate, once. At connect (`wait`) the session
+    /// waits for that (bounded by `limits.connect_timeout`), so its redirect or bridge topics
+    /// carry the claim's name (unique in the tenant), not the certificate's; later the commit
+    /// wakes the session, which then re-routes.
+    async fn name_claim_if_unnamed(&mut self, wait: bool) {
+        if self.name_reported {
+            return;
+        }
+        let unnamed = self
+            .ctx
+            .cache
+            .claim(&self.identity.device_id)
+            .is_some_and(|c| {
+                c.thing_name.is_none() && c.tenant.is_some() && c.state != ClaimState::Revoked
+            });
+        if !unnamed {
+            return;
+        }
+        self.name_reported = true;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = self
+            .ctx
+            .activity
+            .try_send(crate::claims::service::Activity::CertSeen {
+                device_id: self.identity.device_id,
+                cert_der: self.identity.cert_der.clone(),
+                named: Some(tx),
+            })
+            .is_ok();
+        if sent && wait {
+            let _ = tokio::time::timeout(self.limits.connect_timeout, rx).await;
         }
     }
 

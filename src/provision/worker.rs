@@ -325,9 +325,17 @@ impl Worker {
         let started = Instant::now();
         let cn = identity::cert_pem_to_der(&pem)
             .ok()
-            .and_then(|der| identity::common_name(&der))
-            .unwrap_or_else(|| id.to_hex());
-        let thing = thing_name(backend.thing_name.as_deref(), &cn, id);
+            .and_then(|der| identity::common_name(&der));
+        let own = identity::thing_name_for(cn.as_deref(), id);
+        let candidate = thing_name(backend.thing_name.as_deref(), &own, id);
+        // Reserved on the claim before anything is created: two devices never share a thing.
+        let Some(thing) = service
+            .reserve_thing_name(id, &tenant_id, &candidate)
+            .await
+            .map_err(|e| store_err(StoreError::Backend(e.to_string())))?
+        else {
+            return Ok(()); // the claim moved on
+        };
         self.pace(&tenant_id, backend).await;
         let api = self.inner.factory.client(&tenant_id, backend).await?;
         let (mut reg, revived) = self.registration(id, &tenant_id, backend, &thing).await?;

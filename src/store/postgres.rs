@@ -112,6 +112,10 @@ ALTER TABLE lobby_presence
     ADD COLUMN stamp BIGINT NOT NULL DEFAULT 0,
     ADD COLUMN origin TEXT COLLATE \"C\" NOT NULL DEFAULT '';
 ",
+    // Thing names are unique per tenant (`thing_name_holder`, asked on every claim).
+    "
+CREATE INDEX claims_tenant_thing ON claims (tenant, thing_name);
+",
 ];
 
 /// A node that has not reported for this long is taken for gone: its devices show as not
@@ -630,6 +634,29 @@ impl Store for PostgresStore {
         let rows = self.query("claim", &sql, &[&id.to_hex()]).await?;
         rows.first()
             .map(|r| claim_from_row(r, &mut HashMap::new()))
+            .transpose()
+    }
+
+    async fn thing_name_holder(
+        &self,
+        tenant: &str,
+        thing_name: &str,
+        except: &DeviceId,
+    ) -> Result<Option<DeviceId>, StoreError> {
+        let rows = self
+            .query(
+                "thing_name_holder",
+                "SELECT device_id FROM claims WHERE tenant = $1 AND thing_name = $2 \
+                 AND device_id <> $3 LIMIT 1",
+                &[&tenant, &thing_name, &except.to_hex()],
+            )
+            .await?;
+        rows.first()
+            .map(|r| {
+                let hex: String = r.get(0);
+                DeviceId::parse_hex(&hex)
+                    .ok_or_else(|| StoreError::Corrupt(format!("device_id {hex:?}")))
+            })
             .transpose()
     }
 

@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS claims (
     cert_pem TEXT
 );
 CREATE INDEX IF NOT EXISTS claims_tenant ON claims(tenant);
+CREATE INDEX IF NOT EXISTS claims_tenant_thing ON claims(tenant, thing_name);
 CREATE TABLE IF NOT EXISTS registrations (
     device_id TEXT NOT NULL,
     tenant TEXT NOT NULL,
@@ -305,6 +306,31 @@ impl Store for SqliteStore {
                 claim
             })
         })
+    }
+
+    async fn thing_name_holder(
+        &self,
+        tenant: &str,
+        thing_name: &str,
+        except: &DeviceId,
+    ) -> Result<Option<DeviceId>, StoreError> {
+        let (tenant, name, except) = (tenant.to_owned(), thing_name.to_owned(), except.to_hex());
+        let hex = self
+            .with("thing_name_holder", move |c| {
+                c.query_row(
+                    "SELECT device_id FROM claims WHERE tenant = ?1 AND thing_name = ?2 \
+                     AND device_id <> ?3 LIMIT 1",
+                    params![tenant, name, except],
+                    |r| r.get::<_, String>(0),
+                )
+                .optional()
+                .map_err(backend)
+            })
+            .await?;
+        hex.map(|h| {
+            DeviceId::parse_hex(&h).ok_or_else(|| StoreError::Corrupt(format!("device_id {h:?}")))
+        })
+        .transpose()
     }
 
     async fn tenant(&self, id: &str) -> Result<Option<StoredTenant>, StoreError> {

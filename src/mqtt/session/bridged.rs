@@ -28,6 +28,8 @@ use crate::route::Route;
 /// The session's link to its tenant's bridge pool.
 pub(super) struct BridgeLink {
     pub(super) tenant: Arc<str>,
+    /// The claim's thing name the patterns were filled with (a later naming re-links).
+    thing_name: String,
     /// The tenant record the link was made from (a PATCH puts a new one in the map).
     made_from: Arc<TenantEntry>,
     pool: Arc<Pool>,
@@ -120,14 +122,19 @@ where
     /// settings say. Returns the link it replaced, for [`Self::carry_over`] to finish with.
     pub(super) fn follow_bridge(&mut self, route: &Route) -> Option<BridgeLink> {
         let wanted = match route {
-            Route::Bridge { tenant } => Some(tenant.clone()),
+            Route::Bridge { tenant, thing_name } => Some((tenant.clone(), thing_name.as_str())),
             _ => None,
         };
-        if self.bridge.as_ref().map(|l| &l.tenant) == wanted.as_ref() && self.bridge_current() {
+        let same = self.bridge.as_ref().is_some_and(|l| {
+            Some((&l.tenant, l.thing_name.as_str())) == wanted.as_ref().map(|w| (&w.0, w.1))
+        });
+        if (same || (self.bridge.is_none() && wanted.is_none())) && self.bridge_current() {
             return None;
         }
         let old = self.bridge.take();
-        let Some(tenant_id) = wanted else { return old };
+        let Some((tenant_id, thing_name)) = wanted else {
+            return old;
+        };
         let Some(entry) = self.ctx.cache.tenant(&tenant_id) else {
             return old;
         };
@@ -137,13 +144,12 @@ where
         match self.ctx.bridge.pool(&entry.tenant) {
             Ok(pool) => {
                 let (tx, rx) = mpsc::channel(bridge::DEVICE_QUEUE);
-                let patterns = bridge::device_patterns(
-                    settings,
-                    &self.identity.thing_name,
-                    &self.identity.device_id,
-                );
+                // The claim's name, unique in the tenant; never the certificate's raw CN.
+                let patterns =
+                    bridge::device_patterns(settings, thing_name, &self.identity.device_id);
                 self.bridge = Some(BridgeLink {
                     tenant: tenant_id,
+                    thing_name: thing_name.to_owned(),
                     made_from: entry.clone(),
                     pool,
                     patterns,
@@ -243,7 +249,8 @@ where
     /// sends them again when it reconnects rather than waiting for good.
     async fn leave_bridge(&mut self, old: BridgeLink) -> Step {
         self.release(&old);
-        let still_wanted = matches!(self.route(), Route::Bridge { tenant } if tenant == old.tenant);
+        let still_wanted =
+            matches!(self.route(), Route::Bridge { tenant, .. } if tenant == old.tenant);
         if still_wanted && !old.pending.is_empty() {
             self.send_disconnect(reason::SERVER_BUSY, None);
             let _ = self.flush().await;

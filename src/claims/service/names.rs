@@ -1,0 +1,128 @@
+//! Thing names of claimed devices: unique per tenant, derived from certificate names that are
+//! attacker text.
+//!
+//! A device's own name is [`identity::thing_name_for`] of its CN (the CN when it is a usable
+//! AWS IoT thing name, else the device id). A claim stores the name it is known by in its
+//! tenant (bridge topics, redirects, the AWS thing), and that name is held by one device of the
+//! tenant at most: a claim whose name another device of the tenant holds gets its device id
+//! instead. Device ids never collide (a CN spelling another device's id is not usable), and the
+//! check runs under the write lock after catching up with the other nodes, in the store, so it
+//! is exact across a fleet.
+
+use super::{ClaimsService, ServiceError};
+use crate::claims::model::ClaimState;
+use crate::edge::identity::{self, DeviceId};
+
+impl ClaimsService {
+    /// The thing name a claim's `cert_pem` gives its device ([`identity::thing_name_for`]).
+    pub(super) fn cert_thing_name(&self, id: &DeviceId, pem: &str) -> Result<String, ServiceError> {
+        let der = identity::cert_pem_to_der(pem)
+            .map_err(|e| ServiceError::Invalid(format!("cert_pem: {e}")))?;
+        if DeviceId::from_cert_der(&der) != *id {
+            return Err(ServiceError::Invalid(
+                "cert_pem is not the certificate of the device in the code".into(),
+            ));
+        }
+        Ok(identity::thing_name_for(
+            identity::common_name(&der).as_deref(),
+            id,
+        ))
+    }
+
+    /// `wanted` when it is usable for `id` and no other claim of `tenant` holds it, else the
+    /// device id. Call under the write lock.
+    pub(super) async fn unique_thing_name(
+        &self,
+        tenant: &str,
+        wanted: &str,
+        id: &DeviceId,
+    ) -> Result<String, ServiceError> {
+        if !identity::usable_thing_name(wanted, id) {
+            return Ok(id.to_hex());
+        }
+        match self
+            .inner
+            .store
+            .thing_name_holder(tenant, wanted, id)
+            .await?
+        {
+            Some(holder) => {
+                tracing::info!(device_id = %id, %holder, tenant, thing_name = wanted, "thing name taken in the tenant; the device id stands in");
+                Ok(id.to_hex())
+            }
+            None => Ok(wanted.to_owned()),
+        }
+    }
+
+    /// The device's own name as far as this node knows it without its certificate: from its
+    /// connection here, or (in a fleet) from the node that saw it. Re-derived, so a name another
+    /// node stored raw never passes.
+    pub(super) async fn seen_thing_name(
+        &self,
+        id: &DeviceId,
+    ) -> Result<Option<String>, ServiceError> {
+        if let Some(seen) = self.inner.waiting.seen(id) {
+            return Ok(Some(identity::thing_name_for(Some(&*seen.thing_name), id)));
+        }
+        if !self.inner.store.shared() {
+            return Ok(None);
+        }
+        let presence = self.inner.store.presence(Some(id)).await?;
+        Ok(presence
+            .first()
+            .map(|p| identity::thing_name_for(Some(&p.thing_name), id)))
+    }
+
+    /// A claimed device without a thing name (claimed before it was ever seen, without its
+    /// certificate) connected: name the claim from the certificate it presented.
+    pub(super) async fn name_claim(&self, id: &DeviceId, der: &[u8]) -> Result<(), ServiceError> {
+        let unnamed = |c: &crate::claims::model::Claim| {
+            c.thing_name.is_none() && c.state != ClaimState::Revoked && c.tenant.is_some()
+        };
+        if !self.inner.cache.claim(id).is_some_and(|c| unnamed(&c)) {
+            return Ok(());
+        }
+        let _w = self.write().await?;
+        let Some(current) = self.inner.cache.claim(id).filter(|c| unnamed(c)) else {
+            return Ok(());
+        };
+        let Some(tenant) = current.tenant_id() else {
+            return Ok(());
+        };
+        let own = identity::thing_name_for(identity::common_name(der).as_deref(), id);
+        let mut c = (*current).clone();
+        c.thing_name = Some(self.unique_thing_name(tenant, &own, id).await?);
+        self.commit(c, None).await.map(drop)
+    }
+
+    /// The provisioner's AWS thing name for a `registering` device of `tenant`: `candidate` (the
+    /// tenant's template filled in) when no other device of the tenant holds it, else the device
+    /// id; stored on the claim before anything is created, so two registrations never share a
+    /// thing. `None`: the claim moved on meanwhile.
+    pub async fn reserve_thing_name(
+        &self,
+        id: &DeviceId,
+        tenant: &str,
+        candidate: &str,
+    ) -> Result<Option<String>, ServiceError> {
+        let _w = self.write().await?;
+        let Some(current) = self
+            .inner
+            .cache
+            .claim(id)
+            .filter(|c| c.state == ClaimState::Registering && c.tenant_id() == Some(tenant))
+        else {
+            return Ok(None);
+        };
+        if current.thing_name.as_deref() == Some(candidate) {
+            return Ok(Some(candidate.to_owned()));
+        }
+        let name = self.unique_thing_name(tenant, candidate, id).await?;
+        if current.thing_name.as_deref() != Some(name.as_str()) {
+            let mut c = (*current).clone();
+            c.thing_name = Some(name.clone());
+            self.commit(c, None).await?;
+        }
+        Ok(Some(name))
+    }
+}
