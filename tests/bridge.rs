@@ -18,16 +18,15 @@ use std::time::Duration;
 
 use common::flows::{device_when, status};
 use common::*;
-use lobby::mqtt::codec::{self, Packet, Protocol, QoS};
+use lobby::mqtt::codec::{Packet, Protocol, QoS};
 use serde_json::{json, Value};
-use tokio::time::{timeout, timeout_at, Instant};
-use upstream::{lossy, Observer, Upstream, LONG, SYS_CLIENTS, SYS_SUBSCRIPTIONS};
+use tokio::time::Instant;
+use upstream::device::*;
+use upstream::{Observer, Upstream, LONG, SYS_CLIENTS, SYS_SUBSCRIPTIONS};
 
 const TENANT: &str = "acme";
 /// Un-acknowledged QoS 1 publishes a bridged device may have in flight (v5 Receive Maximum).
 const INFLIGHT: u16 = 32;
-/// Payload of the messages that warm up a subscription; readers skip them.
-const PROBE: &[u8] = b"probe";
 /// The tenant topics of most tests.
 const THINGS: &[&str] = &["things/{thing_name}/#"];
 
@@ -93,128 +92,6 @@ impl Setup {
     }
 }
 
-// ---- device-side helpers ------------------------------------------------------------------
-
-/// The device publishes `payload` on `topic` (`pkid` is ignored at QoS 0).
-async fn publish(c: &mut RawClient, pkid: u16, topic: &str, qos: QoS, payload: &str) {
-    let pkid = if qos == QoS::AtMostOnce { 0 } else { pkid };
-    c.send(common::publish(topic, qos, pkid, payload.as_bytes()))
-        .await;
-}
-
-/// Acknowledges an incoming QoS 1 publish.
-async fn ack(c: &mut RawClient, p: &codec::Publish) {
-    if p.qos == QoS::AtLeastOnce {
-        c.send(Packet::PubAck(codec::PubAck {
-            pkid: p.pkid,
-            ..Default::default()
-        }))
-        .await;
-    }
-}
-
-/// The next packet within `within` that is not a probe; incoming QoS 1 publishes are
-/// acknowledged. Panics when the connection closes or nothing comes in time.
-async fn next_within(c: &mut RawClient, within: Duration) -> Packet {
-    let deadline = Instant::now() + within;
-    loop {
-        let asked = Instant::now();
-        match timeout_at(deadline, c.recv()).await {
-            Err(_) => panic!("no packet within {within:?}"),
-            Ok(None) if asked.elapsed() < WAIT => panic!("the lobby closed the connection"),
-            // `recv` gave up after `WAIT` of silence: keep waiting until `deadline`.
-            Ok(None) => {}
-            Ok(Some(Packet::Publish(p))) => {
-                ack(c, &p).await;
-                if p.payload != PROBE {
-                    return Packet::Publish(p);
-                }
-            }
-            Ok(Some(p)) => return p,
-        }
-    }
-}
-
-async fn next(c: &mut RawClient) -> Packet {
-    next_within(c, WAIT).await
-}
-
-/// The next non-probe packet, which must be a PUBLISH.
-async fn next_publish(c: &mut RawClient) -> codec::Publish {
-    match next(c).await {
-        Packet::Publish(p) => p,
-        other => panic!("expected PUBLISH, got {other:?}"),
-    }
-}
-
-/// The next non-probe PUBLISH must be `payload` on `topic` at `qos`.
-async fn expect_message(c: &mut RawClient, topic: &str, payload: &str, qos: QoS) {
-    let p = next_publish(c).await;
-    assert_eq!(
-        (p.topic.as_str(), lossy(&p.payload).as_str(), p.qos),
-        (topic, payload, qos),
-        "{p:?}"
-    );
-}
-
-/// The next non-probe packet must be the PUBACK of `pkid` with `reason`.
-async fn expect_puback_within(c: &mut RawClient, pkid: u16, reason: u8, within: Duration) {
-    match next_within(c, within).await {
-        Packet::PubAck(a) => assert_eq!((a.pkid, a.reason), (pkid, reason), "{a:?}"),
-        other => panic!("expected PUBACK {pkid}, got {other:?}"),
-    }
-}
-
-async fn expect_puback(c: &mut RawClient, pkid: u16, reason: u8) {
-    expect_puback_within(c, pkid, reason, WAIT).await
-}
-
-/// Nothing at all arrives for `d`, and the connection stays open.
-async fn silent_for(c: &mut RawClient, d: Duration) {
-    match timeout(d, c.recv()).await {
-        Err(_) => {}
-        Ok(Some(p)) => panic!("expected nothing for {d:?}, got {p:?}"),
-        Ok(None) => panic!("the lobby closed the connection"),
-    }
-}
-
-/// UNSUBSCRIBE `filter`; the next non-probe packet must be its UNSUBACK.
-async fn unsubscribe(c: &mut RawClient, pkid: u16, filter: &str) {
-    c.send(Packet::Unsubscribe(codec::Unsubscribe {
-        pkid,
-        filters: vec![filter.into()],
-        properties: Default::default(),
-    }))
-    .await;
-    match next(c).await {
-        Packet::UnsubAck(a) => assert_eq!(a.pkid, pkid, "{a:?}"),
-        other => panic!("expected UNSUBACK, got {other:?}"),
-    }
-}
-
-/// Publishes probes on `topic` upstream until one reaches the device (subscribed to a filter
-/// matching it): from then on, its upstream subscription is in place. Any other packet fails.
-async fn warm_up(obs: &Observer, c: &mut RawClient, topic: &str) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        obs.publish(topic, rumqttc::QoS::AtLeastOnce, PROBE).await;
-        match timeout(Duration::from_millis(300), c.recv()).await {
-            Err(_) => assert!(
-                Instant::now() < deadline,
-                "no message on {topic} reached the device in {WAIT:?}"
-            ),
-            Ok(Some(Packet::Publish(p))) if p.payload == PROBE => {
-                ack(c, &p).await;
-                if p.topic == topic {
-                    return;
-                }
-            }
-            Ok(Some(other)) => panic!("while waiting for a probe on {topic}: {other:?}"),
-            Ok(None) => panic!("the lobby closed the connection"),
-        }
-    }
-}
-
 /// `…/status` of `dev`, read (skipping probes) as the next PUBLISH.
 async fn expect_status(c: &mut RawClient, dev: &Device, state: &str, tenant: Option<&str>) {
     let p = next_publish(c).await;
@@ -243,8 +120,8 @@ async fn round_trip(protocol: Protocol, name: &str) {
     let telemetry = format!("things/{name}/telemetry");
 
     // Device → tenant.
-    publish(&mut c, 0, &telemetry, QoS::AtMostOnce, "q0-up").await;
-    publish(&mut c, 1, &telemetry, QoS::AtLeastOnce, "q1-up").await;
+    send_publish(&mut c, 0, &telemetry, QoS::AtMostOnce, "q0-up").await;
+    send_publish(&mut c, 1, &telemetry, QoS::AtLeastOnce, "q1-up").await;
     expect_puback(&mut c, 1, 0).await;
     let m1 = s.obs.wait_for(&telemetry, b"q1-up", WAIT).await;
     assert_eq!(m1.qos, 1, "forwarded at its QoS: {m1:?}");
@@ -319,9 +196,9 @@ async fn hostile_cns_reach_only_their_own_bridged_topics() {
         warm_up(&s.obs, &mut c, &format!("{own}/cmd/probe")).await;
         // Device → tenant: the victim's topic is refused, its own goes through.
         let forged = format!("forged-{i}");
-        publish(&mut c, 11, "things/victim/cmd", QoS::AtLeastOnce, &forged).await;
+        send_publish(&mut c, 11, "things/victim/cmd", QoS::AtLeastOnce, &forged).await;
         expect_puback(&mut c, 11, 0x87).await;
-        publish(&mut c, 12, &format!("{own}/up"), QoS::AtLeastOnce, "mine").await;
+        send_publish(&mut c, 12, &format!("{own}/up"), QoS::AtLeastOnce, "mine").await;
         expect_puback(&mut c, 12, 0).await;
         s.obs.wait_for(&format!("{own}/up"), b"mine", WAIT).await;
         // The victim's message reaches the victim only: the next thing this device gets is
@@ -359,14 +236,14 @@ async fn outage_keeps_qos1_unacked(protocol: Protocol, name: &str) {
     let (_dev, mut c) = s.bridged(name, protocol).await;
     let topic = format!("things/{name}/telemetry");
     // The bridge works before the outage.
-    publish(&mut c, 1, &topic, QoS::AtLeastOnce, "before").await;
+    send_publish(&mut c, 1, &topic, QoS::AtLeastOnce, "before").await;
     expect_puback(&mut c, 1, 0).await;
     s.obs.wait_for(&topic, b"before", WAIT).await;
 
     s.up.stop().await;
     let pkids: Vec<u16> = (10..15).collect();
     for (i, pkid) in pkids.iter().enumerate() {
-        publish(&mut c, *pkid, &topic, QoS::AtLeastOnce, &format!("m{i}")).await;
+        send_publish(&mut c, *pkid, &topic, QoS::AtLeastOnce, &format!("m{i}")).await;
     }
     // Nothing may be acknowledged that the broker did not acknowledge.
     silent_for(&mut c, Duration::from_secs(1)).await;
@@ -392,7 +269,7 @@ async fn outage_keeps_qos1_unacked(protocol: Protocol, name: &str) {
         assert_eq!(m.qos, 1, "{m:?}");
     }
     // And the bridge carries new traffic after the outage.
-    publish(&mut c, 20, &topic, QoS::AtLeastOnce, "after").await;
+    send_publish(&mut c, 20, &topic, QoS::AtLeastOnce, "after").await;
     expect_puback(&mut c, 20, 0).await;
     s.obs.wait_for(&topic, b"after", WAIT).await;
 }
@@ -505,9 +382,9 @@ async fn topic_rules_v5() {
     }
     assert_eq!(c.subscribe(20, "things/rules-v5/cmd/#").await, vec![1]);
 
-    publish(&mut c, 30, "things/other/telemetry", QoS::AtLeastOnce, "no").await;
+    send_publish(&mut c, 30, "things/other/telemetry", QoS::AtLeastOnce, "no").await;
     expect_puback(&mut c, 30, 0x87).await;
-    publish(
+    send_publish(
         &mut c,
         31,
         &format!("ids/{}/down", dev.hex()),
@@ -517,10 +394,10 @@ async fn topic_rules_v5() {
     .await;
     expect_puback(&mut c, 31, 0x87).await;
     // `{device_id}` is filled in.
-    publish(&mut c, 32, &up, QoS::AtLeastOnce, "yes").await;
+    send_publish(&mut c, 32, &up, QoS::AtLeastOnce, "yes").await;
     expect_puback(&mut c, 32, 0).await;
     s.obs.wait_for(&up, b"yes", WAIT).await;
-    publish(
+    send_publish(
         &mut c,
         33,
         "things/rules-v5/telemetry",
@@ -547,7 +424,7 @@ async fn topic_rules_v5() {
     c.ping_ok().await;
 
     // A refused QoS 0 publish ends the session.
-    publish(&mut c, 0, "things/other/telemetry", QoS::AtMostOnce, "no").await;
+    send_publish(&mut c, 0, "things/other/telemetry", QoS::AtMostOnce, "no").await;
     c.expect_disconnect(0x87).await;
 }
 
@@ -558,11 +435,11 @@ async fn topic_rules_v311() {
     assert_eq!(c.subscribe(1, "things/other/cmd/#").await, vec![0x80]);
     assert_eq!(c.subscribe(2, "things/#").await, vec![0x80]);
     assert_eq!(c.subscribe(3, "things/rules-v311/cmd/#").await, vec![1]);
-    publish(&mut c, 4, "things/rules-v311/t", QoS::AtLeastOnce, "yes").await;
+    send_publish(&mut c, 4, "things/rules-v311/t", QoS::AtLeastOnce, "yes").await;
     expect_puback(&mut c, 4, 0).await;
     s.obs.wait_for("things/rules-v311/t", b"yes", WAIT).await;
     // A refused publish closes a v3.1.1 connection, without an acknowledgement.
-    publish(&mut c, 5, "things/other/t", QoS::AtLeastOnce, "no").await;
+    send_publish(&mut c, 5, "things/other/t", QoS::AtLeastOnce, "no").await;
     let before_close = c.expect_closed().await;
     assert!(
         !before_close
@@ -592,7 +469,7 @@ async fn many_devices_share_a_small_pool() {
     }
     // All publish at once, then each gets its PUBACK.
     for (name, c) in &mut devices {
-        publish(c, 1, &format!("things/{name}/up"), QoS::AtLeastOnce, name).await;
+        send_publish(c, 1, &format!("things/{name}/up"), QoS::AtLeastOnce, name).await;
     }
     for (_, c) in &mut devices {
         expect_puback(c, 1, 0).await;
@@ -636,15 +513,15 @@ async fn past_the_inflight_bound_v5_is_disconnected_0x97() {
     let mut s = setup(THINGS, 2).await;
     let (_dev, mut c) = s.bridged("bound-v5", Protocol::V5).await;
     let topic = "things/bound-v5/telemetry";
-    publish(&mut c, 1, topic, QoS::AtLeastOnce, "before").await;
+    send_publish(&mut c, 1, topic, QoS::AtLeastOnce, "before").await;
     expect_puback(&mut c, 1, 0).await;
     s.up.stop().await;
     for pkid in 100..100 + INFLIGHT {
-        publish(&mut c, pkid, topic, QoS::AtLeastOnce, "held").await;
+        send_publish(&mut c, pkid, topic, QoS::AtLeastOnce, "held").await;
     }
     // Up to the bound the device is kept, and nothing is acknowledged.
     silent_for(&mut c, Duration::from_millis(500)).await;
-    publish(&mut c, 100 + INFLIGHT, topic, QoS::AtLeastOnce, "over").await;
+    send_publish(&mut c, 100 + INFLIGHT, topic, QoS::AtLeastOnce, "over").await;
     c.expect_disconnect(0x97).await;
 }
 
@@ -653,14 +530,14 @@ async fn past_the_inflight_bound_v311_is_closed() {
     let mut s = setup(THINGS, 2).await;
     let (_dev, mut c) = s.bridged("bound-v311", Protocol::V311).await;
     let topic = "things/bound-v311/telemetry";
-    publish(&mut c, 1, topic, QoS::AtLeastOnce, "before").await;
+    send_publish(&mut c, 1, topic, QoS::AtLeastOnce, "before").await;
     expect_puback(&mut c, 1, 0).await;
     s.up.stop().await;
     for pkid in 100..100 + INFLIGHT {
-        publish(&mut c, pkid, topic, QoS::AtLeastOnce, "held").await;
+        send_publish(&mut c, pkid, topic, QoS::AtLeastOnce, "held").await;
     }
     silent_for(&mut c, Duration::from_millis(500)).await;
-    publish(&mut c, 100 + INFLIGHT, topic, QoS::AtLeastOnce, "over").await;
+    send_publish(&mut c, 100 + INFLIGHT, topic, QoS::AtLeastOnce, "over").await;
     let before_close = c.expect_closed().await;
     assert!(before_close.is_empty(), "{before_close:?}");
 }
@@ -703,7 +580,7 @@ async fn upstream_health_shows_in_metrics() {
     let tenant = "health-tenant";
     let mut s = setup_tenant(tenant, THINGS, 2).await;
     let (_dev, mut c) = s.bridged("health", Protocol::V5).await;
-    publish(&mut c, 1, "things/health/t", QoS::AtLeastOnce, "x").await;
+    send_publish(&mut c, 1, "things/health/t", QoS::AtLeastOnce, "x").await;
     expect_puback(&mut c, 1, 0).await;
     let connected = |want_up: bool| {
         let lobby = &s.lobby;
@@ -766,7 +643,7 @@ async fn switching_the_tenant_to_redirect_and_back_moves_devices() {
     assert_eq!(st, 201, "{body}");
     let (mut c2, ack) = connack(&s.lobby, &dev, Protocol::V5, "switcher-2").await;
     assert_eq!(ack.code, 0, "{ack:?}");
-    publish(
+    send_publish(
         &mut c2,
         1,
         "things/switcher-2/telemetry",
@@ -794,7 +671,7 @@ async fn the_pool_closes_with_the_last_bridged_device_and_comes_back() {
     s.obs.wait_sys(SYS_CLIENTS, 1).await;
     // The next bridged device brings the pool back.
     let (_dev2, mut c2) = s.bridged("next-one", Protocol::V311).await;
-    publish(&mut c2, 1, "things/next-one/up", QoS::AtLeastOnce, "again").await;
+    send_publish(&mut c2, 1, "things/next-one/up", QoS::AtLeastOnce, "again").await;
     expect_puback(&mut c2, 1, 0).await;
     s.obs
         .wait_for("things/next-one/up", b"again", Duration::from_secs(10))

@@ -12,14 +12,13 @@ use std::time::Duration;
 
 use common::flows::device_when;
 use common::*;
-use lobby::mqtt::codec::{self, Packet, Protocol, QoS};
+use lobby::mqtt::codec::{Packet, Protocol, QoS};
 use serde_json::{json, Value};
-use tokio::time::{timeout, timeout_at, Instant};
+use tokio::time::{timeout, Instant};
+use upstream::device::*;
 use upstream::strict::Strict;
-use upstream::{Observer, Upstream, LONG, SYS_SUBSCRIPTIONS};
+use upstream::{Upstream, LONG, SYS_SUBSCRIPTIONS};
 
-/// Payload of the messages that warm up a subscription; readers skip them.
-const PROBE: &[u8] = b"probe";
 const THINGS: &[&str] = &["things/{thing_name}/#"];
 /// The default `limits.bridge_max_redeliveries`.
 const REDELIVERIES: u64 = 3;
@@ -66,76 +65,6 @@ async fn bridged(
     let (c, ack) = connack(lobby, &dev, protocol, name).await;
     assert_eq!(ack.code, 0, "{ack:?}");
     (dev, c)
-}
-
-async fn publish(c: &mut RawClient, pkid: u16, topic: &str, payload: &str) {
-    c.send(common::publish(
-        topic,
-        QoS::AtLeastOnce,
-        pkid,
-        payload.as_bytes(),
-    ))
-    .await;
-}
-
-/// The next packet within `within` that is not a probe (incoming QoS 1 is acknowledged);
-/// panics when the connection closes or nothing comes.
-async fn next_within(c: &mut RawClient, within: Duration) -> Packet {
-    let deadline = Instant::now() + within;
-    loop {
-        let asked = Instant::now();
-        match timeout_at(deadline, c.recv()).await {
-            Err(_) => panic!("no packet within {within:?}"),
-            Ok(None) if asked.elapsed() < WAIT => panic!("the lobby closed the connection"),
-            Ok(None) => {}
-            Ok(Some(Packet::Publish(p))) => {
-                if p.qos == QoS::AtLeastOnce {
-                    c.send(Packet::PubAck(codec::PubAck {
-                        pkid: p.pkid,
-                        ..Default::default()
-                    }))
-                    .await;
-                }
-                if p.payload != PROBE {
-                    return Packet::Publish(p);
-                }
-            }
-            Ok(Some(p)) => return p,
-        }
-    }
-}
-
-async fn expect_puback_within(c: &mut RawClient, pkid: u16, reason: u8, within: Duration) {
-    match next_within(c, within).await {
-        Packet::PubAck(a) => assert_eq!((a.pkid, a.reason), (pkid, reason), "{a:?}"),
-        other => panic!("expected PUBACK {pkid}, got {other:?}"),
-    }
-}
-
-async fn expect_puback(c: &mut RawClient, pkid: u16, reason: u8) {
-    expect_puback_within(c, pkid, reason, WAIT).await
-}
-
-/// Probes `topic` from the broker until one reaches the device: its subscription is in place.
-async fn warm_up(obs: &Observer, c: &mut RawClient, topic: &str) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        obs.publish(topic, rumqttc::QoS::AtLeastOnce, PROBE).await;
-        match timeout(Duration::from_millis(300), c.recv()).await {
-            Err(_) => assert!(Instant::now() < deadline, "no probe on {topic} arrived"),
-            Ok(Some(Packet::Publish(p))) if p.payload == PROBE => {
-                c.send(Packet::PubAck(codec::PubAck {
-                    pkid: p.pkid,
-                    ..Default::default()
-                }))
-                .await;
-                if p.topic == topic {
-                    return;
-                }
-            }
-            Ok(other) => panic!("while waiting for a probe on {topic}: {other:?}"),
-        }
-    }
 }
 
 /// The value of `name{tenant="<tenant>"}` on /metrics (0 when not shown yet).
@@ -190,15 +119,15 @@ async fn narrowed_topics_apply_to_live_sessions_at_once() {
         other => panic!("expected the marker, got {other:?}"),
     }
     // Publishing there is refused (v5: PUBACK 0x87, the session stays)...
-    publish(&mut c, 3, "fleet/x", "refused").await;
+    send_publish(&mut c, 3, "fleet/x", QoS::AtLeastOnce, "refused").await;
     expect_puback(&mut c, 3, 0x87).await;
-    publish(&mut c, 4, "things/narrow-v5/t", "kept").await;
+    send_publish(&mut c, 4, "things/narrow-v5/t", QoS::AtLeastOnce, "kept").await;
     expect_puback(&mut c, 4, 0).await;
     obs.wait_for("things/narrow-v5/t", b"kept", WAIT).await;
     // ...and a new subscription there too.
     assert_eq!(c.subscribe(5, "fleet/all").await, vec![0x87]);
     // v3.1.1: a refused publish closes the connection, without an acknowledgement.
-    publish(&mut c3, 1, "fleet/x", "refused").await;
+    send_publish(&mut c3, 1, "fleet/x", QoS::AtLeastOnce, "refused").await;
     let before_close = c3.expect_closed().await;
     assert!(
         !before_close
@@ -224,7 +153,7 @@ async fn endpoint_change_moves_the_session(protocol: Protocol, name: &str) {
     let cmd = format!("things/{name}/cmd/#");
     assert_eq!(c.subscribe(1, &cmd).await, vec![1]);
     warm_up(&obs1, &mut c, &format!("things/{name}/cmd/probe")).await;
-    publish(&mut c, 2, &topic, "before").await;
+    send_publish(&mut c, 2, &topic, QoS::AtLeastOnce, "before").await;
     expect_puback(&mut c, 2, 0).await;
     obs1.wait_for(&topic, b"before", WAIT).await;
 
@@ -232,7 +161,7 @@ async fn endpoint_change_moves_the_session(protocol: Protocol, name: &str) {
     up1.stop().await;
     let pkids: Vec<u16> = (10..15).collect();
     for (i, pkid) in pkids.iter().enumerate() {
-        publish(&mut c, *pkid, &topic, &format!("m{i}")).await;
+        send_publish(&mut c, *pkid, &topic, QoS::AtLeastOnce, &format!("m{i}")).await;
     }
     assert!(
         timeout(Duration::from_millis(500), c.recv()).await.is_err(),
@@ -264,7 +193,7 @@ async fn endpoint_change_moves_the_session(protocol: Protocol, name: &str) {
         assert_eq!(m.qos, 1, "{m:?}");
     }
     // New traffic goes to the new broker, both ways.
-    publish(&mut c, 20, &topic, "after").await;
+    send_publish(&mut c, 20, &topic, QoS::AtLeastOnce, "after").await;
     expect_puback(&mut c, 20, 0).await;
     obs2.wait_for(&topic, b"after", WAIT).await;
     warm_up(&obs2, &mut c, &format!("things/{name}/cmd/probe")).await;
@@ -295,12 +224,19 @@ async fn poison_fails_alone(protocol: Protocol, name: &str) {
     let good_name = format!("{name}-good");
     let (_, mut good) = bridged(&lobby, &token, &good_name, Protocol::V5).await;
     let good_topic = format!("things/{good_name}/t");
-    publish(&mut good, 1, &good_topic, "first").await;
+    send_publish(&mut good, 1, &good_topic, QoS::AtLeastOnce, "first").await;
     expect_puback(&mut good, 1, 0).await;
     let before = counter(&lobby, "lobby_bridge_poison_total", &id).await;
 
-    publish(&mut bad, 1, &format!("things/{name}/forbidden"), "poison").await;
-    publish(&mut good, 2, &good_topic, "during").await;
+    send_publish(
+        &mut bad,
+        1,
+        &format!("things/{name}/forbidden"),
+        QoS::AtLeastOnce,
+        "poison",
+    )
+    .await;
+    send_publish(&mut good, 2, &good_topic, QoS::AtLeastOnce, "during").await;
     match protocol {
         // v5: a negative acknowledgement, and the device stays.
         Protocol::V5 => {
@@ -315,7 +251,7 @@ async fn poison_fails_alone(protocol: Protocol, name: &str) {
     }
     // The other device's publish, queued behind the poison on the same connection, goes.
     expect_puback_within(&mut good, 2, 0, LONG).await;
-    publish(&mut good, 3, &good_topic, "after").await;
+    send_publish(&mut good, 3, &good_topic, QoS::AtLeastOnce, "after").await;
     expect_puback(&mut good, 3, 0).await;
     let accepted: Vec<Vec<u8>> = strict
         .accepted()

@@ -63,6 +63,19 @@ impl Factory {
     }
 }
 
+/// A lobby trusting exactly `cas` (`tls.client_cas`), reading CRLs from `crl_dir` if given.
+async fn lobby_trusting(cas: &[&PathBuf], crl_dir: Option<&Path>) -> TestLobby {
+    let cas: Vec<PathBuf> = cas.iter().map(|p| (*p).clone()).collect();
+    let crl_dir = crl_dir.map(Path::to_owned);
+    TestLobby::start_with(|c| {
+        c.tls.client_cas = cas;
+        if let Some(dir) = crl_dir {
+            c.tls.crl_dir = dir;
+        }
+    })
+    .await
+}
+
 /// Refused: the handshake fails, or (TLS 1.3, where the client finishes first) the connection
 /// closes before any MQTT answer.
 async fn refused(lobby: &TestLobby, dev: &Device) -> bool {
@@ -96,8 +109,7 @@ fn write_crl(dir: &Path, name: &str, issuer: &Ca, revoked: &[&[u8]]) {
 #[tokio::test]
 async fn a_device_sending_its_chain_stays_through_a_reload_that_changes_nothing() {
     let f = factory("Acme");
-    let root = f.root_pem.clone();
-    let t = TestLobby::start_with(|c| c.tls.client_cas = vec![root]).await;
+    let t = lobby_trusting(&[&f.root_pem], None).await;
     let dev = f.device(&t, "chain-v5");
     let dev3 = f.device(&t, "chain-v3");
     let mut c5 = connected(&t, &dev, Protocol::V5).await;
@@ -115,16 +127,7 @@ async fn a_root_crl_revoking_the_intermediate_cuts_off_every_device_under_it() {
     let f = factory("Acme");
     let other = factory("Other");
     let crls = tempfile::tempdir().unwrap();
-    let (root, other_root, crl_dir) = (
-        f.root_pem.clone(),
-        other.root_pem.clone(),
-        crls.path().to_owned(),
-    );
-    let t = TestLobby::start_with(|c| {
-        c.tls.client_cas = vec![root, other_root];
-        c.tls.crl_dir = crl_dir;
-    })
-    .await;
+    let t = lobby_trusting(&[&f.root_pem, &other.root_pem], Some(crls.path())).await;
     let a = f.device(&t, "under-revoked-1");
     let b = f.device(&t, "under-revoked-2");
     let kept = other.device(&t, "other-factory");
@@ -161,12 +164,7 @@ async fn a_revoked_intermediate_is_refused_at_the_handshake() {
         &f.root,
         &[&f.intermediate_cert.cert_der],
     );
-    let (root, crl_dir) = (f.root_pem.clone(), crls.path().to_owned());
-    let t = TestLobby::start_with(|c| {
-        c.tls.client_cas = vec![root];
-        c.tls.crl_dir = crl_dir;
-    })
-    .await;
+    let t = lobby_trusting(&[&f.root_pem], Some(crls.path())).await;
     assert!(refused(&t, &f.device(&t, "chain")).await);
     assert!(refused(&t, &f.leaf_only_device(&t, "leaf-only")).await);
 }
@@ -175,12 +173,7 @@ async fn a_revoked_intermediate_is_refused_at_the_handshake() {
 async fn the_intermediates_crl_revokes_one_device_and_keeps_its_siblings() {
     let f = factory("Acme");
     let crls = tempfile::tempdir().unwrap();
-    let (root, crl_dir) = (f.root_pem.clone(), crls.path().to_owned());
-    let t = TestLobby::start_with(|c| {
-        c.tls.client_cas = vec![root];
-        c.tls.crl_dir = crl_dir;
-    })
-    .await;
+    let t = lobby_trusting(&[&f.root_pem], Some(crls.path())).await;
     let issued = f.intermediate.issue_device("listed").unwrap();
     let listed_der = issued.cert_der.clone();
     let chain = format!("{}{}", issued.cert_pem, f.intermediate_cert.cert_pem);
@@ -209,8 +202,7 @@ async fn the_intermediates_crl_revokes_one_device_and_keeps_its_siblings() {
 async fn removing_the_root_cuts_off_the_devices_under_its_intermediate() {
     let f = factory("Acme");
     let other = factory("Other");
-    let (root, other_root) = (f.root_pem.clone(), other.root_pem.clone());
-    let t = TestLobby::start_with(|c| c.tls.client_cas = vec![root, other_root]).await;
+    let t = lobby_trusting(&[&f.root_pem, &other.root_pem], None).await;
     let mut gone = connected(&t, &f.device(&t, "acme-dev"), Protocol::V5).await;
     let mut kept = connected(&t, &other.device(&t, "other-dev"), Protocol::V5).await;
 
@@ -227,8 +219,7 @@ async fn removing_the_root_cuts_off_the_devices_under_its_intermediate() {
 async fn a_leaf_only_device_enters_when_the_intermediate_is_configured() {
     // The root stays offline: only the intermediate is in `client_cas`.
     let f = factory("Acme");
-    let inter = f.intermediate_pem.clone();
-    let t = TestLobby::start_with(|c| c.tls.client_cas = vec![inter]).await;
+    let t = lobby_trusting(&[&f.intermediate_pem], None).await;
     let mut leaf = connected(&t, &f.leaf_only_device(&t, "leaf-only"), Protocol::V5).await;
     // A device that sends its chain anyway enters too.
     let mut chain = connected(&t, &f.device(&t, "with-chain"), Protocol::V311).await;
@@ -244,16 +235,7 @@ async fn a_configured_intermediate_still_answers_to_its_roots_crl() {
     // cuts its devices off.
     let f = factory("Acme");
     let crls = tempfile::tempdir().unwrap();
-    let (root, inter, crl_dir) = (
-        f.root_pem.clone(),
-        f.intermediate_pem.clone(),
-        crls.path().to_owned(),
-    );
-    let t = TestLobby::start_with(|c| {
-        c.tls.client_cas = vec![root, inter];
-        c.tls.crl_dir = crl_dir;
-    })
-    .await;
+    let t = lobby_trusting(&[&f.root_pem, &f.intermediate_pem], Some(crls.path())).await;
     let dev = f.leaf_only_device(&t, "leaf-only");
     let mut c = connected(&t, &dev, Protocol::V5).await;
     reload(&t, &t.config);
@@ -273,8 +255,7 @@ async fn a_configured_intermediate_still_answers_to_its_roots_crl() {
 #[tokio::test]
 async fn a_resumed_session_keeps_its_chain_through_a_reload() {
     let f = factory("Acme");
-    let root = f.root_pem.clone();
-    let t = TestLobby::start_with(|c| c.tls.client_cas = vec![root]).await;
+    let t = lobby_trusting(&[&f.root_pem], None).await;
     let dev = f.device(&t, "resumer");
     let connector = TlsConnector::from(client_tls(&t, &dev));
     {
@@ -313,8 +294,7 @@ async fn mosquitto_sub_with_a_chain_file_stays_through_a_reload() {
         return;
     };
     let f = factory("Acme");
-    let root = f.root_pem.clone();
-    let t = TestLobby::start_with(|c| c.tls.client_cas = vec![root]).await;
+    let t = lobby_trusting(&[&f.root_pem], None).await;
     let token = t.tenant("acme", "iot.acme.example").await;
     let dev = f.device(&t, "mosq-chain");
     let dir = t.dir.path().join("mosq-chain");

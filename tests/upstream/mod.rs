@@ -10,6 +10,7 @@
 
 #![allow(dead_code)]
 
+pub mod device;
 pub mod strict;
 
 use std::collections::HashMap;
