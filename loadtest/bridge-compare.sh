@@ -16,6 +16,7 @@
 # on failure and summarised after each line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. loadtest/servers.sh
 DEVICES=${1:-100}
 MESSAGES=${2:-1000}
 QOS=${QOS:-1}
@@ -36,39 +37,10 @@ trap cleanup EXIT
 
 "$LOBBY" certs init --dir "$work/certs" --devices 1 >/dev/null
 c=$work/certs
-cat >"$work/lobby.toml" <<EOF
-[listener]
-mqtt = "127.0.0.1:29883"
-api = "127.0.0.1:29080"
-[tls]
-cert = "$c/server.pem"
-key = "$c/server.key"
-client_cas = ["$c/ca.pem"]
-[store]
-url = "sqlite://$work/lobby.db"
-[claims]
-code_key = "$c/claim.key"
-[api]
-admin_token_file = "$c/admin.token"
-[log]
-level = "warn"
-EOF
+lobby_conf "$c" "$work" 29883 29080 >"$work/lobby.toml"
 common_conf() { # port
-  cat <<EOF
-listener $1 127.0.0.1
-cafile $c/ca.pem
-certfile $c/server.pem
-keyfile $c/server.key
-require_certificate true
-allow_anonymous true
-set_tcp_nodelay true
-max_connections -1
-max_queued_messages 100000
-max_inflight_messages 100
-persistence false
-user root
-log_dest none
-EOF
+  mosquitto_conf "$c" "$1" "max_queued_messages 100000
+max_inflight_messages 100"
 }
 common_conf 29884 >"$work/mosquitto-b.conf"
 {

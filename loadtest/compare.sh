@@ -13,6 +13,7 @@
 # process's CPU time (utime+stime from /proc) per connection, so the client's cost does not count.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. loadtest/servers.sh
 DEVICES=${1:-3000}
 CONCURRENCY=${2:-64}
 SCENARIO=${SCENARIO:-connect}
@@ -30,36 +31,8 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -r
 trap cleanup EXIT
 
 "$LOBBY" certs init --dir "$work/certs" --devices 1 >/dev/null
-cat >"$work/lobby.toml" <<EOF
-[listener]
-mqtt = "127.0.0.1:28883"
-api = "127.0.0.1:28080"
-[tls]
-cert = "$work/certs/server.pem"
-key = "$work/certs/server.key"
-client_cas = ["$work/certs/ca.pem"]
-[store]
-url = "sqlite://$work/lobby.db"
-[claims]
-code_key = "$work/certs/claim.key"
-[api]
-admin_token_file = "$work/certs/admin.token"
-[log]
-level = "warn"
-EOF
-cat >"$work/mosquitto.conf" <<EOF
-listener 28884 127.0.0.1
-cafile $work/certs/ca.pem
-certfile $work/certs/server.pem
-keyfile $work/certs/server.key
-require_certificate true
-allow_anonymous true
-set_tcp_nodelay true
-max_connections -1
-persistence false
-user root
-log_dest none
-EOF
+lobby_conf "$work/certs" "$work" 28883 28080 >"$work/lobby.toml"
+mosquitto_conf "$work/certs" 28884 >"$work/mosquitto.conf"
 
 cpu() { awk -v t="$TICK" '{ printf "%.0f", ($14 + $15) * 1000000 / t }' "/proc/$1/stat"; }
 

@@ -15,6 +15,7 @@
 #   callgrind_annotate --inclusive=yes $OUT/callgrind.lobby.out.1 | less
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. loadtest/servers.sh
 DEVICES=${1:-300}
 CONCURRENCY=${2:-4}
 OUT=${OUT:-/tmp/profile}
@@ -35,27 +36,9 @@ trap cleanup EXIT
 
 "$LOBBY" certs init --dir "$work/certs" --devices 1 >/dev/null
 lobby_config() { # mqtt-port api-port; valgrind runs the server ~50x slower: long deadlines
-  cat >"$work/lobby.toml" <<EOF
-[listener]
-mqtt = "127.0.0.1:$1"
-api = "127.0.0.1:$2"
-[tls]
-cert = "$work/certs/server.pem"
-key = "$work/certs/server.key"
-client_cas = ["$work/certs/ca.pem"]
-resumption = ${RESUMPTION:-true}
-[store]
-url = "sqlite://$work/lobby.db"
-[claims]
-code_key = "$work/certs/claim.key"
-[api]
-admin_token_file = "$work/certs/admin.token"
-[limits]
-handshake_timeout = "120s"
-connect_timeout = "120s"
-[log]
-level = "warn"
-EOF
+  lobby_conf "$work/certs" "$work" "$1" "$2" "[limits]
+handshake_timeout = \"120s\"
+connect_timeout = \"120s\"" "resumption = ${RESUMPTION:-true}" >"$work/lobby.toml"
 }
 # The servers' command lines for MQTT port $1.
 lobby_cmd() { lobby_config "$1" $(($1 + 10)); echo "$LOBBY" serve --config "$work/lobby.toml"; }

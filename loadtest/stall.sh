@@ -12,6 +12,7 @@
 # closes) from 127.0.0.2-127.0.0.5. Prints the harness's JSON and the mosquitto_pub p50/p99.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. loadtest/servers.sh
 STALLED=${1:-5000}
 DEVICES=${2:-2000}
 CONCURRENCY=${3:-16}
@@ -26,40 +27,11 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -r
 trap cleanup EXIT
 
 "$LOBBY" certs init --dir "$work/certs" --devices 1 >/dev/null
-cat >"$work/lobby.toml" <<CONF
-[listener]
-mqtt = "127.0.0.1:28883"
-api = "127.0.0.1:28080"
-[tls]
-cert = "$work/certs/server.pem"
-key = "$work/certs/server.key"
-client_cas = ["$work/certs/ca.pem"]
-[store]
-url = "sqlite://$work/lobby.db"
-[claims]
-code_key = "$work/certs/claim.key"
-[api]
-admin_token_file = "$work/certs/admin.token"
-[limits]
+lobby_conf "$work/certs" "$work" 28883 28080 "[limits]
 max_connections = 19000
 max_handshakes = ${MAX_HANDSHAKES:-2048}
-reconnect_burst = 1000
-[log]
-level = "warn"
-CONF
-cat >"$work/mosquitto.conf" <<CONF
-listener 28884 127.0.0.1
-cafile $work/certs/ca.pem
-certfile $work/certs/server.pem
-keyfile $work/certs/server.key
-require_certificate true
-allow_anonymous true
-set_tcp_nodelay true
-max_connections -1
-persistence false
-user root
-log_dest none
-CONF
+reconnect_burst = 1000" >"$work/lobby.toml"
+mosquitto_conf "$work/certs" 28884 >"$work/mosquitto.conf"
 ulimit -n "$(ulimit -Hn)"
 "$LOBBY" serve --config "$work/lobby.toml" & pids+=($!)
 /usr/sbin/mosquitto -c "$work/mosquitto.conf" & pids+=($!)

@@ -1,0 +1,48 @@
+# Shared by the comparison scripts (source it): the configuration of a release lobby and of a
+# TLS mosquitto on one dev PKI, so every script measures the same servers.
+#
+#   lobby_conf CERTS WORK MQTT_PORT API_PORT [EXTRA_TOML] [TLS_KEYS]   # prints a lobby.toml
+#   mosquitto_conf CERTS PORT [EXTRA_LINES]                 # prints a mosquitto.conf
+#
+# CERTS is a `lobby certs init` directory, WORK where the lobby keeps its SQLite file.
+# EXTRA_TOML is appended as is (e.g. a [limits] table), TLS_KEYS go into [tls]; [log] level
+# is "warn".
+
+lobby_conf() {
+  cat <<CONF
+[listener]
+mqtt = "127.0.0.1:$3"
+api = "127.0.0.1:$4"
+[tls]
+cert = "$1/server.pem"
+key = "$1/server.key"
+client_cas = ["$1/ca.pem"]
+${6:-}
+[store]
+url = "sqlite://$2/lobby.db"
+[claims]
+code_key = "$1/claim.key"
+[api]
+admin_token_file = "$1/admin.token"
+[log]
+level = "warn"
+${5:-}
+CONF
+}
+
+mosquitto_conf() {
+  cat <<CONF
+listener $2 127.0.0.1
+cafile $1/ca.pem
+certfile $1/server.pem
+keyfile $1/server.key
+require_certificate true
+allow_anonymous true
+set_tcp_nodelay true
+max_connections -1
+persistence false
+user root
+log_dest none
+${3:-}
+CONF
+}
