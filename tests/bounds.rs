@@ -24,19 +24,6 @@ use tokio_rustls::TlsConnector;
 /// test, not by this timer.
 const NEVER: Duration = Duration::from_secs(120);
 
-/// The soft open-files limit from /proc (1024 when it cannot be read).
-fn open_files_soft_limit() -> usize {
-    std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|l| {
-            l.lines()
-                .find(|line| line.starts_with("Max open files"))
-                .and_then(|line| line.split_whitespace().nth(3))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(1024)
-}
-
 /// A TCP connection that will never send a byte. Within `WAIT`, or the test fails (a lobby
 /// that stopped accepting leaves the connect hanging in a full backlog).
 async fn stalled(lobby: &TestLobby, i: usize) -> TcpStream {

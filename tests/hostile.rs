@@ -438,19 +438,6 @@ async fn a_publish_flood_neither_starves_others_nor_kills_the_flooder() {
 
 // ---- 7. thousands of half-open sockets ------------------------------------------------------
 
-/// The soft open-files limit from /proc (1024 when it cannot be read).
-fn open_files_soft_limit() -> usize {
-    std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|l| {
-            l.lines()
-                .find(|line| line.starts_with("Max open files"))
-                .and_then(|line| line.split_whitespace().nth(3))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(1024)
-}
-
 /// 2,000 TCP connections that never start TLS (fewer if the soft open-files limit is low: the
 /// lobby runs in this process, so each costs two descriptors; the crate forbids the unsafe
 /// `setrlimit` and has no rlimit dependency). A legitimate device gets in past them within

@@ -23,6 +23,22 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// A fresh directory whose `lobby.toml` runs a development lobby on free loopback ports
+/// (`dev.auto_init`), with `extra` appended; the directory and the MQTT and API ports.
+fn config_dir(extra: &str) -> (tempfile::TempDir, u16, u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let (mqtt, api) = (free_port(), free_port());
+    std::fs::write(
+        dir.path().join("lobby.toml"),
+        format!(
+            "[listener]\nmqtt = \"127.0.0.1:{mqtt}\"\napi = \"127.0.0.1:{api}\"\n\
+             [dev]\nauto_init = true\n[log]\nlevel = \"warn\"\n{extra}\n"
+        ),
+    )
+    .unwrap();
+    (dir, mqtt, api)
+}
+
 /// Reads packets until one decodes, or the stream ends (`None`).
 async fn next_packet<S: tokio::io::AsyncRead + Unpin>(
     io: &mut S,
@@ -40,16 +56,7 @@ async fn next_packet<S: tokio::io::AsyncRead + Unpin>(
 
 #[tokio::test]
 async fn lobby_serve_drains_on_sigterm_and_exits_0() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mqtt, api) = (free_port(), free_port());
-    std::fs::write(
-        dir.path().join("lobby.toml"),
-        format!(
-            "[listener]\nmqtt = \"127.0.0.1:{mqtt}\"\napi = \"127.0.0.1:{api}\"\n\
-             [dev]\nauto_init = true\n[shutdown]\ngrace = \"20s\"\n[log]\nlevel = \"warn\"\n"
-        ),
-    )
-    .unwrap();
+    let (dir, mqtt, api) = config_dir("[shutdown]\ngrace = \"20s\"");
     let mut child = Command::new(env!("CARGO_BIN_EXE_lobby"))
         .args(["serve", "--config", "lobby.toml"])
         .current_dir(dir.path())
@@ -150,16 +157,7 @@ async fn lobby_serve_refuses_values_that_overflow_or_lock_out() {
             "redirect_grace = \"100000000000y\"",
         ),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let (mqtt, api) = (free_port(), free_port());
-        std::fs::write(
-            dir.path().join("lobby.toml"),
-            format!(
-                "[listener]\nmqtt = \"127.0.0.1:{mqtt}\"\napi = \"127.0.0.1:{api}\"\n\
-                 [dev]\nauto_init = true\n[log]\nlevel = \"warn\"\n{section}\n{line}\n"
-            ),
-        )
-        .unwrap();
+        let (dir, _, _) = config_dir(&format!("{section}\n{line}"));
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lobby"))
             .args(["serve", "--config", "lobby.toml"])
             .current_dir(dir.path())

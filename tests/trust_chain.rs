@@ -278,6 +278,18 @@ async fn a_resumed_session_keeps_its_chain_through_a_reload() {
     stays(&mut c).await;
 }
 
+/// The next line mosquitto_sub prints, which must come within `WAIT`.
+async fn next_line(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    what: &str,
+) -> String {
+    timeout(WAIT, lines.next_line())
+        .await
+        .unwrap_or_else(|_| panic!("mosquitto_sub went quiet before {what}"))
+        .unwrap()
+        .unwrap_or_else(|| panic!("mosquitto_sub ended before {what}"))
+}
+
 /// mosquitto_sub, a client no one here wrote, with a chain file (leaf + intermediate) as
 /// factories ship it: it enters, and a reload that changes nothing leaves it connected.
 #[tokio::test]
@@ -318,11 +330,7 @@ async fn mosquitto_sub_with_a_chain_file_stays_through_a_reload() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = timeout(WAIT, lines.next_line())
-        .await
-        .expect("no status from mosquitto_sub")
-        .unwrap()
-        .expect("mosquitto_sub ended before the status");
+    let first = next_line(&mut lines, "the unclaimed status").await;
     assert!(first.contains("\"unclaimed\""), "{first}");
     // `last_seen` moves on every connect and disconnect: unchanged below means the same
     // connection all along.
@@ -335,11 +343,7 @@ async fn mosquitto_sub_with_a_chain_file_stays_through_a_reload() {
     // `last_seen` would show).
     let (st, body) = t.claim(&token, &dev).await;
     assert_eq!(st, 201, "{body}");
-    let second = timeout(WAIT, lines.next_line())
-        .await
-        .expect("mosquitto_sub went quiet")
-        .unwrap()
-        .expect("mosquitto_sub ended before the ready status");
+    let second = next_line(&mut lines, "the ready status").await;
     assert!(second.contains("\"ready\""), "{second}");
     let after = t.admin_device(&dev).await;
     assert_eq!(after["connected"], true, "{after}");

@@ -324,6 +324,19 @@ pub async fn tls_connect(
         .await
 }
 
+/// The soft open-files limit from /proc (1024 when it cannot be read).
+pub fn open_files_soft_limit() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|line| line.starts_with("Max open files"))
+                .and_then(|line| line.split_whitespace().nth(3))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(1024)
+}
+
 /// Polls `f` until it returns `Some`, for up to `WAIT`.
 pub async fn eventually<T, F, Fut>(mut f: F) -> T
 where
