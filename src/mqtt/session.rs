@@ -611,15 +611,22 @@ where
         );
         if registering && !self.cert_reported {
             self.cert_reported = true;
-            let _ = self
-                .ctx
-                .activity
-                .try_send(crate::claims::service::Activity::CertSeen {
-                    device_id: self.identity.device_id,
-                    cert_der: self.identity.cert_der.clone(),
-                    named: None,
-                });
+            self.send_cert(None);
         }
+    }
+
+    /// Hands this device's certificate to the control plane, which names an unnamed claim
+    /// from it and gives it to a registration waiting for it (both, when both apply); `named`
+    /// hears when the naming is done. False when the activity channel is full.
+    fn send_cert(&self, named: Option<tokio::sync::oneshot::Sender<()>>) -> bool {
+        self.ctx
+            .activity
+            .try_send(crate::claims::service::Activity::CertSeen {
+                device_id: self.identity.device_id,
+                cert_der: self.identity.cert_der.clone(),
+                named,
+            })
+            .is_ok()
     }
 
     /// A claim made before its device was ever seen (and without its certificate) has no
@@ -631,27 +638,20 @@ where
         if self.name_reported {
             return;
         }
-        let unnamed = self
-            .ctx
-            .cache
-            .claim(&self.identity.device_id)
-            .is_some_and(|c| {
-                c.thing_name.is_none() && c.tenant.is_some() && c.state != ClaimState::Revoked
-            });
+        let Some(claim) = self.ctx.cache.claim(&self.identity.device_id) else {
+            return;
+        };
+        let unnamed = claim.thing_name.is_none()
+            && claim.tenant.is_some()
+            && claim.state != ClaimState::Revoked;
         if !unnamed {
             return;
         }
         self.name_reported = true;
+        // The same message hands the certificate to a registration waiting for it.
+        self.cert_reported |= claim.state == ClaimState::Registering;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let sent = self
-            .ctx
-            .activity
-            .try_send(crate::claims::service::Activity::CertSeen {
-                device_id: self.identity.device_id,
-                cert_der: self.identity.cert_der.clone(),
-                named: Some(tx),
-            })
-            .is_ok();
+        let sent = self.send_cert(Some(tx));
         if sent && wait {
             let _ = tokio::time::timeout(self.limits.connect_timeout, rx).await;
         }
