@@ -125,10 +125,11 @@ where
             Route::Bridge { tenant, thing_name } => Some((tenant.clone(), thing_name.as_str())),
             _ => None,
         };
-        let same = self.bridge.as_ref().is_some_and(|l| {
-            Some((&l.tenant, l.thing_name.as_str())) == wanted.as_ref().map(|w| (&w.0, w.1))
-        });
-        if (same || (self.bridge.is_none() && wanted.is_none())) && self.bridge_current() {
+        let linked = self
+            .bridge
+            .as_ref()
+            .map(|l| (&l.tenant, l.thing_name.as_str()));
+        if linked == wanted.as_ref().map(|(t, n)| (t, *n)) && self.bridge_current() {
             return None;
         }
         let old = self.bridge.take();
