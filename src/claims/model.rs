@@ -180,6 +180,12 @@ impl Claim {
     pub fn tenant_id(&self) -> Option<&str> {
         self.tenant.as_deref()
     }
+
+    /// Claimed (and not revoked) without a thing name yet: claimed before its device was ever
+    /// seen, without its certificate. The device's first connection names it.
+    pub fn unnamed(&self) -> bool {
+        self.thing_name.is_none() && self.tenant.is_some() && self.state != ClaimState::Revoked
+    }
 }
 
 /// Milliseconds since the Unix epoch, the store's time unit.

@@ -641,10 +641,7 @@ where
         let Some(claim) = self.ctx.cache.claim(&self.identity.device_id) else {
             return;
         };
-        let unnamed = claim.thing_name.is_none()
-            && claim.tenant.is_some()
-            && claim.state != ClaimState::Revoked;
-        if !unnamed {
+        if !claim.unnamed() {
             return;
         }
         self.name_reported = true;

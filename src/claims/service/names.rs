@@ -76,14 +76,11 @@ impl ClaimsService {
     /// A claimed device without a thing name (claimed before it was ever seen, without its
     /// certificate) connected: name the claim from the certificate it presented.
     pub(super) async fn name_claim(&self, id: &DeviceId, der: &[u8]) -> Result<(), ServiceError> {
-        let unnamed = |c: &crate::claims::model::Claim| {
-            c.thing_name.is_none() && c.state != ClaimState::Revoked && c.tenant.is_some()
-        };
-        if !self.inner.cache.claim(id).is_some_and(|c| unnamed(&c)) {
+        if !self.inner.cache.claim(id).is_some_and(|c| c.unnamed()) {
             return Ok(());
         }
         let _w = self.write().await?;
-        let Some(current) = self.inner.cache.claim(id).filter(|c| unnamed(c)) else {
+        let Some(current) = self.inner.cache.claim(id).filter(|c| c.unnamed()) else {
             return Ok(());
         };
         let Some(tenant) = current.tenant_id() else {
