@@ -140,14 +140,17 @@ pub fn fill_template(template: &str, thing_name: &str, id: &DeviceId) -> String 
     while let Some(open) = rest.find('{') {
         out.push_str(&rest[..open]);
         let tail = &rest[open..];
-        let (value, len) = [
-            ("{thing_name}", name),
-            ("{cn}", name),
-            ("{device_id}", hex.as_str()),
-        ]
-        .into_iter()
-        .find(|(p, _)| tail.starts_with(p))
-        .map_or(("{", 1), |(p, v)| (v, p.len()));
+        let (value, len) = PLACEHOLDERS
+            .into_iter()
+            .find(|p| tail.starts_with(p))
+            .map_or(("{", 1), |p| {
+                let value = if p == "{device_id}" {
+                    hex.as_str()
+                } else {
+                    name
+                };
+                (value, p.len())
+            });
         out.push_str(value);
         rest = &tail[len..];
     }
@@ -155,7 +158,8 @@ pub fn fill_template(template: &str, thing_name: &str, id: &DeviceId) -> String 
     out
 }
 
-/// The placeholders [`fill_template`] knows.
+/// The placeholders [`fill_template`] knows: the first two are the thing name, the last the
+/// device id.
 pub const PLACEHOLDERS: [&str; 3] = ["{thing_name}", "{cn}", "{device_id}"];
 
 /// A device's identity as seen by the broker.
