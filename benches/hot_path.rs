@@ -39,6 +39,7 @@ fn claim(i: u64, tenant: &Arc<str>) -> Claim {
         ready_at: Some(2),
         redirected_at: None,
         error: None,
+        version: 0,
     }
 }
 

@@ -190,6 +190,7 @@ fn claim(i: usize, tenants: usize, rng: &mut impl RngCore) -> Claim {
         ready_at,
         redirected_at,
         error,
+        version: 0,
     }
 }
 

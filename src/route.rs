@@ -186,6 +186,7 @@ mod tests {
             ready_at: Some(2),
             redirected_at: None,
             error: None,
+            version: 0,
         }
     }
 

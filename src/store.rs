@@ -28,6 +28,10 @@ pub enum StoreError {
     Conflict,
     #[error("store backend: {0}")]
     Backend(String),
+    /// The store could not be reached, or a lock in it not taken, in time: the write did not
+    /// happen and may be retried (the API answers 503 `unavailable`).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
 }
@@ -48,13 +52,46 @@ pub trait Store: Send + Sync + 'static {
     async fn tenants(&self) -> Result<Vec<StoredTenant>, StoreError>;
     /// Fails with `Conflict` when the id or the token hash exists.
     async fn insert_tenant(&self, t: &StoredTenant) -> Result<(), StoreError>;
-    async fn update_tenant(&self, t: &Tenant) -> Result<(), StoreError>;
-    async fn delete_tenant(&self, id: &str) -> Result<(), StoreError>;
+    /// Applies `patch` to the stored tenant `id` under its row lock, so two nodes patching one
+    /// tenant both count.
+    async fn update_tenant(
+        &self,
+        id: &str,
+        patch: TenantPatch<'_>,
+    ) -> Result<TenantUpdated, StoreError>;
+    /// Deletes the tenant when no claim names it (checked in the same transaction, so a claim
+    /// committing meanwhile on another node keeps it).
+    async fn delete_tenant(&self, id: &str) -> Result<TenantDeleted, StoreError>;
     /// Every claim, for loading the map at start.
     async fn claims(&self) -> Result<Vec<Claim>, StoreError>;
-    /// Inserts or replaces a claim. `cert_pem` `None` keeps a stored certificate.
-    async fn put_claim(&self, c: &Claim, cert_pem: Option<&str>) -> Result<(), StoreError>;
-    async fn delete_claim(&self, id: &DeviceId) -> Result<(), StoreError>;
+    /// Writes (or deletes) one claim if it is still what `w.expect` says, with the checks
+    /// `w` asks for, in one transaction: the store, not a lock, decides between two writers.
+    async fn write_claim(&self, w: &ClaimWrite<'_>) -> Result<Written, StoreError>;
+    /// Inserts or replaces a claim whatever is stored (loading, tests); its new version.
+    async fn put_claim(&self, c: &Claim, cert_pem: Option<&str>) -> Result<i64, StoreError> {
+        let w = ClaimWrite {
+            cert_pem,
+            ..ClaimWrite::new(c.device_id, Expect::Any, Some(c))
+        };
+        match self.write_claim(&w).await? {
+            Written::Done { version, .. } => Ok(version),
+            other => Err(StoreError::Backend(format!(
+                "unconditional write: {other:?}"
+            ))),
+        }
+    }
+    /// Deletes a claim whatever is stored.
+    async fn delete_claim(&self, id: &DeviceId) -> Result<(), StoreError> {
+        match self
+            .write_claim(&ClaimWrite::new(*id, Expect::Any, None))
+            .await?
+        {
+            Written::Done { .. } => Ok(()),
+            other => Err(StoreError::Backend(format!(
+                "unconditional delete: {other:?}"
+            ))),
+        }
+    }
     /// The device certificate captured for a claim, if any.
     async fn cert_pem(&self, id: &DeviceId) -> Result<Option<String>, StoreError>;
     /// Stores the certificate of a claimed device (captured at its handshake).
@@ -67,23 +104,14 @@ pub trait Store: Send + Sync + 'static {
     async fn removing_registrations(&self) -> Result<Vec<Registration>, StoreError>;
     async fn delete_registration(&self, id: &DeviceId, tenant: &str) -> Result<(), StoreError>;
 
-    /// A device other than `except` whose claim with `tenant` holds `thing_name`, if any: the
-    /// claims service keeps thing names unique per tenant (asked under its write lock).
-    async fn thing_name_holder(
-        &self,
-        tenant: &str,
-        thing_name: &str,
-        except: &DeviceId,
-    ) -> Result<Option<DeviceId>, StoreError>;
-
     /// One claim, as stored (a node applying another node's change reads it here).
     async fn claim(&self, id: &DeviceId) -> Result<Option<Claim>, StoreError>;
     /// One tenant with its token hash, as stored.
     async fn tenant(&self, id: &str) -> Result<Option<StoredTenant>, StoreError>;
 
     // Scale-out (SPEC §10). A store that several nodes share records every change of a tenant
-    // or claim in a change log, tells the other nodes, and serialises writers. The embedded
-    // store has one node: no lock, no log, nothing to watch.
+    // or claim in a change log and tells the other nodes. The embedded store has one node: no
+    // log, nothing to watch.
 
     /// Whether other nodes may share this store (and so the claims, jobs and change log).
     fn shared(&self) -> bool {
@@ -111,18 +139,18 @@ pub trait Store: Send + Sync + 'static {
     async fn presence(&self, _id: Option<&DeviceId>) -> Result<Vec<Presence>, StoreError> {
         Ok(Vec::new())
     }
-    /// Takes the cluster-wide write lock, held until the returned value drops. `None`: the
-    /// store serves one node, whose own lock is enough.
-    async fn lock_writes(&self) -> Result<Option<Box<dyn WriteLock>>, StoreError> {
-        Ok(None)
-    }
-    /// The sequence number of the newest change (0: none).
-    async fn last_change(&self) -> Result<i64, StoreError> {
+    /// Where a reader that has seen nothing starts: after every change committed so far.
+    async fn change_cursor(&self) -> Result<i64, StoreError> {
         Ok(0)
     }
-    /// Every change after `seq`, oldest first.
-    async fn changes_since(&self, _seq: i64) -> Result<Vec<Change>, StoreError> {
-        Ok(Vec::new())
+    /// The changes committed at or after `cursor` (some seen before may come again), and the
+    /// cursor to ask with next. A change that commits later is never behind the next cursor,
+    /// whatever sequence number it got.
+    async fn changes_after(&self, _cursor: i64) -> Result<ChangeBatch, StoreError> {
+        Ok(ChangeBatch {
+            changes: Vec::new(),
+            next: 0,
+        })
     }
     /// Starts watching for other nodes' changes until `cancel`: `changes` gets a poke after
     /// each change notification and after every (re)connect of the watch, so a node that lost
@@ -169,11 +197,111 @@ pub struct Presence {
     pub stamp: i64,
 }
 
-/// The cluster-wide write lock; dropping it releases the lock.
-pub trait WriteLock: Send + Sync {}
+/// What a conditional claim write expects to find stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// Whatever is there (unconditional).
+    Any,
+    /// No claim.
+    Absent,
+    /// The claim at this version.
+    Version(i64),
+}
+
+impl Expect {
+    /// What a writer that read `current` expects.
+    pub fn from_current(current: Option<&Claim>) -> Self {
+        current.map_or(Self::Absent, |c| Self::Version(c.version))
+    }
+}
+
+/// One conditional claim write ([`Store::write_claim`]).
+#[derive(Debug, Clone)]
+pub struct ClaimWrite<'a> {
+    pub id: DeviceId,
+    pub expect: Expect,
+    /// The claim after the write; `None` deletes it.
+    pub claim: Option<&'a Claim>,
+    /// Stored with the claim; `None` keeps a stored certificate.
+    pub cert_pem: Option<&'a str>,
+    /// Binding the device to the claim's tenant (claim, migrate): the tenant must exist and,
+    /// with `max_devices`, have room for it.
+    pub bind: bool,
+    /// Marks the device's registrations for removal in the same transaction.
+    pub retire: Retire<'a>,
+}
+
+impl<'a> ClaimWrite<'a> {
+    /// A write without checks or retiring.
+    pub fn new(id: DeviceId, expect: Expect, claim: Option<&'a Claim>) -> Self {
+        Self {
+            id,
+            expect,
+            claim,
+            cert_pem: None,
+            bind: false,
+            retire: Retire::Nothing,
+        }
+    }
+}
+
+/// Which registrations of the device a claim write marks `removing`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retire<'a> {
+    Nothing,
+    /// Every one (unclaim).
+    All,
+    /// Every one but this tenant's (the device is ready there).
+    AllBut(&'a str),
+}
+
+/// The outcome of a [`ClaimWrite`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Written {
+    /// Written at `version` (a delete's version is its change's); `retiring` names the tenants
+    /// whose registration of the device is now marked `removing`.
+    Done { version: i64, retiring: Vec<String> },
+    /// The claim is not what `expect` said; this is what is stored.
+    Stale(Option<Claim>),
+    /// `bind`: the tenant does not exist.
+    NoTenant,
+    /// `bind`: the tenant has `max_devices` claims.
+    Full,
+    /// Another claim of the tenant holds the thing name.
+    NameTaken,
+}
+
+/// A change to a tenant, applied to the stored one under its lock; `Err` refuses it.
+pub type TenantPatch<'a> = &'a (dyn Fn(Tenant) -> Result<Tenant, String> + Send + Sync);
+
+/// The outcome of [`Store::update_tenant`].
+#[derive(Debug, Clone)]
+pub enum TenantUpdated {
+    Updated(Box<Tenant>),
+    NotFound,
+    /// The patch refused the stored tenant (its message).
+    Refused(String),
+}
+
+/// The outcome of [`Store::delete_tenant`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TenantDeleted {
+    Deleted,
+    NotFound,
+    /// Claims (revoked ones too) still name it.
+    HasClaims,
+}
+
+/// A read of the change log ([`Store::changes_after`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChangeBatch {
+    pub changes: Vec<Change>,
+    /// The cursor for the next read.
+    pub next: i64,
+}
 
 /// What a change is about: a claim (by device) or a tenant (by id).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Subject {
     Claim(DeviceId),
     Tenant(String),
@@ -182,6 +310,7 @@ pub enum Subject {
 /// One entry of the change log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
+    /// Its number; a claim written by it has this version.
     pub seq: i64,
     pub subject: Subject,
     /// Made by this process (already in its map).

@@ -13,7 +13,10 @@ use std::sync::Arc;
 use lobby::claims::model::{AwsIotBackend, Backend, Claim, ClaimState, Tenant};
 use lobby::edge::identity::DeviceId;
 use lobby::provision::{CertRef, Registration};
-use lobby::store::{self, Store, StoreError, StoredTenant};
+use lobby::store::{
+    self, ClaimWrite, Expect, Retire, Store, StoreError, StoredTenant, TenantDeleted,
+    TenantUpdated, Written,
+};
 
 /// Where a test's store lives, for as long as the test runs.
 enum Place {
@@ -50,6 +53,14 @@ impl Fixture {
         store::open(&self.url)
             .await
             .unwrap_or_else(|e| panic!("open {}: {e}", self.url))
+    }
+
+    /// A plain connection to the PostgreSQL database (a PostgreSQL fixture only).
+    async fn pg_client(&self) -> tokio_postgres::Client {
+        match &self.place {
+            Place::Postgres(db) => db.client().await,
+            Place::Sqlite(_) => panic!("not a PostgreSQL fixture"),
+        }
     }
 
     /// What opening must never change once the schema exists: PostgreSQL's migration records
@@ -127,6 +138,143 @@ both_backends! {
         sqlite_reopen_applies_nothing_twice, postgres_reopen_applies_nothing_twice;
     store one_claim_and_one_tenant_read_back =>
         sqlite_one_claim_and_one_tenant_read_back, postgres_one_claim_and_one_tenant_read_back;
+    store claim_writes_are_conditional =>
+        sqlite_claim_writes_are_conditional, postgres_claim_writes_are_conditional;
+    store claim_writes_check_their_tenant =>
+        sqlite_claim_writes_check_their_tenant, postgres_claim_writes_check_their_tenant;
+}
+
+/// A claim write happens only on the claim it expects, and says what is there instead.
+async fn claim_writes_are_conditional(store: &dyn Store) {
+    let c = full_claim(1, "acme");
+    let write = |expect, claim| ClaimWrite::new(device(1), expect, claim);
+    let Written::Done { version: v1, .. } = store
+        .write_claim(&write(Expect::Absent, Some(&c)))
+        .await
+        .unwrap()
+    else {
+        panic!("an absent claim is written")
+    };
+    let stored = Claim {
+        version: v1,
+        ..c.clone()
+    };
+    assert_eq!(
+        store
+            .write_claim(&write(Expect::Absent, Some(&c)))
+            .await
+            .unwrap(),
+        Written::Stale(Some(stored.clone())),
+        "a second insert finds the first"
+    );
+    let moved = Claim {
+        tenant: Some("bolt".into()),
+        ..c.clone()
+    };
+    assert_eq!(
+        store
+            .write_claim(&write(Expect::Version(v1 + 1000), Some(&moved)))
+            .await
+            .unwrap(),
+        Written::Stale(Some(stored.clone()))
+    );
+    let Written::Done { version: v2, .. } = store
+        .write_claim(&write(Expect::Version(v1), Some(&moved)))
+        .await
+        .unwrap()
+    else {
+        panic!("the expected version is replaced")
+    };
+    assert!(v2 > v1, "versions grow");
+    assert_eq!(
+        store
+            .write_claim(&write(Expect::Version(v1), None))
+            .await
+            .unwrap(),
+        Written::Stale(Some(Claim {
+            version: v2,
+            ..moved.clone()
+        })),
+        "a delete of an old version is refused"
+    );
+
+    // Thing names are unique per tenant; another tenant may use the same one.
+    let twin = Claim {
+        device_id: device(2),
+        ..moved.clone()
+    };
+    let twin_write = ClaimWrite::new(device(2), Expect::Absent, Some(&twin));
+    assert_eq!(
+        store.write_claim(&twin_write).await.unwrap(),
+        Written::NameTaken
+    );
+    let elsewhere = Claim {
+        tenant: Some("acme".into()),
+        ..twin.clone()
+    };
+    assert!(matches!(
+        store
+            .write_claim(&ClaimWrite::new(
+                device(2),
+                Expect::Absent,
+                Some(&elsewhere)
+            ))
+            .await
+            .unwrap(),
+        Written::Done { .. }
+    ));
+
+    // Unclaim with its registrations retired, in the same write.
+    for t in ["acme", "bolt"] {
+        store
+            .put_registration(&registration(1, t, true, false))
+            .await
+            .unwrap();
+    }
+    let retire_all = ClaimWrite {
+        retire: Retire::All,
+        ..write(Expect::Version(v2), None)
+    };
+    let Written::Done { mut retiring, .. } = store.write_claim(&retire_all).await.unwrap() else {
+        panic!("the delete is written")
+    };
+    retiring.sort();
+    assert_eq!(retiring, ["acme", "bolt"]);
+    assert_eq!(
+        removing(store).await,
+        [(device(1), "acme".into()), (device(1), "bolt".into())]
+    );
+    assert_eq!(store.claim(&device(1)).await.unwrap(), None);
+}
+
+/// A binding write checks its tenant in the same transaction: it exists, and has room.
+async fn claim_writes_check_their_tenant(store: &dyn Store) {
+    let c = full_claim(1, "acme");
+    let binding = |claim| ClaimWrite {
+        bind: true,
+        ..ClaimWrite::new(claim_id(claim), Expect::Absent, Some(claim))
+    };
+    assert_eq!(
+        store.write_claim(&binding(&c)).await.unwrap(),
+        Written::NoTenant
+    );
+    let mut acme = tenant("acme", &"a".repeat(64));
+    acme.tenant.max_devices = Some(1);
+    store.insert_tenant(&acme).await.unwrap();
+    assert!(matches!(
+        store.write_claim(&binding(&c)).await.unwrap(),
+        Written::Done { .. }
+    ));
+    let second = full_claim(2, "acme");
+    assert_eq!(
+        store.write_claim(&binding(&second)).await.unwrap(),
+        Written::Full
+    );
+    assert_eq!(store.claim(&device(2)).await.unwrap(), None);
+}
+
+fn claim_id(c: &Claim) -> DeviceId {
+    c.device_id
 }
 
 fn tenant(id: &str, token_hash: &str) -> StoredTenant {
@@ -163,7 +311,13 @@ fn full_claim(n: u8, tenant: &str) -> Claim {
         ready_at: Some(1_700_000_000_500),
         redirected_at: Some(i64::MAX),
         error: None,
+        version: 0,
     }
+}
+
+/// `c` without its version (the store sets it), for comparing contents.
+fn unversioned(c: Claim) -> Claim {
+    Claim { version: 0, ..c }
 }
 
 /// A device revoked while unclaimed: every optional field empty.
@@ -172,7 +326,13 @@ fn bare_claim(n: u8) -> Claim {
 }
 
 async fn sorted_claims(store: &dyn Store) -> Vec<Claim> {
-    let mut claims = store.claims().await.unwrap();
+    let mut claims: Vec<_> = store
+        .claims()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(unversioned)
+        .collect();
     claims.sort_by_key(|c| c.device_id.0);
     claims
 }
@@ -225,27 +385,30 @@ async fn one_claim_and_one_tenant_read_back(store: &dyn Store) {
     let (full, bare) = (full_claim(7, "acme"), bare_claim(8));
     store.put_claim(&full, Some("PEM")).await.unwrap();
     store.put_claim(&bare, None).await.unwrap();
-    assert_eq!(store.claim(&full.device_id).await.unwrap(), Some(full));
-    assert_eq!(store.claim(&bare.device_id).await.unwrap(), Some(bare));
+    let read = |id| async move { store.claim(&id).await.unwrap().map(unversioned) };
+    assert_eq!(read(full.device_id).await, Some(full));
+    assert_eq!(read(bare.device_id).await, Some(bare));
     assert_eq!(store.claim(&device(99)).await.unwrap(), None);
 }
 
-/// The change log of a shared store: every tenant and claim write is an entry, in commit
-/// order, marked as its writer's own; another node's handle sees them as foreign. The
-/// write lock is exclusive across handles.
+/// The change log of a shared store: every tenant and claim write is an entry, marked as its
+/// writer's own; another node's handle sees them as foreign. A claim's version is its change's
+/// number. A reader reads by cursor, and a change that commits after a younger one (a smaller
+/// sequence number committed later) is still read: it is never behind the next cursor.
 #[tokio::test]
-async fn postgres_change_log_and_write_lock() {
+async fn postgres_change_log_reads_late_commits() {
     use lobby::store::Subject;
     let f = Fixture::postgres().await;
     let (a, b) = (f.open().await, f.open().await);
-    let start = a.last_change().await.unwrap();
+    let start = a.change_cursor().await.unwrap();
     a.insert_tenant(&tenant("acme", &"a".repeat(64)))
         .await
         .unwrap();
-    a.put_claim(&full_claim(1, "acme"), None).await.unwrap();
+    let version = a.put_claim(&full_claim(1, "acme"), None).await.unwrap();
     b.delete_claim(&device(1)).await.unwrap();
-    let seen_by_a = a.changes_since(start).await.unwrap();
+    let seen_by_a = a.changes_after(start).await.unwrap();
     let subjects: Vec<_> = seen_by_a
+        .changes
         .iter()
         .map(|c| (c.subject.clone(), c.own))
         .collect();
@@ -257,28 +420,42 @@ async fn postgres_change_log_and_write_lock() {
             (Subject::Claim(device(1)), false),
         ]
     );
-    assert!(seen_by_a.windows(2).all(|w| w[0].seq < w[1].seq));
-    assert_eq!(a.last_change().await.unwrap(), seen_by_a[2].seq);
-    assert!(b.changes_since(seen_by_a[2].seq).await.unwrap().is_empty());
+    assert_eq!(
+        seen_by_a.changes[1].seq, version,
+        "a claim's version is its change"
+    );
     // Registrations and certificates are not map changes.
     a.set_cert_pem(&device(1), "PEM").await.unwrap();
-    assert!(a.changes_since(seen_by_a[2].seq).await.unwrap().is_empty());
-
-    let held = a
-        .lock_writes()
-        .await
-        .unwrap()
-        .expect("a shared store has a write lock");
-    let waiting = tokio::spawn(async move { b.lock_writes().await.unwrap().is_some() });
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    assert!(!waiting.is_finished(), "the second node waits for the lock");
-    drop(held);
+    let after = a.changes_after(seen_by_a.next).await.unwrap();
     assert!(
-        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
-            .await
-            .expect("the lock is released when the guard drops")
-            .unwrap()
+        after.changes.iter().all(|c| seen_by_a.changes.contains(c)),
+        "nothing new: {after:?}"
     );
+
+    // A writer takes a sequence number, then stalls before it commits; a younger writer
+    // commits meanwhile and is read.
+    let slow = f.pg_client().await;
+    slow.batch_execute(
+        "BEGIN; INSERT INTO lobby_changes (kind, key, origin) VALUES ('tenant', 'slow', 'x')",
+    )
+    .await
+    .unwrap();
+    a.insert_tenant(&tenant("bolt", &"b".repeat(64)))
+        .await
+        .unwrap();
+    let first = b.changes_after(seen_by_a.next).await.unwrap();
+    let keys = |batch: &lobby::store::ChangeBatch| -> Vec<Subject> {
+        batch.changes.iter().map(|c| c.subject.clone()).collect()
+    };
+    assert!(keys(&first).contains(&Subject::Tenant("bolt".into())));
+    slow.batch_execute("COMMIT").await.unwrap();
+    let second = b.changes_after(first.next).await.unwrap();
+    assert!(
+        keys(&second).contains(&Subject::Tenant("slow".into())),
+        "the late commit with the smaller number is read: {second:?}"
+    );
+    let third = b.changes_after(second.next).await.unwrap();
+    assert!(!keys(&third).contains(&Subject::Tenant("slow".into())));
 }
 
 /// Job leases: one node at a time; renewable by the holder; free for another once expired
@@ -382,13 +559,12 @@ async fn postgres_presence_across_nodes() {
 }
 
 #[tokio::test]
-async fn sqlite_has_no_change_log_or_lock() {
+async fn sqlite_has_no_change_log() {
     let f = Fixture::sqlite().await;
     let store = f.open().await;
     store.put_claim(&full_claim(1, "acme"), None).await.unwrap();
-    assert_eq!(store.last_change().await.unwrap(), 0);
-    assert!(store.changes_since(0).await.unwrap().is_empty());
-    assert!(store.lock_writes().await.unwrap().is_none());
+    assert_eq!(store.change_cursor().await.unwrap(), 0);
+    assert!(store.changes_after(0).await.unwrap().changes.is_empty());
     assert!(!store.shared());
     let lease = std::time::Duration::from_secs(1);
     assert!(store.take_job("register:x", lease).await.unwrap());
@@ -431,13 +607,35 @@ async fn tenants_insert_conflict_update_delete(store: &dyn Store) {
     changed.name = "Acme GmbH — Zürich \"HQ\"".into();
     changed.max_devices = Some(10);
     changed.backend = Backend::AwsIot(registration(1, "acme", false, false).backend);
-    store.update_tenant(&changed).await.unwrap();
+    let to = changed.clone();
+    let updated = store.update_tenant("acme", &move |_| Ok(to.clone())).await;
+    assert!(matches!(updated, Ok(TenantUpdated::Updated(t)) if *t == changed));
+    let refused = store
+        .update_tenant("acme", &|_| Err("no thanks".into()))
+        .await
+        .unwrap();
+    assert!(matches!(refused, TenantUpdated::Refused(why) if why == "no thanks"));
+    let missing = store.update_tenant("nobody", &|t| Ok(t)).await.unwrap();
+    assert!(matches!(missing, TenantUpdated::NotFound));
     let listed = store.tenants().await.unwrap();
     assert_eq!(listed[0].tenant, changed);
     assert_eq!(listed[0].token_hash, a.token_hash, "update keeps the token");
 
-    store.delete_tenant("acme").await.unwrap();
-    store.delete_tenant("nobody").await.unwrap();
+    store.put_claim(&full_claim(1, "acme"), None).await.unwrap();
+    assert_eq!(
+        store.delete_tenant("acme").await.unwrap(),
+        TenantDeleted::HasClaims,
+        "a claim keeps its tenant"
+    );
+    store.delete_claim(&device(1)).await.unwrap();
+    assert_eq!(
+        store.delete_tenant("acme").await.unwrap(),
+        TenantDeleted::Deleted
+    );
+    assert_eq!(
+        store.delete_tenant("nobody").await.unwrap(),
+        TenantDeleted::NotFound
+    );
     assert_eq!(summary(&store.tenants().await.unwrap()), summary(&[b]));
 }
 

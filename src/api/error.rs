@@ -5,6 +5,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::claims::service::ServiceError;
+use crate::store::StoreError;
 
 /// Every error the API answers with: its own (authentication, parsing) or the claims
 /// service's, each mapped to a SPEC §6 code in one place.
@@ -43,6 +44,9 @@ impl ApiError {
             Self::InvalidRequest(_) | Self::Service(ServiceError::Invalid(_)) => {
                 (StatusCode::BAD_REQUEST, "invalid_request")
             }
+            Self::Service(ServiceError::Store(StoreError::Unavailable(_))) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            }
             Self::Service(ServiceError::Store(_)) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
@@ -54,6 +58,12 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         let message = match &self {
+            Self::Service(ServiceError::Store(e @ StoreError::Unavailable(_))) => {
+                // The caller may retry (every mutation is safe to repeat); the details are the
+                // operator's.
+                tracing::warn!(error = %e, "store unavailable");
+                "the store, or a lock in it, could not be reached in time; retry later".to_owned()
+            }
             Self::Service(ServiceError::Store(e)) => {
                 // The operator must look at the store; the caller learns only that it failed.
                 tracing::error!(error = %e, "store operation failed");

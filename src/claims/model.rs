@@ -158,6 +158,9 @@ pub struct Claim {
     pub redirected_at: Option<i64>,
     /// Why registration failed.
     pub error: Option<String>,
+    /// The store's version of this claim: set by every write, compared by the next one, so two
+    /// writers (tasks or nodes) never both change the same claim unseen (0: never stored).
+    pub version: i64,
 }
 
 impl Claim {
@@ -173,6 +176,7 @@ impl Claim {
             ready_at: None,
             redirected_at: None,
             error: None,
+            version: 0,
         }
     }
 

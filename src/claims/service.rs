@@ -1,10 +1,19 @@
 //! The claims service: every change to tenants and claims goes through here, in this order:
 //! validate → write the store (durable) → update the map → wake the device's session.
 //!
-//! Mutations are serialised by one async lock: they are rare control-plane events, and one
-//! lock makes "second tenant claiming gets 409" and quota checks exact without store-level
-//! transactions. Reads (API, device path) never take it.
+//! No lock spans the fleet or even the node. A claim write is conditional on the version of
+//! the claim it was decided on; the store refuses it when another writer (task or node) got
+//! there first, and the service decides again on what the store holds (`change_claim`). The
+//! store also checks what a claim binds to in the same transaction: the tenant exists and has
+//! room, the thing name is free in it. So "another tenant already claimed it", quotas and
+//! unique thing names are exact across nodes while unrelated devices are written at once.
+//! Within a node, one device's writes take turns on a striped lock, so the map follows the
+//! store's order for each device.
+//!
+//! A mutation asked for by an API request runs in its own task ([`ClaimsService::detached`]):
+//! a client that gives up never leaves the store written and the map not.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use rand::RngCore;
@@ -20,8 +29,11 @@ mod cluster;
 mod names;
 mod registrations;
 use crate::edge::identity::DeviceId;
-use crate::provision::Provisioner;
-use crate::store::{Store, StoreError, StoredTenant};
+use crate::provision::{Job, Provisioner};
+use crate::store::{
+    ClaimWrite, Expect, Retire, Store, StoreError, StoredTenant, TenantDeleted, TenantUpdated,
+    Written,
+};
 use crate::waiting::WaitingRoom;
 
 /// Why a control-plane request failed; the API maps each to a SPEC §6 error code.
@@ -82,11 +94,61 @@ struct Inner {
     key: ClaimKeys,
     waiting: WaitingRoom,
     provisioner: Provisioner,
-    /// Serialises this node's mutations; with a shared store, the store's lock serialises the
-    /// nodes (see `cluster`).
-    write: Mutex<()>,
-    /// The newest change-log entry applied to the map.
+    /// One device's writes on this node take turns (stripe by device id): the map then sees
+    /// them in the store's order. Different devices rarely share a stripe.
+    stripes: Box<[Mutex<()>]>,
+    /// This node's tenant writes take turns (they are rare; the store's row lock orders the
+    /// nodes).
+    tenant_writes: Mutex<()>,
+    /// The change-log cursor: changes before it are in the map. Held by the one catch-up
+    /// running.
     applied: Mutex<i64>,
+    /// Catch-ups asked for, and the number of asks the last finished one covered: a caller
+    /// whose ask came before a catch-up started needs no other (`cluster::catch_up`).
+    catch_ups_asked: AtomicU64,
+    catch_ups_covered: AtomicU64,
+}
+
+/// Stripes of [`Inner::stripes`].
+const STRIPES: usize = 256;
+/// How often a claim write is decided again after another writer changed the claim first.
+const MAX_ATTEMPTS: usize = 8;
+
+/// What a mutation wants stored for a claim, decided on the claim stored now.
+pub(super) struct Plan {
+    /// The claim after the write; `None` deletes it.
+    pub claim: Option<Claim>,
+    /// What binding the claim to its tenant is (the store checks the tenant exists and has
+    /// room).
+    pub bind: Bind,
+    pub retire: Retiring,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Bind {
+    /// Not a binding: the tenant is not checked.
+    No,
+    /// A claim: a tenant that is gone is `NotFound`.
+    Claim,
+    /// A migration: a tenant that is gone is `Invalid`.
+    Migrate,
+}
+
+/// Which registrations of the device the write marks for removal (in its transaction).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Retiring {
+    Nothing,
+    All,
+    /// All but the written claim's tenant's.
+    AllButOwn,
+}
+
+/// What `change_claim` did.
+pub(super) enum Changed {
+    /// Nothing to write; the claim as it stands.
+    Unchanged(Option<Arc<Claim>>),
+    /// Written; the claim now.
+    Written(Option<Arc<Claim>>),
 }
 
 impl std::fmt::Debug for ClaimsService {
@@ -123,7 +185,7 @@ impl ClaimsService {
     ) -> Result<Self, ServiceError> {
         let cache = ClaimsCache::default();
         // Read before loading: a change committed meanwhile is applied again, never missed.
-        let applied = store.last_change().await?;
+        let applied = store.change_cursor().await?;
         for t in store.tenants().await? {
             let mut hash = [0u8; 32];
             hex::decode_to_slice(&t.token_hash, &mut hash)
@@ -144,8 +206,11 @@ impl ClaimsService {
                 key: key.into(),
                 waiting,
                 provisioner,
-                write: Mutex::new(()),
+                stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+                tenant_writes: Mutex::new(()),
                 applied: Mutex::new(applied),
+                catch_ups_asked: AtomicU64::new(0),
+                catch_ups_covered: AtomicU64::new(0),
             }),
         })
     }
@@ -170,6 +235,20 @@ impl ClaimsService {
         self.inner.store.ping().await
     }
 
+    /// Runs a mutation in its own task and waits for it: when the caller is dropped (an HTTP
+    /// client gave up), the mutation still completes, store and map alike.
+    async fn detached<T, F>(&self, work: F) -> Result<T, ServiceError>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, ServiceError>> + Send + 'static,
+    {
+        tokio::spawn(work).await.unwrap_or_else(|e| {
+            Err(ServiceError::Store(StoreError::Backend(format!(
+                "a control-plane task failed: {e}"
+            ))))
+        })
+    }
+
     /// Creates a tenant; returns it with its token (shown once, stored hashed).
     pub async fn create_tenant(
         &self,
@@ -182,60 +261,102 @@ impl ClaimsService {
         let tenant = input.into_tenant(id)?;
         check_supported(&tenant)?;
         let token = format!("lobby_t_{}", random_hex(32));
-        let hash = token_hash(&token);
-        let _w = self.write().await?;
-        let stored = StoredTenant {
-            tenant: tenant.clone(),
-            token_hash: hex::encode(hash),
-        };
-        match self.inner.store.insert_tenant(&stored).await {
-            Err(StoreError::Conflict) => {
-                return Err(ServiceError::Conflict(format!(
-                    "tenant {:?} exists",
-                    tenant.id
-                )))
+        let svc = self.clone();
+        self.detached(async move {
+            let hash = token_hash(&token);
+            let _t = svc.inner.tenant_writes.lock().await;
+            let stored = StoredTenant {
+                tenant: tenant.clone(),
+                token_hash: hex::encode(hash),
+            };
+            match svc.inner.store.insert_tenant(&stored).await {
+                Err(StoreError::Conflict) => {
+                    return Err(ServiceError::Conflict(format!(
+                        "tenant {:?} exists",
+                        tenant.id
+                    )))
+                }
+                other => other?,
             }
-            other => other?,
-        }
-        self.inner.cache.put_tenant(TenantEntry {
-            tenant: tenant.clone(),
-            token_hash: hash,
-        });
-        Ok((tenant, token))
+            svc.inner.cache.put_tenant(TenantEntry {
+                tenant: tenant.clone(),
+                token_hash: hash,
+            });
+            Ok((tenant, token))
+        })
+        .await
     }
 
-    /// Applies a PATCH to a tenant. Devices see the change when they next connect or are woken.
+    /// Applies a PATCH to a tenant (to the stored one, under its lock in the store). Devices
+    /// see the change when they next connect or are woken.
     pub async fn update_tenant(
         &self,
         id: &str,
         patch: TenantInput,
     ) -> Result<Tenant, ServiceError> {
-        let _w = self.write().await?;
-        let entry = self.inner.cache.tenant(id).ok_or(ServiceError::NotFound)?;
-        let tenant = patch.apply_to(entry.tenant.clone())?;
-        check_supported(&tenant)?;
-        self.inner.store.update_tenant(&tenant).await?;
-        self.inner.cache.put_tenant(TenantEntry {
-            tenant: tenant.clone(),
-            token_hash: entry.token_hash,
-        });
-        // Ready devices waiting on this tenant may now have somewhere to go.
-        self.wake_tenant(id);
-        Ok(tenant)
+        let (svc, id) = (self.clone(), id.to_owned());
+        self.detached(async move {
+            let apply = move |t: Tenant| {
+                let t = patch.clone().apply_to(t).map_err(refusal)?;
+                check_supported(&t).map_err(refusal)?;
+                Ok(t)
+            };
+            svc.patch_tenant(&id, &apply)
+                .await?
+                .ok_or(ServiceError::NotFound)
+        })
+        .await
     }
 
-    /// Deletes a tenant that has no devices.
-    pub async fn delete_tenant(&self, id: &str) -> Result<(), ServiceError> {
-        let _w = self.write().await?;
-        self.inner.cache.tenant(id).ok_or(ServiceError::NotFound)?;
-        if self.tenant_device_count(id) > 0 {
-            return Err(ServiceError::Conflict(format!(
-                "tenant {id:?} still has devices"
-            )));
+    /// Stores `patch` of tenant `id` and puts the result in the map; `None`: no such tenant.
+    pub(super) async fn patch_tenant(
+        &self,
+        id: &str,
+        patch: crate::store::TenantPatch<'_>,
+    ) -> Result<Option<Tenant>, ServiceError> {
+        let _t = self.inner.tenant_writes.lock().await;
+        let tenant = match self.inner.store.update_tenant(id, patch).await? {
+            TenantUpdated::Updated(t) => *t,
+            TenantUpdated::NotFound => {
+                self.inner.cache.remove_tenant(id);
+                return Ok(None);
+            }
+            TenantUpdated::Refused(why) => return Err(ServiceError::Invalid(why)),
+        };
+        match self.inner.cache.tenant(id) {
+            Some(entry) => self.inner.cache.put_tenant(TenantEntry {
+                tenant: tenant.clone(),
+                token_hash: entry.token_hash,
+            }),
+            // Created on another node a moment ago: the store has its token hash.
+            None => self.apply_tenant(id).await?,
         }
-        self.inner.store.delete_tenant(id).await?;
-        self.inner.cache.remove_tenant(id);
-        Ok(())
+        // Ready devices waiting on this tenant may now have somewhere to go.
+        self.wake_tenant(id);
+        Ok(Some(tenant))
+    }
+
+    /// Deletes a tenant that no claim names (the store checks, in the same transaction).
+    pub async fn delete_tenant(&self, id: &str) -> Result<(), ServiceError> {
+        let (svc, id) = (self.clone(), id.to_owned());
+        self.detached(async move {
+            let _t = svc.inner.tenant_writes.lock().await;
+            match svc.inner.store.delete_tenant(&id).await? {
+                TenantDeleted::Deleted | TenantDeleted::NotFound
+                    if svc.inner.cache.tenant(&id).is_none() =>
+                {
+                    Err(ServiceError::NotFound)
+                }
+                TenantDeleted::Deleted | TenantDeleted::NotFound => {
+                    svc.inner.cache.remove_tenant(&id);
+                    Ok(())
+                }
+                TenantDeleted::HasClaims => Err(ServiceError::Conflict(format!(
+                    "tenant {id:?} still has devices"
+                ))),
+            }
+        })
+        .await
     }
 
     /// Claims a device for `tenant_id` with its claim code (SPEC §3).
@@ -255,131 +376,286 @@ impl ClaimsService {
             Some(pem) => Some(self.cert_thing_name(&device_id, pem)?),
             None => None,
         };
-        let _w = self.write().await?;
+        let (svc, tenant_id) = (self.clone(), tenant_id.to_owned());
+        let cert_pem = cert_pem.map(str::to_owned);
+        self.detached(async move {
+            svc.claim_now(device_id, &tenant_id, cert_name, cert_pem.as_deref())
+                .await
+        })
+        .await
+    }
+
+    async fn claim_now(
+        &self,
+        device_id: DeviceId,
+        tenant_id: &str,
+        cert_name: Option<String>,
+        cert_pem: Option<&str>,
+    ) -> Result<ClaimOutcome, ServiceError> {
         let entry = self
             .inner
             .cache
             .tenant(tenant_id)
             .ok_or(ServiceError::NotFound)?;
-        if let Some(existing) = self.inner.cache.claim(&device_id) {
-            match existing.tenant_id() {
-                _ if existing.state == ClaimState::Revoked => {
-                    return Err(ServiceError::Conflict("device is revoked".into()))
-                }
-                Some(t) if t == tenant_id => {
-                    return Ok(ClaimOutcome {
-                        created: false,
-                        claim: existing,
-                    })
-                }
-                _ => return Err(ServiceError::AlreadyClaimed),
-            }
-        }
-        if let Some(max) = entry.tenant.max_devices {
-            if self.tenant_device_count(tenant_id) as u64 >= max {
-                return Err(ServiceError::QuotaExceeded);
-            }
-        }
         let own = match cert_name {
             Some(n) => Some(n),
             None => self.seen_thing_name(&device_id).await?,
         };
-        let thing_name = match own {
-            Some(n) => Some(self.unique_thing_name(tenant_id, &n, &device_id).await?),
-            None => None, // named when the device connects (`name_claim`)
-        };
-        let claim = self.bound_claim(device_id, &entry.tenant, thing_name, now_ms());
-        let claim = self.commit(claim, cert_pem).await?;
-        self.after_binding(&claim).await?;
-        Ok(ClaimOutcome {
-            created: true,
-            claim,
-        })
+        let changed = self
+            .change_claim(&device_id, cert_pem, true, |current, name_taken| {
+                if let Some(existing) = current {
+                    return match existing.tenant_id() {
+                        _ if existing.state == ClaimState::Revoked => {
+                            Err(ServiceError::Conflict("device is revoked".into()))
+                        }
+                        Some(t) if t == tenant_id => Ok(None),
+                        _ => Err(ServiceError::AlreadyClaimed),
+                    };
+                }
+                // Unnamed: named when the device connects (`name_claim`).
+                let thing_name = own
+                    .as_deref()
+                    .map(|n| self.free_thing_name(tenant_id, n, &device_id, name_taken));
+                let claim = self.bound_claim(device_id, &entry.tenant, thing_name, now_ms());
+                Ok(Some(Plan {
+                    retire: ready_retires(&claim),
+                    claim: Some(claim),
+                    bind: Bind::Claim,
+                }))
+            })
+            .await?;
+        match changed {
+            Changed::Unchanged(claim) => Ok(ClaimOutcome {
+                created: false,
+                claim: claim.ok_or(ServiceError::NotFound)?,
+            }),
+            Changed::Written(claim) => {
+                let claim = claim.ok_or(ServiceError::NotFound)?;
+                self.after_binding(&claim);
+                Ok(ClaimOutcome {
+                    created: true,
+                    claim,
+                })
+            }
+        }
     }
 
-    /// Unclaims a device (`by_tenant`: the caller's tenant, `None` for the operator).
+    /// Unclaims a device (`by_tenant`: the caller's tenant, `None` for the operator). Its
+    /// registrations are marked for removal in the same transaction.
     pub async fn unclaim(
         &self,
         id: &DeviceId,
         by_tenant: Option<&str>,
     ) -> Result<(), ServiceError> {
-        let _w = self.write().await?;
-        let existing = self.owned_claim(id, by_tenant)?;
-        if existing.state == ClaimState::Revoked {
-            // Revocation outlives the claim: keep refusing the device.
-            let mut c = (*existing).clone();
-            c.tenant = None;
-            self.commit(c, None).await?;
-            return Ok(());
-        }
-        self.inner.store.delete_claim(id).await?;
-        gauge_state(existing.state, -1.0);
-        self.inner.cache.remove_claim(id);
-        self.inner.waiting.wake(id);
-        self.retire_registrations(id, None).await
+        let (svc, id) = (self.clone(), *id);
+        let by_tenant = by_tenant.map(str::to_owned);
+        self.detached(async move {
+            svc.change_claim(&id, None, true, |current, _| {
+                let existing = owned(current, by_tenant.as_deref())?;
+                if existing.state == ClaimState::Revoked {
+                    // Revocation outlives the claim: keep refusing the device.
+                    let mut c = (**existing).clone();
+                    c.tenant = None;
+                    return Ok(Some(Plan {
+                        claim: Some(c),
+                        bind: Bind::No,
+                        retire: Retiring::Nothing,
+                    }));
+                }
+                Ok(Some(Plan {
+                    claim: None,
+                    bind: Bind::No,
+                    retire: Retiring::All,
+                }))
+            })
+            .await
+            .map(drop)
+        })
+        .await
     }
 
     /// Moves a claimed device to another tenant with a new redirect.
     pub async fn migrate(&self, id: &DeviceId, to: &str) -> Result<Arc<Claim>, ServiceError> {
-        let _w = self.write().await?;
-        let existing = self.owned_claim(id, None)?;
-        if existing.state == ClaimState::Revoked {
-            return Err(ServiceError::Conflict("device is revoked".into()));
-        }
+        let (svc, id, to) = (self.clone(), *id, to.to_owned());
+        self.detached(async move { svc.migrate_now(&id, &to).await })
+            .await
+    }
+
+    async fn migrate_now(&self, id: &DeviceId, to: &str) -> Result<Arc<Claim>, ServiceError> {
         let entry = self
             .inner
             .cache
             .tenant(to)
             .ok_or_else(|| ServiceError::Invalid(format!("no tenant {to:?}")))?;
-        if existing.tenant_id() == Some(to) {
-            return Ok(existing);
-        }
-        if let Some(max) = entry.tenant.max_devices {
-            if self.tenant_device_count(to) as u64 >= max {
-                return Err(ServiceError::QuotaExceeded);
+        let changed = self
+            .change_claim(id, None, true, |current, name_taken| {
+                let existing = owned(current, None)?;
+                if existing.state == ClaimState::Revoked {
+                    return Err(ServiceError::Conflict("device is revoked".into()));
+                }
+                if existing.tenant_id() == Some(to) {
+                    return Ok(None);
+                }
+                let thing_name = existing
+                    .thing_name
+                    .as_deref()
+                    .map(|n| self.free_thing_name(to, n, id, name_taken));
+                let claim = self.bound_claim(*id, &entry.tenant, thing_name, now_ms());
+                // Otherwise the old registration stays until the new one is ready
+                // (`registration_done`).
+                Ok(Some(Plan {
+                    retire: ready_retires(&claim),
+                    claim: Some(claim),
+                    bind: Bind::Migrate,
+                }))
+            })
+            .await?;
+        match changed {
+            Changed::Unchanged(c) => c.ok_or(ServiceError::NotFound),
+            Changed::Written(c) => {
+                let c = c.ok_or(ServiceError::NotFound)?;
+                self.after_binding(&c);
+                Ok(c)
             }
         }
-        let thing_name = match &existing.thing_name {
-            Some(n) => Some(self.unique_thing_name(to, n, id).await?),
-            None => None,
-        };
-        let claim = self.bound_claim(*id, &entry.tenant, thing_name, now_ms());
-        // The old registration stays until the new one is ready (see `registration_done`).
-        let claim = self.commit(claim, None).await?;
-        self.after_binding(&claim).await?;
-        Ok(claim)
     }
 
     /// Revokes a device: refused at the handshake from now on, its connection closed.
     pub async fn revoke(&self, id: &DeviceId) -> Result<Arc<Claim>, ServiceError> {
-        let _w = self.write().await?;
-        let existing = self.inner.cache.claim(id);
-        let seen = self.inner.waiting.seen(id);
-        // A fleet's node knows only the devices it has seen; the device may wait on another.
-        if existing.is_none() && seen.is_none() && !self.inner.store.shared() {
-            return Err(ServiceError::NotFound);
+        let (svc, id) = (self.clone(), *id);
+        self.detached(async move {
+            let seen = svc.inner.waiting.seen(&id);
+            // A fleet's node knows only the devices it has seen; the device may wait on another.
+            let anywhere = svc.inner.store.shared();
+            let changed = svc
+                .change_claim(&id, None, true, |current, _| {
+                    let claim = match current {
+                        Some(c) => Claim {
+                            state: ClaimState::Revoked,
+                            redirect_id: None,
+                            ..(**c).clone()
+                        },
+                        None if seen.is_none() && !anywhere => return Err(ServiceError::NotFound),
+                        None => Claim {
+                            thing_name: seen.as_ref().map(|s| s.thing_name.to_string()),
+                            ..Claim::revoked(id)
+                        },
+                    };
+                    Ok(Some(Plan {
+                        claim: Some(claim),
+                        bind: Bind::No,
+                        retire: Retiring::Nothing,
+                    }))
+                })
+                .await?;
+            match changed {
+                Changed::Unchanged(c) | Changed::Written(c) => c.ok_or(ServiceError::NotFound),
+            }
+        })
+        .await
+    }
+
+    /// Decides on the claim of `id` as stored and writes the decision, again and again while
+    /// another writer changes the claim first. `decide` gets the claim (`None`: unclaimed) and
+    /// whether the thing name it chose last time is taken in the tenant; it answers a plan,
+    /// `None` for nothing to write, or an error. With `confirm`, an answer decided on the map
+    /// alone (nothing to write, or an error) is checked against the store first, so a change
+    /// another node made a moment ago is never answered wrongly.
+    pub(super) async fn change_claim(
+        &self,
+        id: &DeviceId,
+        cert_pem: Option<&str>,
+        confirm: bool,
+        mut decide: impl FnMut(Option<&Arc<Claim>>, bool) -> Result<Option<Plan>, ServiceError>,
+    ) -> Result<Changed, ServiceError> {
+        let _turn = self.inner.stripes[usize::from(id.0[0])].lock().await;
+        let mut current = self.inner.cache.claim(id);
+        let (mut name_taken, mut confirmed) = (false, !confirm);
+        for _ in 0..MAX_ATTEMPTS {
+            let plan = match decide(current.as_ref(), name_taken) {
+                Ok(Some(plan)) => plan,
+                answer if !confirmed => {
+                    confirmed = true;
+                    let stored = self.inner.store.claim(id).await?;
+                    if stored.as_ref().map(|c| c.version) == current.as_ref().map(|c| c.version) {
+                        return answer.map(|_| Changed::Unchanged(current));
+                    }
+                    current = self.put_in_map(id, stored);
+                    continue;
+                }
+                Ok(None) => return Ok(Changed::Unchanged(current)),
+                Err(e) => return Err(e),
+            };
+            let tenant = plan.claim.as_ref().and_then(Claim::tenant_id);
+            let w = ClaimWrite {
+                id: *id,
+                expect: Expect::from_current(current.as_deref()),
+                claim: plan.claim.as_ref(),
+                cert_pem,
+                bind: plan.bind != Bind::No,
+                retire: match (plan.retire, tenant) {
+                    (Retiring::Nothing, _) => Retire::Nothing,
+                    (Retiring::All, _) | (Retiring::AllButOwn, None) => Retire::All,
+                    (Retiring::AllButOwn, Some(t)) => Retire::AllBut(t),
+                },
+            };
+            match self.inner.store.write_claim(&w).await? {
+                Written::Done { version, retiring } => {
+                    let after = plan.claim.map(|c| Claim { version, ..c });
+                    let after = self.put_in_map(id, after);
+                    for tenant in retiring {
+                        self.inner.provisioner.enqueue(Job::Remove(*id, tenant));
+                    }
+                    return Ok(Changed::Written(after));
+                }
+                Written::Stale(stored) => {
+                    confirmed = true;
+                    current = self.put_in_map(id, stored);
+                }
+                Written::NameTaken => name_taken = true,
+                Written::Full => return Err(ServiceError::QuotaExceeded),
+                Written::NoTenant if plan.bind == Bind::Migrate => {
+                    return Err(ServiceError::Invalid(format!(
+                        "no tenant {:?}",
+                        tenant.unwrap_or_default()
+                    )))
+                }
+                Written::NoTenant => return Err(ServiceError::NotFound),
+            }
         }
-        let claim = match existing {
-            Some(c) => Claim {
-                state: ClaimState::Revoked,
-                redirect_id: None,
-                ..(*c).clone()
-            },
-            None => Claim {
-                thing_name: seen.map(|s| s.thing_name.to_string()),
-                ..Claim::revoked(*id)
-            },
-        };
-        self.commit(claim, None).await
+        Err(ServiceError::Store(StoreError::Unavailable(
+            "the device's claim kept changing under this request; retry".into(),
+        )))
+    }
+
+    /// Puts what the store holds for `id` in the map (with the claim gauges) and wakes the
+    /// device; the claim as the map now holds it. Call on the device's stripe.
+    pub(super) fn put_in_map(&self, id: &DeviceId, claim: Option<Claim>) -> Option<Arc<Claim>> {
+        let cache = &self.inner.cache;
+        if let Some(old) = cache.claim(id) {
+            gauge_state(old.state, -1.0);
+        }
+        match claim {
+            Some(c) => {
+                gauge_state(c.state, 1.0);
+                cache.put_claim(c);
+            }
+            None => cache.remove_claim(id),
+        }
+        self.inner.waiting.wake(id);
+        cache.claim(id)
     }
 
     /// Applies device-path activity until the channel closes or `cancel` fires (then what is
-    /// already queued).
+    /// already queued). Each activity is applied in its own task, up to [`ACTIVITY_IN_FLIGHT`]
+    /// at once: a burst of redirects is written together, not one commit after another.
     pub async fn run_activity(
         self,
         mut rx: mpsc::Receiver<Activity>,
         cancel: tokio_util::sync::CancellationToken,
     ) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(ACTIVITY_IN_FLIGHT));
+        let mut tasks = tokio::task::JoinSet::new();
         loop {
             let activity = tokio::select! {
                 a = rx.recv() => a,
@@ -388,51 +664,67 @@ impl ClaimsService {
                 () = cancel.cancelled() => rx.try_recv().ok(),
             };
             let Some(activity) = activity else {
-                return;
+                break;
             };
-            let (device_id, redirect_id, at) = match activity {
-                Activity::Redirected {
-                    device_id,
-                    redirect_id,
-                    at,
-                } => (device_id, redirect_id, at),
-                Activity::CertSeen {
-                    device_id,
-                    cert_der,
-                    named,
-                } => {
-                    if let Err(e) = self.name_claim(&device_id, &cert_der).await {
-                        tracing::warn!(error = %e, "naming a claim failed");
-                    }
-                    if let Some(named) = named {
-                        let _ = named.send(());
-                    }
-                    if let Err(e) = self.cert_seen(&device_id, &cert_der).await {
-                        tracing::warn!(error = %e, "storing a device certificate failed");
-                    }
-                    continue;
-                }
+            while tasks.try_join_next().is_some() {}
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                break;
             };
-            let _w = match self.write().await {
-                Ok(w) => w,
-                Err(e) => {
+            let svc = self.clone();
+            tasks.spawn(async move {
+                svc.apply_activity(activity).await;
+                drop(slot);
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    async fn apply_activity(&self, activity: Activity) {
+        match activity {
+            Activity::Redirected {
+                device_id,
+                redirect_id,
+                at,
+            } => {
+                let recorded = self
+                    .change_claim(&device_id, None, false, |current, _| {
+                        // Superseded by a migration or unclaim meanwhile, or already recorded:
+                        // a v3.1.1 device that reconnects before leaving is redirected again,
+                        // but one store write per redirect is enough.
+                        let Some(c) = current.filter(|c| {
+                            c.redirect_id.as_deref() == Some(&redirect_id)
+                                && c.redirected_at.is_none()
+                        }) else {
+                            return Ok(None);
+                        };
+                        Ok(Some(Plan {
+                            claim: Some(Claim {
+                                redirected_at: Some(at),
+                                ..(**c).clone()
+                            }),
+                            bind: Bind::No,
+                            retire: Retiring::Nothing,
+                        }))
+                    })
+                    .await;
+                if let Err(e) = recorded {
                     tracing::warn!(error = %e, "recording a redirect failed");
-                    continue;
                 }
-            };
-            let Some(c) = self.inner.cache.claim(&device_id) else {
-                continue;
-            };
-            // Superseded by a migration or unclaim meanwhile, or already recorded: a v3.1.1
-            // device that reconnects before leaving is redirected again, but one store write
-            // per redirect is enough.
-            if c.redirect_id.as_deref() != Some(&redirect_id) || c.redirected_at.is_some() {
-                continue;
             }
-            let mut c = (*c).clone();
-            c.redirected_at = Some(at);
-            if let Err(e) = self.commit(c, None).await {
-                tracing::warn!(error = %e, "recording a redirect failed");
+            Activity::CertSeen {
+                device_id,
+                cert_der,
+                named,
+            } => {
+                if let Err(e) = self.name_claim(&device_id, &cert_der).await {
+                    tracing::warn!(error = %e, "naming a claim failed");
+                }
+                if let Some(named) = named {
+                    let _ = named.send(());
+                }
+                if let Err(e) = self.cert_seen(&device_id, &cert_der).await {
+                    tracing::warn!(error = %e, "storing a device certificate failed");
+                }
             }
         }
     }
@@ -443,11 +735,7 @@ impl ClaimsService {
         id: &DeviceId,
         by_tenant: Option<&str>,
     ) -> Result<Arc<Claim>, ServiceError> {
-        let c = self.inner.cache.claim(id).ok_or(ServiceError::NotFound)?;
-        match by_tenant {
-            Some(t) if c.tenant_id() != Some(t) => Err(ServiceError::NotFound),
-            _ => Ok(c),
-        }
+        owned(self.inner.cache.claim(id).as_ref(), by_tenant).cloned()
     }
 
     fn bound_claim(
@@ -474,29 +762,8 @@ impl ClaimsService {
             ready_at: ready.then_some(now),
             redirected_at: None,
             error: None,
+            version: 0,
         }
-    }
-
-    /// Store first (durable), then the map, then the device.
-    async fn commit(
-        &self,
-        claim: Claim,
-        cert_pem: Option<&str>,
-    ) -> Result<Arc<Claim>, ServiceError> {
-        self.inner.store.put_claim(&claim, cert_pem).await?;
-        let id = claim.device_id;
-        let old = self.inner.cache.claim(&id);
-        if let Some(old) = &old {
-            gauge_state(old.state, -1.0);
-        }
-        gauge_state(claim.state, 1.0);
-        self.inner.cache.put_claim(claim);
-        self.inner.waiting.wake(&id);
-        self.inner.cache.claim(&id).ok_or(ServiceError::NotFound)
-    }
-
-    fn tenant_device_count(&self, tenant: &str) -> usize {
-        self.inner.cache.tenant_claim_count(tenant)
     }
 
     fn wake_tenant(&self, tenant: &str) {
@@ -505,6 +772,38 @@ impl ClaimsService {
                 self.inner.waiting.wake(&c.device_id);
             }
         });
+    }
+}
+
+/// Activities applied at once by [`ClaimsService::run_activity`].
+const ACTIVITY_IN_FLIGHT: usize = 64;
+
+/// `claim` as seen by `by_tenant` (`None`: operator): another tenant's is NotFound.
+fn owned<'a>(
+    claim: Option<&'a Arc<Claim>>,
+    by_tenant: Option<&str>,
+) -> Result<&'a Arc<Claim>, ServiceError> {
+    let c = claim.ok_or(ServiceError::NotFound)?;
+    match by_tenant {
+        Some(t) if c.tenant_id() != Some(t) => Err(ServiceError::NotFound),
+        _ => Ok(c),
+    }
+}
+
+/// A claim ready at once retires the device's registrations with other tenants.
+fn ready_retires(c: &Claim) -> Retiring {
+    if c.state == ClaimState::Ready {
+        Retiring::AllButOwn
+    } else {
+        Retiring::Nothing
+    }
+}
+
+/// A tenant patch's refusal, as the store hands it back.
+fn refusal(e: ServiceError) -> String {
+    match e {
+        ServiceError::Invalid(why) => why,
+        other => other.to_string(),
     }
 }
 

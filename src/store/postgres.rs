@@ -1,8 +1,11 @@
 //! The networked store: PostgreSQL, shared by any number of lobby nodes (SPEC §10).
 //!
-//! A small `deadpool-postgres` pool of plain TCP connections. Every write is one autocommitted
-//! statement, so it is durable when its future resolves, given the server's default
-//! `synchronous_commit = on`. TLS to PostgreSQL is not supported yet: a URL asking for it
+//! A small `deadpool-postgres` pool of plain TCP connections. Every write is one transaction,
+//! durable when its future resolves, given the server's default `synchronous_commit = on`.
+//! Writers of a fleet never share a lock: a claim write is conditional on the version it read
+//! ([`Store::write_claim`]), thing names are a unique index, and tenant rows are locked only by
+//! the transactions that touch them. Every session waits at most [`LOCK_TIMEOUT`] for a lock
+//! and [`STATEMENT_TIMEOUT`] for a statement (the URL's `options` may set either). TLS to PostgreSQL is not supported yet: a URL asking for it
 //! (`sslmode=require`, `verify-ca`, `verify-full`) is refused at `open`, never downgraded.
 //!
 //! The schema is an ordered list of migrations embedded in the binary. `open` applies the
@@ -25,7 +28,8 @@ use tokio_postgres::{NoTls, Row};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Change, Presence, RegistrationBody, Store, StoreError, StoredTenant, Subject, Watch, WriteLock,
+    Change, ChangeBatch, ClaimWrite, Expect, Presence, RegistrationBody, Retire, Store, StoreError,
+    StoredTenant, Subject, TenantDeleted, TenantPatch, TenantUpdated, Watch, Written,
 };
 use crate::claims::model::{Claim, ClaimState, Tenant};
 use crate::edge::identity::DeviceId;
@@ -33,9 +37,14 @@ use crate::provision::Registration;
 
 mod watch;
 
-/// Connections in the pool. Writes are serialised by the claims service; the rest are API reads
-/// and the provisioning worker, which a handful of connections serve.
-const POOL_SIZE: usize = 8;
+/// Connections in the pool: concurrent writes (claim bursts), API reads and the provisioning
+/// worker. The server flushes the commits of concurrent transactions together.
+const POOL_SIZE: usize = 16;
+/// How long a statement waits for a row or advisory lock (`lock_timeout`), unless the URL's
+/// `options` set it: a write behind a stuck holder fails as `unavailable` rather than waiting.
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one statement may run (`statement_timeout`), unless the URL's `options` set it.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connecting to the server, unless the URL sets `connect_timeout`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a store call waits for a free connection before it fails.
@@ -112,26 +121,66 @@ ALTER TABLE lobby_presence
     ADD COLUMN stamp BIGINT NOT NULL DEFAULT 0,
     ADD COLUMN origin TEXT COLLATE \"C\" NOT NULL DEFAULT '';
 ",
-    // Thing names are unique per tenant (`thing_name_holder`, asked on every claim).
+    // Thing names are unique per tenant (migration 7 makes this index unique).
     "
 CREATE INDEX claims_tenant_thing ON claims (tenant, thing_name);
 ",
+    // No fleet write lock: claims carry a version for conditional writes, thing names are
+    // unique in the index, and the change log records its writer's transaction id so a reader
+    // never passes a change that commits late (`changes_after`).
+    "
+ALTER TABLE claims ADD COLUMN version BIGINT NOT NULL DEFAULT 0;
+DROP INDEX claims_tenant_thing;
+CREATE UNIQUE INDEX claims_tenant_thing_unique ON claims (tenant, thing_name)
+    WHERE tenant IS NOT NULL AND thing_name IS NOT NULL;
+ALTER TABLE lobby_changes ADD COLUMN xid xid8 NOT NULL DEFAULT pg_current_xact_id();
+CREATE INDEX lobby_changes_xid ON lobby_changes (xid);
+",
 ];
+
+/// The unique index that keeps thing names unique per tenant.
+const THING_NAME_INDEX: &str = "claims_tenant_thing_unique";
 
 /// A node that has not reported for this long is taken for gone: its devices show as not
 /// connected. Nodes report at least every [`crate::presence::HEARTBEAT`].
 const NODE_GONE_AFTER_SECS: f64 = 15.0;
 
-/// The advisory lock every node holds while it changes tenants or claims (the bytes spell
-/// "lobbywrt"). Holding it makes the change log's order the commit order, and lets a node
-/// check a claim against every other node's committed changes before it writes.
-pub const WRITE_LOCK: i64 = 0x6c6f_6262_7977_7274;
 /// The notification channel of the change log.
 const CHANNEL: &str = "lobby_changes";
-/// Appends to the change log and notifies, inside the writing transaction (NOTIFY is sent
-/// at commit).
-const LOG_CHANGE: &str = "WITH ch AS (INSERT INTO lobby_changes (kind, key, origin) \
-     VALUES ($1, $2, $3) RETURNING seq) SELECT pg_notify('lobby_changes', seq::text) FROM ch";
+/// Appends to the change log inside the writing transaction; the entry's number. The other
+/// nodes are told after the commit ([`Notifier`]): a NOTIFY inside the transaction would take
+/// the database's notification lock until the commit is flushed, one writer at a time.
+const LOG_CHANGE: &str =
+    "INSERT INTO lobby_changes (kind, key, origin) VALUES ($1, $2, $3) RETURNING seq";
+/// The changes at or after a cursor, with the next cursor: the oldest transaction still in
+/// progress (`pg_snapshot_xmin`). Every transaction older than it has ended, so its entries
+/// are all visible now; a younger one may still commit entries with smaller `seq`s, and is
+/// read next time. One statement, one snapshot.
+const CHANGES_AFTER: &str = "SELECT h.x::text::bigint, c.seq, c.kind, c.key, c.origin \
+     FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS x) h \
+     LEFT JOIN lobby_changes c ON c.xid >= $1::text::xid8 ORDER BY c.xid, c.seq";
+/// The tenant a claim binds to, locked against deletion (not against body updates), and its
+/// `max_devices`.
+const TENANT_ROOM: &str = "SELECT (body::jsonb ->> 'max_devices')::bigint FROM tenants \
+     WHERE id = $1 FOR KEY SHARE";
+/// Serialises the claims of one tenant that has `max_devices`, so the count is exact.
+const TENANT_QUOTA_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 1819239010))";
+const TENANT_COUNT: &str = "SELECT count(*) FROM claims WHERE tenant = $1 AND device_id <> $2";
+const CLAIM_INSERT: &str = "INSERT INTO claims (device_id, tenant, state, thing_name, \
+     redirect_id, claimed_at, ready_at, redirected_at, error, cert_pem, version) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+const CLAIM_UPSERT_SET: &str = " ON CONFLICT (device_id) DO UPDATE SET tenant = EXCLUDED.tenant, \
+     state = EXCLUDED.state, thing_name = EXCLUDED.thing_name, \
+     redirect_id = EXCLUDED.redirect_id, claimed_at = EXCLUDED.claimed_at, \
+     ready_at = EXCLUDED.ready_at, redirected_at = EXCLUDED.redirected_at, \
+     error = EXCLUDED.error, cert_pem = COALESCE(EXCLUDED.cert_pem, claims.cert_pem), \
+     version = EXCLUDED.version";
+const CLAIM_UPDATE: &str = "UPDATE claims SET tenant = $2, state = $3, thing_name = $4, \
+     redirect_id = $5, claimed_at = $6, ready_at = $7, redirected_at = $8, error = $9, \
+     cert_pem = COALESCE($10, cert_pem), version = $11 WHERE device_id = $1 AND version = $12";
+/// Marks the device's registrations but `$2`'s (`NULL`: all) for removal.
+const RETIRE: &str = "UPDATE registrations SET removing = TRUE WHERE device_id = $1 \
+     AND ($2::text IS NULL OR tenant <> $2) RETURNING tenant";
 
 /// Beats for a node (`$1`).
 const NODE_BEAT: &str = "INSERT INTO lobby_nodes (name, heartbeat) VALUES ($1, now()) \
@@ -160,7 +209,7 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 const _: () = assert!(SCHEMA_VERSION >= 1 && SCHEMA_VERSION as usize == MIGRATIONS.len());
 
 const CLAIM_COLUMNS: &str = "SELECT device_id, tenant, state, thing_name, redirect_id, \
-     claimed_at, ready_at, redirected_at, error FROM claims";
+     claimed_at, ready_at, redirected_at, error, version FROM claims";
 const REGISTRATION_COLUMNS: &str = "SELECT device_id, tenant, body, removing FROM registrations";
 
 /// PostgreSQL-backed [`Store`]. Cheap to clone (the pool is a handle).
@@ -171,6 +220,51 @@ pub struct PostgresStore {
     config: tokio_postgres::Config,
     /// This process's name in the change log (random per start).
     origin: Arc<str>,
+    /// Tells the other nodes after a commit.
+    notifier: Arc<Notifier>,
+}
+
+/// Sends the change log's notification after commits, coalescing those that come while one
+/// is on its way. A lost one costs the other nodes a moment: they also read the log on a timer.
+struct Notifier {
+    pending: tokio::sync::Notify,
+    /// Stops the sending task when the last handle of the store goes.
+    _stop: tokio_util::sync::DropGuard,
+}
+
+impl Notifier {
+    fn start(pool: Pool) -> Arc<Self> {
+        let stop = CancellationToken::new();
+        let notifier = Arc::new(Self {
+            pending: tokio::sync::Notify::new(),
+            _stop: stop.clone().drop_guard(),
+        });
+        let weak = Arc::downgrade(&notifier);
+        tokio::spawn(async move {
+            loop {
+                let Some(n) = weak.upgrade() else { return };
+                tokio::select! {
+                    () = n.pending.notified() => {}
+                    () = stop.cancelled() => return,
+                }
+                drop(n);
+                let sent = async {
+                    let c = pool.get().await.map_err(|e| e.to_string())?;
+                    c.execute("SELECT pg_notify($1, '')", &[&CHANNEL])
+                        .await
+                        .map_err(|e| describe(&e))
+                };
+                if let Err(e) = sent.await {
+                    tracing::warn!(error = %e, "telling the fleet of a change failed");
+                }
+            }
+        });
+        notifier
+    }
+
+    fn poke(&self) {
+        self.pending.notify_one();
+    }
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -196,13 +290,39 @@ fn describe(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-/// A unique key that already exists is `Conflict` (only `insert_tenant` can hit one: the other
-/// writes are upserts); the rest is `Backend`.
+/// A unique key that already exists is `Conflict`; a lock or statement that timed out, a lost
+/// connection or a server that is going away is `Unavailable`; the rest is `Backend`.
 fn pg(e: tokio_postgres::Error) -> StoreError {
-    if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
-        return StoreError::Conflict;
+    let text = || format!("postgres: {}", describe(&e));
+    match e.code() {
+        Some(c) if *c == SqlState::UNIQUE_VIOLATION => StoreError::Conflict,
+        Some(c)
+            if [
+                SqlState::LOCK_NOT_AVAILABLE,
+                SqlState::QUERY_CANCELED,
+                SqlState::ADMIN_SHUTDOWN,
+                SqlState::CRASH_SHUTDOWN,
+                SqlState::CANNOT_CONNECT_NOW,
+                SqlState::TOO_MANY_CONNECTIONS,
+                SqlState::T_R_SERIALIZATION_FAILURE,
+                SqlState::T_R_DEADLOCK_DETECTED,
+            ]
+            .contains(c)
+                || c.code().starts_with("08") =>
+        {
+            StoreError::Unavailable(text())
+        }
+        Some(_) => StoreError::Backend(text()),
+        // No SQLSTATE: the connection failed or closed.
+        None => StoreError::Unavailable(text()),
     }
-    StoreError::Backend(format!("postgres: {}", describe(&e)))
+}
+
+/// Whether `e` is a violation of the thing-name index.
+fn name_taken(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error()
+        .and_then(|d| d.constraint())
+        .is_some_and(|c| c == THING_NAME_INDEX)
 }
 
 /// The connection settings of `url`, refusing what this store cannot honour.
@@ -230,6 +350,18 @@ fn pg_config(url: &str) -> Result<tokio_postgres::Config, StoreError> {
     if config.get_application_name().is_none() {
         config.application_name("lobby");
     }
+    // Bound every wait on a lock or statement, unless the URL chose its own.
+    let mut options = config.get_options().unwrap_or("").to_owned();
+    for (key, value) in [
+        ("lock_timeout", LOCK_TIMEOUT),
+        ("statement_timeout", STATEMENT_TIMEOUT),
+        ("idle_in_transaction_session_timeout", STATEMENT_TIMEOUT),
+    ] {
+        if !options.contains(key) {
+            options.push_str(&format!(" -c {key}={}", value.as_millis()));
+        }
+    }
+    config.options(options.trim());
     Ok(config)
 }
 
@@ -254,6 +386,7 @@ impl PostgresStore {
         let mut origin = [0u8; 8];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut origin);
         let store = Self {
+            notifier: Notifier::start(pool.clone()),
             pool,
             config,
             origin: hex::encode(origin).into(),
@@ -319,7 +452,7 @@ impl PostgresStore {
         self.pool
             .get()
             .await
-            .map_err(|e| StoreError::Backend(format!("postgres connection: {}", describe(&e))))
+            .map_err(|e| StoreError::Unavailable(format!("postgres connection: {}", describe(&e))))
     }
 
     /// Runs `work`, recording its duration under `op` like every store backend.
@@ -363,10 +496,11 @@ impl PostgresStore {
             let log = client.prepare_cached(LOG_CHANGE).await.map_err(pg)?;
             let tx = client.transaction().await.map_err(pg)?;
             let n = tx.execute(&stmt, params).await.map_err(pg)?;
-            tx.execute(&log, &[&subject.0, &subject.1, &&*self.origin])
+            tx.query_one(&log, &[&subject.0, &subject.1, &&*self.origin])
                 .await
                 .map_err(pg)?;
             tx.commit().await.map_err(pg)?;
+            self.notifier.poke();
             Ok(n)
         })
         .await
@@ -385,6 +519,118 @@ impl PostgresStore {
             client.query(&stmt, params).await.map_err(pg)
         })
         .await
+    }
+
+    /// [`Store::write_claim`]'s transaction. `Stale(None)` when the condition failed (the
+    /// caller reads what is there); every early return rolls back.
+    async fn write_claim_tx(&self, w: &ClaimWrite<'_>) -> Result<Written, StoreError> {
+        let hex = w.id.to_hex();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        if w.bind {
+            let tenant = w.claim.and_then(Claim::tenant_id).ok_or_else(|| {
+                StoreError::Backend("a binding claim write without a tenant".into())
+            })?;
+            let room = tx.prepare_cached(TENANT_ROOM).await.map_err(pg)?;
+            let rows = tx.query(&room, &[&tenant]).await.map_err(pg)?;
+            let Some(row) = rows.first() else {
+                return Ok(Written::NoTenant);
+            };
+            if let Some(max) = row.try_get::<_, Option<i64>>(0).map_err(pg)? {
+                tx.execute(TENANT_QUOTA_LOCK, &[&tenant])
+                    .await
+                    .map_err(pg)?;
+                let count = tx.prepare_cached(TENANT_COUNT).await.map_err(pg)?;
+                let n: i64 = tx
+                    .query_one(&count, &[&tenant, &hex])
+                    .await
+                    .map_err(pg)?
+                    .get(0);
+                if n >= max {
+                    return Ok(Written::Full);
+                }
+            }
+        }
+        let log = tx.prepare_cached(LOG_CHANGE).await.map_err(pg)?;
+        let seq: i64 = tx
+            .query_one(&log, &[&"claim", &hex, &&*self.origin])
+            .await
+            .map_err(pg)?
+            .get(0);
+        let changed = match (w.claim, w.expect) {
+            (Some(c), expect) => {
+                let (state, tenant) = (c.state.as_str(), c.tenant_id());
+                let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+                    &hex,
+                    &tenant,
+                    &state,
+                    &c.thing_name,
+                    &c.redirect_id,
+                    &c.claimed_at,
+                    &c.ready_at,
+                    &c.redirected_at,
+                    &c.error,
+                    &w.cert_pem,
+                    &seq,
+                ];
+                let sql = match &expect {
+                    Expect::Absent => format!("{CLAIM_INSERT} ON CONFLICT (device_id) DO NOTHING"),
+                    Expect::Any => format!("{CLAIM_INSERT}{CLAIM_UPSERT_SET}"),
+                    Expect::Version(v) => {
+                        params.push(v);
+                        CLAIM_UPDATE.to_owned()
+                    }
+                };
+                let stmt = tx.prepare_cached(&sql).await.map_err(pg)?;
+                match tx.execute(&stmt, &params).await {
+                    Err(e) if name_taken(&e) => return Ok(Written::NameTaken),
+                    other => other.map_err(pg)?,
+                }
+            }
+            (None, Expect::Any) => tx
+                .execute("DELETE FROM claims WHERE device_id = $1", &[&hex])
+                .await
+                .map_err(pg)?
+                .max(1),
+            (None, Expect::Version(v)) => tx
+                .execute(
+                    "DELETE FROM claims WHERE device_id = $1 AND version = $2",
+                    &[&hex, &v],
+                )
+                .await
+                .map_err(pg)?,
+            (None, Expect::Absent) => {
+                let absent: bool = tx
+                    .query_one(
+                        "SELECT NOT EXISTS (SELECT 1 FROM claims WHERE device_id = $1)",
+                        &[&hex],
+                    )
+                    .await
+                    .map_err(pg)?
+                    .get(0);
+                u64::from(absent)
+            }
+        };
+        if changed == 0 {
+            return Ok(Written::Stale(None));
+        }
+        let keep = match w.retire {
+            Retire::Nothing => None,
+            Retire::All => Some(None),
+            Retire::AllBut(t) => Some(Some(t)),
+        };
+        let mut retiring = Vec::new();
+        if let Some(keep) = keep {
+            let retire = tx.prepare_cached(RETIRE).await.map_err(pg)?;
+            for r in tx.query(&retire, &[&hex, &keep]).await.map_err(pg)? {
+                retiring.push(r.try_get(0).map_err(pg)?);
+            }
+        }
+        tx.commit().await.map_err(pg)?;
+        Ok(Written::Done {
+            version: seq,
+            retiring,
+        })
     }
 
     async fn registrations_where(
@@ -437,6 +683,7 @@ fn claim_from_row(row: &Row, tenants: &mut HashMap<String, Arc<str>>) -> Result<
         ready_at: row.try_get(6).map_err(pg)?,
         redirected_at: row.try_get(7).map_err(pg)?,
         error: row.try_get(8).map_err(pg)?,
+        version: row.try_get(9).map_err(pg)?,
     })
 }
 
@@ -488,27 +735,88 @@ impl Store for PostgresStore {
         .map(drop)
     }
 
-    async fn update_tenant(&self, t: &Tenant) -> Result<(), StoreError> {
-        let body = serde_json::to_string(t).map_err(|e| StoreError::Backend(e.to_string()))?;
-        self.execute_logged(
-            "update_tenant",
-            "UPDATE tenants SET body = $2 WHERE id = $1",
-            &[&t.id, &body],
-            ("tenant", &t.id),
-        )
-        .await
-        .map(drop)
+    async fn update_tenant(
+        &self,
+        id: &str,
+        patch: TenantPatch<'_>,
+    ) -> Result<TenantUpdated, StoreError> {
+        let updated = self
+            .timed("update_tenant", async {
+                let mut client = self.client().await?;
+                let tx = client.transaction().await.map_err(pg)?;
+                let rows = tx
+                    .query(
+                        "SELECT body FROM tenants WHERE id = $1 FOR NO KEY UPDATE",
+                        &[&id],
+                    )
+                    .await
+                    .map_err(pg)?;
+                let Some(row) = rows.first() else {
+                    return Ok(TenantUpdated::NotFound);
+                };
+                let stored: Tenant = serde_json::from_str(row.try_get(0).map_err(pg)?)
+                    .map_err(|e| StoreError::Corrupt(format!("tenant body: {e}")))?;
+                let tenant = match patch(stored) {
+                    Ok(t) => t,
+                    Err(why) => return Ok(TenantUpdated::Refused(why)),
+                };
+                let body = serde_json::to_string(&tenant)
+                    .map_err(|e| StoreError::Backend(e.to_string()))?;
+                tx.execute("UPDATE tenants SET body = $2 WHERE id = $1", &[&id, &body])
+                    .await
+                    .map_err(pg)?;
+                tx.query_one(LOG_CHANGE, &[&"tenant", &id, &&*self.origin])
+                    .await
+                    .map_err(pg)?;
+                tx.commit().await.map_err(pg)?;
+                Ok(TenantUpdated::Updated(Box::new(tenant)))
+            })
+            .await?;
+        if matches!(updated, TenantUpdated::Updated(_)) {
+            self.notifier.poke();
+        }
+        Ok(updated)
     }
 
-    async fn delete_tenant(&self, id: &str) -> Result<(), StoreError> {
-        self.execute_logged(
-            "delete_tenant",
-            "DELETE FROM tenants WHERE id = $1",
-            &[&id],
-            ("tenant", id),
-        )
-        .await
-        .map(drop)
+    /// Locks the tenant row first: a claim binding to it holds `FOR KEY SHARE` until it
+    /// commits, so the count after the lock sees it.
+    async fn delete_tenant(&self, id: &str) -> Result<TenantDeleted, StoreError> {
+        let deleted = self
+            .timed("delete_tenant", async {
+                let mut client = self.client().await?;
+                let tx = client.transaction().await.map_err(pg)?;
+                let found = tx
+                    .query("SELECT 1 FROM tenants WHERE id = $1 FOR UPDATE", &[&id])
+                    .await
+                    .map_err(pg)?;
+                if found.is_empty() {
+                    return Ok(TenantDeleted::NotFound);
+                }
+                let claimed: bool = tx
+                    .query_one(
+                        "SELECT EXISTS (SELECT 1 FROM claims WHERE tenant = $1)",
+                        &[&id],
+                    )
+                    .await
+                    .map_err(pg)?
+                    .get(0);
+                if claimed {
+                    return Ok(TenantDeleted::HasClaims);
+                }
+                tx.execute("DELETE FROM tenants WHERE id = $1", &[&id])
+                    .await
+                    .map_err(pg)?;
+                tx.query_one(LOG_CHANGE, &[&"tenant", &id, &&*self.origin])
+                    .await
+                    .map_err(pg)?;
+                tx.commit().await.map_err(pg)?;
+                Ok(TenantDeleted::Deleted)
+            })
+            .await?;
+        if deleted == TenantDeleted::Deleted {
+            self.notifier.poke();
+        }
+        Ok(deleted)
     }
 
     /// Streams the rows (a portal, decoded as they arrive): a million claims never sit in the
@@ -530,46 +838,17 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn put_claim(&self, c: &Claim, cert_pem: Option<&str>) -> Result<(), StoreError> {
-        let hex = c.device_id.to_hex();
-        self.execute_logged(
-            "put_claim",
-            "INSERT INTO claims (device_id, tenant, state, thing_name, redirect_id, \
-             claimed_at, ready_at, redirected_at, error, cert_pem) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-             ON CONFLICT (device_id) DO UPDATE SET tenant = EXCLUDED.tenant, \
-             state = EXCLUDED.state, thing_name = EXCLUDED.thing_name, \
-             redirect_id = EXCLUDED.redirect_id, claimed_at = EXCLUDED.claimed_at, \
-             ready_at = EXCLUDED.ready_at, redirected_at = EXCLUDED.redirected_at, \
-             error = EXCLUDED.error, cert_pem = COALESCE(EXCLUDED.cert_pem, claims.cert_pem)",
-            &[
-                &hex,
-                &c.tenant.as_deref(),
-                &c.state.as_str(),
-                &c.thing_name,
-                &c.redirect_id,
-                &c.claimed_at,
-                &c.ready_at,
-                &c.redirected_at,
-                &c.error,
-                &cert_pem,
-            ],
-            ("claim", &hex),
-        )
-        .await
-        .map(drop)
-    }
-
-    async fn delete_claim(&self, id: &DeviceId) -> Result<(), StoreError> {
-        let hex = id.to_hex();
-        self.execute_logged(
-            "delete_claim",
-            "DELETE FROM claims WHERE device_id = $1",
-            &[&hex],
-            ("claim", &hex),
-        )
-        .await
-        .map(drop)
+    async fn write_claim(&self, w: &ClaimWrite<'_>) -> Result<Written, StoreError> {
+        let written = self.timed("write_claim", self.write_claim_tx(w)).await?;
+        match written {
+            // Rolled back; what is there instead, read after the other writer committed.
+            Written::Stale(_) => Ok(Written::Stale(self.claim(&w.id).await?)),
+            Written::Done { .. } => {
+                self.notifier.poke();
+                Ok(written)
+            }
+            other => Ok(other),
+        }
     }
 
     async fn cert_pem(&self, id: &DeviceId) -> Result<Option<String>, StoreError> {
@@ -637,29 +916,6 @@ impl Store for PostgresStore {
             .transpose()
     }
 
-    async fn thing_name_holder(
-        &self,
-        tenant: &str,
-        thing_name: &str,
-        except: &DeviceId,
-    ) -> Result<Option<DeviceId>, StoreError> {
-        let rows = self
-            .query(
-                "thing_name_holder",
-                "SELECT device_id FROM claims WHERE tenant = $1 AND thing_name = $2 \
-                 AND device_id <> $3 LIMIT 1",
-                &[&tenant, &thing_name, &except.to_hex()],
-            )
-            .await?;
-        rows.first()
-            .map(|r| {
-                let hex: String = r.get(0);
-                DeviceId::parse_hex(&hex)
-                    .ok_or_else(|| StoreError::Corrupt(format!("device_id {hex:?}")))
-            })
-            .transpose()
-    }
-
     async fn tenant(&self, id: &str) -> Result<Option<StoredTenant>, StoreError> {
         let rows = self
             .query(
@@ -671,24 +927,11 @@ impl Store for PostgresStore {
         rows.first().map(tenant_from_row).transpose()
     }
 
-    async fn lock_writes(&self) -> Result<Option<Box<dyn WriteLock>>, StoreError> {
-        self.timed("lock_writes", async {
-            let conn = self.client().await?;
-            conn.execute("SELECT pg_advisory_lock($1)", &[&WRITE_LOCK])
-                .await
-                .map_err(pg)?;
-            Ok(Some(
-                Box::new(PgWriteLock { conn: Some(conn) }) as Box<dyn WriteLock>
-            ))
-        })
-        .await
-    }
-
-    async fn last_change(&self) -> Result<i64, StoreError> {
+    async fn change_cursor(&self) -> Result<i64, StoreError> {
         let rows = self
             .query(
-                "last_change",
-                "SELECT COALESCE(MAX(seq), 0) FROM lobby_changes",
+                "change_cursor",
+                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
                 &[],
             )
             .await?;
@@ -696,33 +939,37 @@ impl Store for PostgresStore {
             .map_or(Ok(0), |r| r.try_get::<_, i64>(0).map_err(pg))
     }
 
-    async fn changes_since(&self, seq: i64) -> Result<Vec<Change>, StoreError> {
+    async fn changes_after(&self, cursor: i64) -> Result<ChangeBatch, StoreError> {
         let rows = self
-            .query(
-                "changes_since",
-                "SELECT seq, kind, key, origin FROM lobby_changes WHERE seq > $1 ORDER BY seq",
-                &[&seq],
-            )
+            .query("changes_after", CHANGES_AFTER, &[&cursor.to_string()])
             .await?;
-        rows.iter()
-            .map(|r| {
-                let (kind, key): (&str, &str) =
-                    (r.try_get(1).map_err(pg)?, r.try_get(2).map_err(pg)?);
-                let subject =
-                    match kind {
-                        "claim" => Subject::Claim(DeviceId::parse_hex(key).ok_or_else(|| {
-                            StoreError::Corrupt(format!("change of claim {key:?}"))
-                        })?),
-                        "tenant" => Subject::Tenant(key.to_owned()),
-                        other => return Err(StoreError::Corrupt(format!("change kind {other:?}"))),
-                    };
-                Ok(Change {
-                    seq: r.try_get(0).map_err(pg)?,
-                    subject,
-                    own: r.try_get::<_, &str>(3).map_err(pg)? == &*self.origin,
-                })
-            })
-            .collect()
+        let mut batch = ChangeBatch {
+            changes: Vec::with_capacity(rows.len()),
+            next: cursor,
+        };
+        for r in &rows {
+            batch.next = r.try_get(0).map_err(pg)?;
+            let Some(seq) = r.try_get::<_, Option<i64>>(1).map_err(pg)? else {
+                continue; // no changes: the row carries only the cursor
+            };
+            let (kind, key): (&str, &str) = (r.try_get(2).map_err(pg)?, r.try_get(3).map_err(pg)?);
+            let subject = match kind {
+                "claim" => Subject::Claim(
+                    DeviceId::parse_hex(key)
+                        .ok_or_else(|| StoreError::Corrupt(format!("change of claim {key:?}")))?,
+                ),
+                "tenant" => Subject::Tenant(key.to_owned()),
+                other => return Err(StoreError::Corrupt(format!("change kind {other:?}"))),
+            };
+            batch.changes.push(Change {
+                seq,
+                subject,
+                own: r.try_get::<_, &str>(4).map_err(pg)? == &*self.origin,
+            });
+        }
+        // The cursor never goes back (a reader's snapshot may be older than the last one).
+        batch.next = batch.next.max(cursor);
+        Ok(batch)
     }
 
     fn shared(&self) -> bool {
@@ -855,36 +1102,6 @@ fn tenant_from_row(r: &Row) -> Result<StoredTenant, StoreError> {
         tenant,
         token_hash: r.try_get(1).map_err(pg)?,
     })
-}
-
-/// Holds [`WRITE_LOCK`] on one pooled connection. Dropping it unlocks in the background; if
-/// that fails, the connection leaves the pool and closes, which releases the lock too.
-struct PgWriteLock {
-    conn: Option<Object>,
-}
-
-impl WriteLock for PgWriteLock {}
-
-impl Drop for PgWriteLock {
-    fn drop(&mut self) {
-        let Some(conn) = self.conn.take() else {
-            return;
-        };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            // No runtime (shutdown): closing the connection releases the lock.
-            drop(Object::take(conn));
-            return;
-        };
-        rt.spawn(async move {
-            let unlocked = conn
-                .query_one("SELECT pg_advisory_unlock($1)", &[&WRITE_LOCK])
-                .await
-                .is_ok_and(|r| r.get::<_, bool>(0));
-            if !unlocked {
-                drop(Object::take(conn));
-            }
-        });
-    }
 }
 
 #[cfg(test)]

@@ -2,14 +2,19 @@
 //! disk when its future resolves (a claim is durable before the API answers).
 //!
 //! One connection behind a mutex, used from `spawn_blocking`: writes are serialised by SQLite
-//! anyway, and the control plane's write rate is far below what one connection sustains.
+//! anyway. A claim write is conditional on the version it read, like the networked store's, so
+//! the claims service's tasks need no lock between them either.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{RegistrationBody, Store, StoreError, StoreUrl, StoredTenant};
+use super::{
+    ClaimWrite, Expect, RegistrationBody, Retire, Store, StoreError, StoreUrl, StoredTenant,
+    TenantDeleted, TenantPatch, TenantUpdated, Written,
+};
 use crate::claims::model::{Claim, ClaimState, Tenant};
 use crate::edge::identity::DeviceId;
 use crate::provision::Registration;
@@ -33,7 +38,9 @@ CREATE TABLE IF NOT EXISTS claims (
     cert_pem TEXT
 );
 CREATE INDEX IF NOT EXISTS claims_tenant ON claims(tenant);
-CREATE INDEX IF NOT EXISTS claims_tenant_thing ON claims(tenant, thing_name);
+DROP INDEX IF EXISTS claims_tenant_thing;
+CREATE UNIQUE INDEX IF NOT EXISTS claims_tenant_thing_unique ON claims(tenant, thing_name)
+    WHERE tenant IS NOT NULL AND thing_name IS NOT NULL;
 CREATE TABLE IF NOT EXISTS registrations (
     device_id TEXT NOT NULL,
     tenant TEXT NOT NULL,
@@ -48,6 +55,8 @@ CREATE INDEX IF NOT EXISTS registrations_removing ON registrations(removing);
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    /// The newest claim version handed out (versions only grow, deleted claims' too).
+    version: Arc<AtomicI64>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -63,7 +72,7 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
 impl SqliteStore {
     /// Opens (creating file, parent directory and schema as needed).
     pub async fn open(url: StoreUrl) -> Result<Self, StoreError> {
-        let conn = tokio::task::spawn_blocking(move || -> Result<Connection, StoreError> {
+        let conn = tokio::task::spawn_blocking(move || -> Result<(Connection, i64), StoreError> {
             let conn = match url {
                 StoreUrl::SqliteMemory => Connection::open_in_memory(),
                 StoreUrl::SqliteFile(path) => {
@@ -84,12 +93,33 @@ impl SqliteStore {
             conn.busy_timeout(std::time::Duration::from_secs(5))
                 .map_err(backend)?;
             conn.execute_batch(SCHEMA).map_err(backend)?;
-            Ok(conn)
+            let has_version: bool = conn
+                .query_row(
+                    "SELECT count(*) FROM pragma_table_info('claims') WHERE name = 'version'",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map_err(backend)?
+                > 0;
+            if !has_version {
+                conn.execute_batch(
+                    "ALTER TABLE claims ADD COLUMN version INTEGER NOT NULL DEFAULT 0",
+                )
+                .map_err(backend)?;
+            }
+            let newest: i64 = conn
+                .query_row("SELECT COALESCE(MAX(version), 0) FROM claims", [], |r| {
+                    r.get(0)
+                })
+                .map_err(backend)?;
+            Ok((conn, newest))
         })
         .await
         .map_err(backend)??;
+        let (conn, newest) = conn;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
+            version: Arc::new(AtomicI64::new(newest)),
         })
     }
 
@@ -128,6 +158,7 @@ fn claim_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, Claim)> 
         ready_at: row.get(6)?,
         redirected_at: row.get(7)?,
         error: row.get(8)?,
+        version: row.get(9)?,
     };
     Ok((id, claim))
 }
@@ -152,6 +183,151 @@ fn registrations_from(
 }
 
 const REGISTRATION_COLUMNS: &str = "SELECT device_id, tenant, body, removing FROM registrations";
+
+/// A [`ClaimWrite`] that can cross into `spawn_blocking`.
+struct OwnedWrite {
+    id: DeviceId,
+    expect: Expect,
+    claim: Option<Claim>,
+    cert_pem: Option<String>,
+    bind: bool,
+    /// `None`: retire nothing; `Some(None)`: all; `Some(Some(t))`: all but `t`'s.
+    retire: Option<Option<String>>,
+}
+
+impl From<&ClaimWrite<'_>> for OwnedWrite {
+    fn from(w: &ClaimWrite<'_>) -> Self {
+        Self {
+            id: w.id,
+            expect: w.expect,
+            claim: w.claim.cloned(),
+            cert_pem: w.cert_pem.map(str::to_owned),
+            bind: w.bind,
+            retire: match w.retire {
+                Retire::Nothing => None,
+                Retire::All => Some(None),
+                Retire::AllBut(t) => Some(Some(t.to_owned())),
+            },
+        }
+    }
+}
+
+/// One claim write inside `tx` (the caller commits on `Done`); `Stale(None)` when the stored
+/// claim is not the expected one.
+fn write_claim_in(
+    tx: &rusqlite::Transaction<'_>,
+    w: &OwnedWrite,
+    version: &AtomicI64,
+) -> Result<Written, StoreError> {
+    let hex = w.id.to_hex();
+    if w.bind {
+        let tenant = w
+            .claim
+            .as_ref()
+            .and_then(Claim::tenant_id)
+            .ok_or_else(|| backend("a binding claim write without a tenant"))?;
+        let body: Option<String> = tx
+            .query_row(
+                "SELECT body FROM tenants WHERE id = ?1",
+                params![tenant],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(backend)?;
+        let Some(body) = body else {
+            return Ok(Written::NoTenant);
+        };
+        let t: Tenant = serde_json::from_str(&body)
+            .map_err(|e| StoreError::Corrupt(format!("tenant body: {e}")))?;
+        if let Some(max) = t.max_devices {
+            let n: i64 = tx
+                .query_row(
+                    "SELECT count(*) FROM claims WHERE tenant = ?1 AND device_id <> ?2",
+                    params![tenant, hex],
+                    |r| r.get(0),
+                )
+                .map_err(backend)?;
+            if u64::try_from(n).unwrap_or(0) >= max {
+                return Ok(Written::Full);
+            }
+        }
+    }
+    let stored: Option<i64> = tx
+        .query_row(
+            "SELECT version FROM claims WHERE device_id = ?1",
+            params![hex],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(backend)?;
+    let as_expected = match w.expect {
+        Expect::Any => true,
+        Expect::Absent => stored.is_none(),
+        Expect::Version(v) => stored == Some(v),
+    };
+    if !as_expected {
+        return Ok(Written::Stale(None));
+    }
+    let next = version.fetch_add(1, Ordering::Relaxed) + 1;
+    match &w.claim {
+        Some(cl) => {
+            let put = tx.execute(
+                "INSERT INTO claims (device_id, tenant, state, thing_name, redirect_id, \
+                 claimed_at, ready_at, redirected_at, error, cert_pem, version) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+                 ON CONFLICT(device_id) DO UPDATE SET tenant = ?2, state = ?3, \
+                 thing_name = ?4, redirect_id = ?5, claimed_at = ?6, ready_at = ?7, \
+                 redirected_at = ?8, error = ?9, cert_pem = COALESCE(?10, cert_pem), \
+                 version = ?11",
+                params![
+                    hex,
+                    cl.tenant.as_deref(),
+                    cl.state.as_str(),
+                    cl.thing_name,
+                    cl.redirect_id,
+                    cl.claimed_at,
+                    cl.ready_at,
+                    cl.redirected_at,
+                    cl.error,
+                    w.cert_pem,
+                    next,
+                ],
+            );
+            match put {
+                Err(rusqlite::Error::SqliteFailure(e, Some(msg)))
+                    if e.code == rusqlite::ErrorCode::ConstraintViolation
+                        && msg.contains("thing_name") =>
+                {
+                    return Ok(Written::NameTaken)
+                }
+                other => other.map_err(backend)?,
+            };
+        }
+        None => {
+            tx.execute("DELETE FROM claims WHERE device_id = ?1", params![hex])
+                .map_err(backend)?;
+        }
+    }
+    let mut retiring = Vec::new();
+    if let Some(keep) = &w.retire {
+        let mut stmt = tx
+            .prepare(
+                "UPDATE registrations SET removing = 1 WHERE device_id = ?1 \
+                 AND (?2 IS NULL OR tenant <> ?2) RETURNING tenant",
+            )
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map(params![hex, keep], |r| r.get::<_, String>(0))
+            .map_err(backend)?;
+        for r in rows {
+            retiring.push(r.map_err(backend)?);
+        }
+    }
+    Ok(Written::Done {
+        version: next,
+        retiring,
+    })
+}
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -202,26 +378,62 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn update_tenant(&self, t: &Tenant) -> Result<(), StoreError> {
-        let body = serde_json::to_string(t).map_err(backend)?;
-        let id = t.id.clone();
-        self.with("update_tenant", move |c| {
-            c.execute(
-                "UPDATE tenants SET body = ?2 WHERE id = ?1",
-                params![id, body],
-            )
-            .map_err(backend)
-            .map(drop)
+    async fn update_tenant(
+        &self,
+        id: &str,
+        patch: TenantPatch<'_>,
+    ) -> Result<TenantUpdated, StoreError> {
+        // One node: the claims service's tenant writes take turns, so nothing writes between
+        // the read and the write.
+        let id = id.to_owned();
+        let stored = self.tenant(&id).await?;
+        let Some(stored) = stored else {
+            return Ok(TenantUpdated::NotFound);
+        };
+        let tenant = match patch(stored.tenant) {
+            Ok(t) => t,
+            Err(why) => return Ok(TenantUpdated::Refused(why)),
+        };
+        let body = serde_json::to_string(&tenant).map_err(backend)?;
+        let n = self
+            .with("update_tenant", move |c| {
+                c.execute(
+                    "UPDATE tenants SET body = ?2 WHERE id = ?1",
+                    params![id, body],
+                )
+                .map_err(backend)
+            })
+            .await?;
+        Ok(if n == 0 {
+            TenantUpdated::NotFound
+        } else {
+            TenantUpdated::Updated(Box::new(tenant))
         })
-        .await
     }
 
-    async fn delete_tenant(&self, id: &str) -> Result<(), StoreError> {
+    async fn delete_tenant(&self, id: &str) -> Result<TenantDeleted, StoreError> {
         let id = id.to_owned();
         self.with("delete_tenant", move |c| {
-            c.execute("DELETE FROM tenants WHERE id = ?1", params![id])
-                .map_err(backend)
-                .map(drop)
+            let tx = c.transaction().map_err(backend)?;
+            let claimed: bool = tx
+                .query_row(
+                    "SELECT EXISTS (SELECT 1 FROM claims WHERE tenant = ?1)",
+                    params![id],
+                    |r| r.get(0),
+                )
+                .map_err(backend)?;
+            if claimed {
+                return Ok(TenantDeleted::HasClaims);
+            }
+            let n = tx
+                .execute("DELETE FROM tenants WHERE id = ?1", params![id])
+                .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(if n == 0 {
+                TenantDeleted::NotFound
+            } else {
+                TenantDeleted::Deleted
+            })
         })
         .await
     }
@@ -231,7 +443,7 @@ impl Store for SqliteStore {
             let mut stmt = c
                 .prepare(
                     "SELECT device_id, tenant, state, thing_name, redirect_id, claimed_at, \
-                     ready_at, redirected_at, error FROM claims",
+                     ready_at, redirected_at, error, version FROM claims",
                 )
                 .map_err(backend)?;
             let rows = stmt.query_map([], claim_from_row).map_err(backend)?;
@@ -247,44 +459,23 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn put_claim(&self, cl: &Claim, cert_pem: Option<&str>) -> Result<(), StoreError> {
-        let cl = cl.clone();
-        let cert = cert_pem.map(str::to_owned);
-        self.with("put_claim", move |c| {
-            c.execute(
-                "INSERT INTO claims (device_id, tenant, state, thing_name, redirect_id, \
-                 claimed_at, ready_at, redirected_at, error, cert_pem) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
-                 ON CONFLICT(device_id) DO UPDATE SET tenant = ?2, state = ?3, \
-                 thing_name = ?4, redirect_id = ?5, claimed_at = ?6, ready_at = ?7, \
-                 redirected_at = ?8, error = ?9, cert_pem = COALESCE(?10, cert_pem)",
-                params![
-                    cl.device_id.to_hex(),
-                    cl.tenant.as_deref(),
-                    cl.state.as_str(),
-                    cl.thing_name,
-                    cl.redirect_id,
-                    cl.claimed_at,
-                    cl.ready_at,
-                    cl.redirected_at,
-                    cl.error,
-                    cert,
-                ],
-            )
-            .map_err(backend)
-            .map(drop)
-        })
-        .await
-    }
-
-    async fn delete_claim(&self, id: &DeviceId) -> Result<(), StoreError> {
-        let id = id.to_hex();
-        self.with("delete_claim", move |c| {
-            c.execute("DELETE FROM claims WHERE device_id = ?1", params![id])
-                .map_err(backend)
-                .map(drop)
-        })
-        .await
+    async fn write_claim(&self, w: &ClaimWrite<'_>) -> Result<Written, StoreError> {
+        let w = OwnedWrite::from(w);
+        let version = self.version.clone();
+        let written = self
+            .with("write_claim", move |c| {
+                let tx = c.transaction().map_err(backend)?;
+                let written = write_claim_in(&tx, &w, &version)?;
+                if matches!(written, Written::Done { .. }) {
+                    tx.commit().map_err(backend)?;
+                }
+                Ok((written, w.id))
+            })
+            .await?;
+        match written {
+            (Written::Stale(_), id) => Ok(Written::Stale(self.claim(&id).await?)),
+            (other, _) => Ok(other),
+        }
     }
 
     async fn claim(&self, id: &DeviceId) -> Result<Option<Claim>, StoreError> {
@@ -292,7 +483,7 @@ impl Store for SqliteStore {
         self.with("claim", move |c| {
             c.query_row(
                 "SELECT device_id, tenant, state, thing_name, redirect_id, claimed_at, \
-                 ready_at, redirected_at, error FROM claims WHERE device_id = ?1",
+                 ready_at, redirected_at, error, version FROM claims WHERE device_id = ?1",
                 params![hex],
                 claim_from_row,
             )
@@ -306,31 +497,6 @@ impl Store for SqliteStore {
                 claim
             })
         })
-    }
-
-    async fn thing_name_holder(
-        &self,
-        tenant: &str,
-        thing_name: &str,
-        except: &DeviceId,
-    ) -> Result<Option<DeviceId>, StoreError> {
-        let (tenant, name, except) = (tenant.to_owned(), thing_name.to_owned(), except.to_hex());
-        let hex = self
-            .with("thing_name_holder", move |c| {
-                c.query_row(
-                    "SELECT device_id FROM claims WHERE tenant = ?1 AND thing_name = ?2 \
-                     AND device_id <> ?3 LIMIT 1",
-                    params![tenant, name, except],
-                    |r| r.get::<_, String>(0),
-                )
-                .optional()
-                .map_err(backend)
-            })
-            .await?;
-        hex.map(|h| {
-            DeviceId::parse_hex(&h).ok_or_else(|| StoreError::Corrupt(format!("device_id {h:?}")))
-        })
-        .transpose()
     }
 
     async fn tenant(&self, id: &str) -> Result<Option<StoredTenant>, StoreError> {
@@ -473,9 +639,13 @@ mod tests {
             ready_at: Some(now_ms()),
             redirected_at: None,
             error: None,
+            version: 0,
         };
         store.put_claim(&claim, Some("PEM")).await.unwrap();
-        store.put_claim(&claim, None).await.unwrap();
+        let claim = Claim {
+            version: store.put_claim(&claim, None).await.unwrap(),
+            ..claim
+        };
         drop(store);
 
         let store = SqliteStore::open(url).await.unwrap();
@@ -487,7 +657,10 @@ mod tests {
         );
         store.delete_claim(&claim.device_id).await.unwrap();
         assert!(store.claims().await.unwrap().is_empty());
-        store.delete_tenant("a").await.unwrap();
+        assert_eq!(
+            store.delete_tenant("a").await.unwrap(),
+            TenantDeleted::Deleted
+        );
         assert!(store.tenants().await.unwrap().is_empty());
     }
 }

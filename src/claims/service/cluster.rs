@@ -1,53 +1,66 @@
 //! Several nodes over one shared store (SPEC §10). Every node keeps the whole map; the store
-//! logs each change of a tenant or claim, and each node applies the other nodes' changes:
-//! - when the store's watch pokes it (a notification, or a reconnect of the watch);
-//! - under the write lock, before any mutation, so a claim is checked against every change
-//!   committed on any node ("another tenant claimed it" is exact across nodes).
+//! logs each change of a tenant or claim, and each node applies the changes to its map:
+//! - when the store's watch pokes it (a notification after each commit, or a reconnect of
+//!   the watch), and at least every [`SYNC_EVERY`] (a notification can be lost);
+//! - when a write finds the claim changed (`change_claim` reads it then; not here).
 //!
-//! Writers hold the store's cluster-wide lock while they write, so the log's order is the
-//! commit order and reading it after the last applied sequence number misses nothing.
-//! With the embedded store there is one node: no lock, an empty log, nothing to watch.
+//! The log is read by cursor, not by sequence number: concurrent transactions commit out of
+//! order, so a reader that went on after the highest number it saw could miss a smaller one
+//! committed later. The store hands out a cursor behind every transaction still running
+//! ([`crate::store::Store::changes_after`]); entries after it may come again and are applied
+//! again (applying reads what is stored now, so it is idempotent).
+//!
+//! A node's own entries are already in its map, unless the write's answer was lost after its
+//! commit (a connection that broke at the commit): an own entry newer than the map's claim is
+//! applied like a foreign one, so the map agrees with the store again.
+//! With the embedded store there is one node: an empty log, nothing to watch.
 
-use tokio::sync::{mpsc, MutexGuard};
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{gauge_state, ClaimsService, ServiceError, TenantEntry};
-use crate::store::{Change, StoreError, Subject, WriteLock};
+use super::{ClaimsService, ServiceError, TenantEntry};
+use crate::edge::identity::DeviceId;
+use crate::store::{Change, StoreError, Subject};
 
-/// Held while a node mutates tenants or claims. Fields drop in order: the cluster lock first.
-pub(super) struct WriteGuard<'a> {
-    _cluster: Option<Box<dyn WriteLock>>,
-    _local: MutexGuard<'a, ()>,
-}
+/// The longest a node goes without reading the change log.
+pub const SYNC_EVERY: Duration = Duration::from_secs(1);
 
 impl ClaimsService {
-    /// Takes this node's write lock, then the cluster's (if any), then applies every change
-    /// other nodes committed before it.
-    pub(super) async fn write(&self) -> Result<WriteGuard<'_>, ServiceError> {
-        let local = self.inner.write.lock().await;
-        let cluster = self.inner.store.lock_writes().await?;
-        if cluster.is_some() {
-            self.catch_up().await?;
-        }
-        Ok(WriteGuard {
-            _cluster: cluster,
-            _local: local,
-        })
-    }
-
-    /// Applies the change log after the last applied entry; returns how many entries were
-    /// other nodes' (this node's own are in its map already).
+    /// Applies the change log from the cursor on; returns how many entries were other nodes'.
+    /// At most one runs at a time, and callers that asked while one was starting share it: a
+    /// flood of unknown tokens costs one read of the log per round, not one each.
     pub async fn catch_up(&self) -> Result<usize, ServiceError> {
-        let mut applied = self.inner.applied.lock().await;
-        let changes = self.inner.store.changes_since(*applied).await?;
+        let inner = &self.inner;
+        let ask = inner.catch_ups_asked.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut cursor = inner.applied.lock().await;
+        if inner.catch_ups_covered.load(Ordering::SeqCst) >= ask {
+            return Ok(0); // a catch-up that started after this ask has finished
+        }
+        let covers = inner.catch_ups_asked.load(Ordering::SeqCst);
+        let batch = inner.store.changes_after(*cursor).await?;
         let mut foreign = 0;
-        for Change { seq, subject, own } in changes {
+        let mut done: HashSet<&Subject> = HashSet::new();
+        for Change { seq, subject, own } in &batch.changes {
+            if *own && self.map_has(subject, *seq) {
+                continue;
+            }
+            if !done.insert(subject) {
+                continue;
+            }
+            match subject {
+                Subject::Claim(id) => self.apply_claim(id).await?,
+                Subject::Tenant(id) => self.apply_tenant(id).await?,
+            }
             if !own {
-                self.apply(&subject).await?;
                 foreign += 1;
             }
-            *applied = seq;
         }
+        *cursor = batch.next;
+        inner.catch_ups_covered.store(covers, Ordering::SeqCst);
         if foreign > 0 {
             ::metrics::counter!(crate::metrics::CLUSTER_CHANGES_APPLIED_TOTAL)
                 .increment(foreign as u64);
@@ -55,57 +68,58 @@ impl ClaimsService {
         Ok(foreign)
     }
 
-    /// Makes the map hold what the store holds for `subject`, and wakes who it concerns.
-    async fn apply(&self, subject: &Subject) -> Result<(), ServiceError> {
-        let inner = &self.inner;
+    /// Whether this node's map already holds its own change `seq` of `subject`.
+    fn map_has(&self, subject: &Subject, seq: i64) -> bool {
         match subject {
-            Subject::Claim(id) => {
-                let old = inner.cache.claim(id);
-                if let Some(old) = &old {
-                    gauge_state(old.state, -1.0);
-                }
-                match inner.store.claim(id).await? {
-                    Some(claim) => {
-                        gauge_state(claim.state, 1.0);
-                        inner.cache.put_claim(claim);
-                    }
-                    None => inner.cache.remove_claim(id),
-                }
-                inner.waiting.wake(id);
-            }
-            Subject::Tenant(id) => {
-                match inner.store.tenant(id).await? {
-                    Some(t) => {
-                        let mut token_hash = [0u8; 32];
-                        hex::decode_to_slice(&t.token_hash, &mut token_hash).map_err(|_| {
-                            StoreError::Corrupt(format!("token hash of {}", t.tenant.id))
-                        })?;
-                        inner.cache.put_tenant(TenantEntry {
-                            tenant: t.tenant,
-                            token_hash,
-                        });
-                    }
-                    None => inner.cache.remove_tenant(id),
-                }
-                self.wake_tenant(id);
-            }
+            Subject::Claim(id) => self.inner.cache.claim(id).is_some_and(|c| c.version >= seq),
+            // Tenant changes are rare: apply every one.
+            Subject::Tenant(_) => false,
         }
+    }
+
+    /// Makes the map hold what the store holds for claim `id`, and wakes the device.
+    pub(super) async fn apply_claim(&self, id: &DeviceId) -> Result<(), ServiceError> {
+        let _turn = self.inner.stripes[usize::from(id.0[0])].lock().await;
+        let stored = self.inner.store.claim(id).await?;
+        self.put_in_map(id, stored);
         Ok(())
     }
 
-    /// Applies other nodes' changes whenever the store's watch pokes, until it closes or
-    /// `cancel` fires.
+    /// Makes the map hold what the store holds for tenant `id`, and wakes its devices.
+    pub(super) async fn apply_tenant(&self, id: &str) -> Result<(), ServiceError> {
+        let inner = &self.inner;
+        match inner.store.tenant(id).await? {
+            Some(t) => {
+                let mut token_hash = [0u8; 32];
+                hex::decode_to_slice(&t.token_hash, &mut token_hash)
+                    .map_err(|_| StoreError::Corrupt(format!("token hash of {}", t.tenant.id)))?;
+                inner.cache.put_tenant(TenantEntry {
+                    tenant: t.tenant,
+                    token_hash,
+                });
+            }
+            None => inner.cache.remove_tenant(id),
+        }
+        self.wake_tenant(id);
+        Ok(())
+    }
+
+    /// Applies other nodes' changes whenever the store's watch pokes and every
+    /// [`SYNC_EVERY`], until the watch closes or `cancel` fires.
     pub async fn run_sync(self, mut pokes: mpsc::Receiver<()>, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(SYNC_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 poke = pokes.recv() => if poke.is_none() { return },
+                _ = tick.tick() => {}
                 () = cancel.cancelled() => return,
             }
             // A failed catch-up is retried until it succeeds: nothing in the log is skipped.
             while let Err(e) = self.catch_up().await {
                 tracing::warn!(error = %e, "applying the change log failed; retrying");
                 tokio::select! {
-                    () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
                     () = cancel.cancelled() => return,
                 }
             }

@@ -6,11 +6,11 @@
 //! tenant (bridge topics, redirects, the AWS thing), and that name is held by one device of the
 //! tenant at most: a claim whose name another device of the tenant holds gets its device id
 //! instead. Device ids never collide (a CN spelling another device's id is not usable), and the
-//! check runs under the write lock after catching up with the other nodes, in the store, so it
-//! is exact across a fleet.
+//! store's unique index decides between writers on any node: a write whose name is taken comes
+//! back `NameTaken` and is decided again with the device id.
 
-use super::{ClaimsService, ServiceError};
-use crate::claims::model::ClaimState;
+use super::{Bind, Changed, ClaimsService, Plan, Retiring, ServiceError};
+use crate::claims::model::{Claim, ClaimState};
 use crate::edge::identity::{self, DeviceId};
 
 impl ClaimsService {
@@ -29,29 +29,23 @@ impl ClaimsService {
         ))
     }
 
-    /// `wanted` when it is usable for `id` and no other claim of `tenant` holds it, else the
-    /// device id. Call under the write lock.
-    pub(super) async fn unique_thing_name(
+    /// `wanted` when it is usable for `id` and was not found taken in `tenant` (`taken`), else
+    /// the device id.
+    pub(super) fn free_thing_name(
         &self,
         tenant: &str,
         wanted: &str,
         id: &DeviceId,
-    ) -> Result<String, ServiceError> {
+        taken: bool,
+    ) -> String {
         if !identity::usable_thing_name(wanted, id) {
-            return Ok(id.to_hex());
+            return id.to_hex();
         }
-        match self
-            .inner
-            .store
-            .thing_name_holder(tenant, wanted, id)
-            .await?
-        {
-            Some(holder) => {
-                tracing::info!(device_id = %id, %holder, tenant, thing_name = wanted, "thing name taken in the tenant; the device id stands in");
-                Ok(id.to_hex())
-            }
-            None => Ok(wanted.to_owned()),
+        if taken {
+            tracing::info!(device_id = %id, tenant, thing_name = wanted, "thing name taken in the tenant; the device id stands in");
+            return id.to_hex();
         }
+        wanted.to_owned()
     }
 
     /// The device's own name as far as this node knows it without its certificate: from its
@@ -79,17 +73,21 @@ impl ClaimsService {
         if !self.inner.cache.claim(id).is_some_and(|c| c.unnamed()) {
             return Ok(());
         }
-        let _w = self.write().await?;
-        let Some(current) = self.inner.cache.claim(id).filter(|c| c.unnamed()) else {
-            return Ok(());
-        };
-        let Some(tenant) = current.tenant_id() else {
-            return Ok(());
-        };
         let own = identity::thing_name_for(identity::common_name(der).as_deref(), id);
-        let mut c = (*current).clone();
-        c.thing_name = Some(self.unique_thing_name(tenant, &own, id).await?);
-        self.commit(c, None).await.map(drop)
+        self.change_claim(id, None, false, |current, taken| {
+            let Some(c) = current.filter(|c| c.unnamed()) else {
+                return Ok(None);
+            };
+            let Some(tenant) = c.tenant_id() else {
+                return Ok(None);
+            };
+            Ok(Some(named(
+                c,
+                self.free_thing_name(tenant, &own, id, taken),
+            )))
+        })
+        .await
+        .map(drop)
     }
 
     /// The provisioner's AWS thing name for a `registering` device of `tenant`: `candidate` (the
@@ -102,24 +100,37 @@ impl ClaimsService {
         tenant: &str,
         candidate: &str,
     ) -> Result<Option<String>, ServiceError> {
-        let _w = self.write().await?;
-        let Some(current) = self
-            .inner
-            .cache
-            .claim(id)
-            .filter(|c| c.state == ClaimState::Registering && c.tenant_id() == Some(tenant))
-        else {
-            return Ok(None);
-        };
-        if current.thing_name.as_deref() == Some(candidate) {
-            return Ok(Some(candidate.to_owned()));
-        }
-        let name = self.unique_thing_name(tenant, candidate, id).await?;
-        if current.thing_name.as_deref() != Some(name.as_str()) {
-            let mut c = (*current).clone();
-            c.thing_name = Some(name.clone());
-            self.commit(c, None).await?;
-        }
-        Ok(Some(name))
+        let registering =
+            |c: &Claim| c.state == ClaimState::Registering && c.tenant_id() == Some(tenant);
+        let changed = self
+            .change_claim(id, None, true, |current, taken| {
+                let Some(c) = current.filter(|c| registering(c)) else {
+                    return Ok(None);
+                };
+                if c.thing_name.as_deref() == Some(candidate) {
+                    return Ok(None);
+                }
+                let name = self.free_thing_name(tenant, candidate, id, taken);
+                if c.thing_name.as_deref() == Some(name.as_str()) {
+                    return Ok(None);
+                }
+                Ok(Some(named(c, name)))
+            })
+            .await?;
+        let (Changed::Unchanged(c) | Changed::Written(c)) = changed;
+        Ok(c.filter(|c| registering(c))
+            .and_then(|c| c.thing_name.clone()))
+    }
+}
+
+/// `c` with `thing_name`.
+fn named(c: &Claim, thing_name: String) -> Plan {
+    Plan {
+        claim: Some(Claim {
+            thing_name: Some(thing_name),
+            ..c.clone()
+        }),
+        bind: Bind::No,
+        retire: Retiring::Nothing,
     }
 }

@@ -1,26 +1,21 @@
 //! The claims service's side of provisioning: queueing registrations, retiring registrations
 //! with tenants a device left, and taking the provisioner's verdicts.
 
-use super::{new_redirect_id, now_ms, ClaimState, ClaimsService, ServiceError, TenantEntry};
-use crate::claims::model::Claim;
+use super::{
+    new_redirect_id, now_ms, Bind, Changed, ClaimState, ClaimsService, Plan, Retiring, ServiceError,
+};
+use crate::claims::model::{Claim, Tenant};
 use crate::edge::identity::{self, DeviceId};
 use crate::provision::Job;
 
 impl ClaimsService {
-    /// After a claim or migration: queue its registration, or (ready at once) retire the
-    /// registrations with other tenants.
-    pub(super) async fn after_binding(&self, claim: &Claim) -> Result<(), ServiceError> {
-        match (claim.state, claim.tenant_id()) {
-            (ClaimState::Registering, _) => {
-                self.inner
-                    .provisioner
-                    .enqueue(Job::Register(claim.device_id));
-                Ok(())
-            }
-            (ClaimState::Ready, Some(t)) => {
-                self.retire_registrations(&claim.device_id, Some(t)).await
-            }
-            _ => Ok(()),
+    /// After a claim or migration: queue its registration (a claim ready at once retired the
+    /// other registrations in its write).
+    pub(super) fn after_binding(&self, claim: &Claim) {
+        if claim.state == ClaimState::Registering {
+            self.inner
+                .provisioner
+                .enqueue(Job::Register(claim.device_id));
         }
     }
 
@@ -45,59 +40,67 @@ impl ClaimsService {
     }
 
     /// The provisioner's verdict on a registration with `tenant`: `Ok(thing_name)` makes the
-    /// claim ready (and retires other tenants' registrations), `Err(reason)` failed. Ignored
-    /// when the claim moved on meanwhile.
+    /// claim ready (and retires other tenants' registrations, in the same write), `Err(reason)`
+    /// failed. Ignored when the claim moved on meanwhile.
     pub async fn registration_done(
         &self,
         id: &DeviceId,
         tenant: &str,
         outcome: Result<Option<String>, String>,
     ) -> Result<(), ServiceError> {
-        let _w = self.write().await?;
-        let current = self.inner.cache.claim(id);
-        let Some(c) =
-            current.filter(|c| c.state == ClaimState::Registering && c.tenant_id() == Some(tenant))
-        else {
+        let changed = self
+            .change_claim(id, None, true, |current, taken| {
+                let Some(c) = current.filter(|c| {
+                    c.state == ClaimState::Registering && c.tenant_id() == Some(tenant)
+                }) else {
+                    return Ok(None);
+                };
+                let mut c = (**c).clone();
+                let retire = match &outcome {
+                    Ok(thing_name) => {
+                        let now = now_ms();
+                        c.state = ClaimState::Ready;
+                        // The reserved name stands when the registration's is taken.
+                        if !taken {
+                            c.thing_name = thing_name.clone().or(c.thing_name);
+                        }
+                        c.redirect_id = Some(new_redirect_id());
+                        c.ready_at = Some(now);
+                        c.error = None;
+                        Retiring::AllButOwn
+                    }
+                    Err(reason) => {
+                        c.state = ClaimState::Failed;
+                        c.error = Some(reason.clone());
+                        Retiring::Nothing
+                    }
+                };
+                Ok(Some(Plan {
+                    claim: Some(c),
+                    bind: Bind::No,
+                    retire,
+                }))
+            })
+            .await?;
+        if let Changed::Unchanged(current) = changed {
             // Unclaimed or moved on while the registration ran: what it created (perhaps
             // stored after the unclaim queued the clean-up) must not outlive it.
-            let keep = self.inner.cache.claim(id).and_then(|c| c.tenant.clone());
+            let keep = current.and_then(|c| c.tenant.clone());
             return self.retire_registrations(id, keep.as_deref()).await;
-        };
-        let mut c = (*c).clone();
-        match outcome {
-            Ok(thing_name) => {
-                let now = now_ms();
-                c.state = ClaimState::Ready;
-                c.thing_name = thing_name.or(c.thing_name);
-                c.redirect_id = Some(new_redirect_id());
-                c.ready_at = Some(now);
-                c.error = None;
-                self.commit(c, None).await?;
-                self.retire_registrations(id, Some(tenant)).await
-            }
-            Err(reason) => {
-                c.state = ClaimState::Failed;
-                c.error = Some(reason);
-                self.commit(c, None).await.map(drop)
-            }
         }
+        Ok(())
     }
 
     /// Stores the endpoint DescribeEndpoint found for a tenant that had none.
     pub async fn set_tenant_endpoint(&self, id: &str, endpoint: &str) -> Result<(), ServiceError> {
-        let _w = self.write().await?;
-        let entry = self.inner.cache.tenant(id).ok_or(ServiceError::NotFound)?;
-        if entry.tenant.endpoint.is_some() {
-            return Ok(());
-        }
-        let mut tenant = entry.tenant.clone();
-        tenant.endpoint = Some(endpoint.to_owned());
-        self.inner.store.update_tenant(&tenant).await?;
-        self.inner.cache.put_tenant(TenantEntry {
-            tenant,
-            token_hash: entry.token_hash,
-        });
-        Ok(())
+        let set = |mut t: Tenant| {
+            t.endpoint.get_or_insert_with(|| endpoint.to_owned());
+            Ok(t)
+        };
+        self.patch_tenant(id, &set)
+            .await?
+            .map(drop)
+            .ok_or(ServiceError::NotFound)
     }
 
     /// A registering device connected: keep its certificate (registration needs the PEM) and
