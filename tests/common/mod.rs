@@ -107,7 +107,7 @@ impl TestLobby {
         }
     }
 
-    fn running(&self) -> &Lobby {
+    pub fn running(&self) -> &Lobby {
         self.lobby.as_ref().expect("lobby is running")
     }
 
