@@ -1,0 +1,135 @@
+//! The control plane under cancelled requests and stuck locks (issue 13): two lobby nodes on
+//! one PostgreSQL database, and a third session in the database that holds locks as another
+//! client (a psql session, a stuck migration) would.
+mod common;
+#[path = "common/pg.rs"]
+mod pg;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+/// Node A on `url`, and node B sharing A's PKI, claim key, admin token and database.
+async fn two_nodes(url: &str) -> (TestLobby, TestLobby) {
+    let a = TestLobby::start_with(|c| {
+        c.store.url = url.to_owned();
+        c.cluster.node_name = "node-a".into();
+    })
+    .await;
+    let from = a.certs_dir();
+    let b = TestLobby::start_with(|c| {
+        c.store.url = url.to_owned();
+        c.cluster.node_name = "node-b".into();
+        for entry in std::fs::read_dir(&from).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_file() {
+                let to = c.tls.cert.parent().unwrap().join(entry.file_name());
+                std::fs::copy(entry.path(), to).unwrap();
+            }
+        }
+    })
+    .await;
+    (a, b)
+}
+
+/// The fleet-wide advisory lock a lobby before issue 13 took for every write (held here too,
+/// so this test shows what such a lock did; today nothing takes it).
+const OLD_FLEET_LOCK: i64 = 0x6c6f_6262_7977_7274;
+
+/// Waits until every node's map holds what the store holds for `dev`.
+async fn maps_agree(nodes: &[&TestLobby], url: &str, dev: &Device) -> Option<String> {
+    let store = lobby::store::open(url).await.unwrap();
+    eventually(|| async {
+        let stored = store.claim(&dev.id).await.unwrap();
+        let agree = nodes.iter().all(|n| {
+            n.running().service().cache().claim(&dev.id).as_deref() == stored.as_ref()
+        });
+        agree.then(|| {
+            stored
+                .and_then(|c| c.tenant.map(|t| t.to_string()))
+                .unwrap_or_default()
+        })
+    })
+    .await
+    .into()
+}
+
+/// A client gives up while another session holds the locks its claim waits for; once the
+/// holder lets go, writes through the other node go on (no lock outlived its holder), and the
+/// abandoned claim completed on every node, store and map alike.
+#[tokio::test]
+async fn a_client_that_gives_up_behind_a_held_lock_leaves_nothing_locked_or_half_done() {
+    let db = pg::TestDb::create().await;
+    let (a, b) = two_nodes(&db.url).await;
+    let acme = a.tenant("acme", "iot.acme.example").await;
+    let (given_up, after) = (a.device("given-up"), a.device("after"));
+    eventually(|| async { b.running().service().cache().tenant("acme").map(drop) }).await;
+
+    let holder = db.client().await;
+    holder
+        .batch_execute(&format!(
+            "SELECT pg_advisory_lock({OLD_FLEET_LOCK}); BEGIN; \
+             SELECT 1 FROM tenants WHERE id = 'acme' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    let gave_up = a
+        .http
+        .post(a.url("/v1/claims"))
+        .bearer_auth(&acme)
+        .json(&json!({"code": given_up.code}))
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(
+        gave_up.as_ref().is_err_and(|e| e.is_timeout()),
+        "the claim waits behind the held lock: {gave_up:?}"
+    );
+    holder
+        .batch_execute("COMMIT; SELECT pg_advisory_unlock_all()")
+        .await
+        .unwrap();
+
+    let through_b = tokio::time::timeout(WAIT, b.claim(&acme, &after))
+        .await
+        .expect("a claim through B hangs: a lock outlived the request that took it");
+    assert_eq!(through_b.0, 201, "{:?}", through_b.1);
+    let through_a = tokio::time::timeout(WAIT, a.revoke(&after)).await;
+    assert!(through_a.is_ok(), "a revoke through A hangs");
+
+    // The abandoned claim ran to completion: claimed by acme in the store and on both maps.
+    assert_eq!(
+        maps_agree(&[&a, &b], &db.url, &given_up).await.as_deref(),
+        Some("acme")
+    );
+}
+
+/// A write behind a lock held longer than `lock_timeout` is 503 `unavailable`, with a message
+/// that says to retry; once the lock is gone the same request succeeds.
+#[tokio::test]
+async fn a_write_behind_a_lock_held_too_long_is_503_unavailable() {
+    let db = pg::TestDb::create().await;
+    let url = format!("{}?options=-c%20lock_timeout%3D500", db.url);
+    let a = TestLobby::start_with(|c| c.store.url = url.clone()).await;
+    let acme = a.tenant("acme", "iot.acme.example").await;
+    let dev = a.device("patient");
+    let holder = db.client().await;
+    holder
+        .batch_execute("BEGIN; SELECT 1 FROM tenants WHERE id = 'acme' FOR UPDATE")
+        .await
+        .unwrap();
+    let got = a.claim(&acme, &dev).await;
+    assert_error(&got, 503, "unavailable");
+    assert!(
+        got.1["message"].as_str().unwrap().contains("retry"),
+        "{:?}",
+        got.1
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(a.claim(&acme, &dev).await.0, 201);
+    assert_eq!(
+        maps_agree(&[&a], &url, &dev).await.as_deref(),
+        Some("acme")
+    );
+}
