@@ -42,9 +42,9 @@ async fn maps_agree(nodes: &[&TestLobby], url: &str, dev: &Device) -> Option<Str
     let store = lobby::store::open(url).await.unwrap();
     eventually(|| async {
         let stored = store.claim(&dev.id).await.unwrap();
-        let agree = nodes.iter().all(|n| {
-            n.running().service().cache().claim(&dev.id).as_deref() == stored.as_ref()
-        });
+        let agree = nodes
+            .iter()
+            .all(|n| n.running().service().cache().claim(&dev.id).as_deref() == stored.as_ref());
         agree.then(|| {
             stored
                 .and_then(|c| c.tenant.map(|t| t.to_string()))
@@ -128,8 +128,62 @@ async fn a_write_behind_a_lock_held_too_long_is_503_unavailable() {
     );
     holder.batch_execute("COMMIT").await.unwrap();
     assert_eq!(a.claim(&acme, &dev).await.0, 201);
-    assert_eq!(
-        maps_agree(&[&a], &url, &dev).await.as_deref(),
-        Some("acme")
+    assert_eq!(maps_agree(&[&a], &url, &dev).await.as_deref(), Some("acme"));
+}
+
+/// A TCP relay to PostgreSQL that can be cut: every relayed connection closes and new ones
+/// are refused, as when the database host goes away.
+struct Relay {
+    port: u16,
+    cut: tokio_util::sync::CancellationToken,
+}
+
+impl Relay {
+    async fn start(to: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = tokio_util::sync::CancellationToken::new();
+        let stop = cut.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    a = listener.accept() => a.unwrap(),
+                    () = stop.cancelled() => return, // drops the listener: refused from now on
+                };
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        () = stop.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Self { port, cut }
+    }
+}
+
+/// A store that is down is 503 `unavailable` at once (not a 500, not a hang).
+#[tokio::test]
+async fn a_store_that_is_down_answers_503_unavailable_at_once() {
+    let db = pg::TestDb::create().await;
+    let relay = Relay::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = db
+        .url
+        .replacen("127.0.0.1:5432", &format!("127.0.0.1:{}", relay.port), 1);
+    assert_ne!(
+        url, db.url,
+        "the test database is reached through the relay"
     );
+    let a = TestLobby::start_with(|c| c.store.url = url.clone()).await;
+    let acme = a.tenant("acme", "iot.acme.example").await;
+    relay.cut.cancel();
+    let dev = a.device("stranded");
+    let got = tokio::time::timeout(WAIT, a.claim(&acme, &dev))
+        .await
+        .expect("a claim with the store down hangs");
+    assert_error(&got, 503, "unavailable");
 }
