@@ -187,3 +187,37 @@ async fn a_store_that_is_down_answers_503_unavailable_at_once() {
         .expect("a claim with the store down hangs");
     assert_error(&got, 503, "unavailable");
 }
+
+/// A tenant this node has not heard of yet (written by another node whose change it has not
+/// applied; here written under the lobby, with no change-log entry) is still deleted, and
+/// the answer says so: the store decides, not the map.
+#[tokio::test]
+async fn a_tenant_the_node_has_not_applied_yet_is_deleted_and_answered_204() {
+    let db = pg::TestDb::create().await;
+    let a = TestLobby::start_with(|c| c.store.url = db.url.clone()).await;
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO tenants (id, body, token_hash) VALUES ('ghost', $1, $2)",
+            &[
+                &json!({"id": "ghost", "name": "ghost", "endpoint": "iot.ghost.example",
+                    "port": 8883, "region": "eu-west-1"})
+                .to_string(),
+                &"0".repeat(64),
+            ],
+        )
+        .await
+        .unwrap();
+    let (st, body) = a.call("DELETE", "/v1/tenants/ghost", &a.admin, None).await;
+    assert_eq!(st, 204, "{body}");
+    let left: i64 = db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM tenants WHERE id = 'ghost'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+    let (st, _) = a.call("DELETE", "/v1/tenants/ghost", &a.admin, None).await;
+    assert_eq!(st, 404, "deleted once");
+}

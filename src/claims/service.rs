@@ -341,15 +341,16 @@ impl ClaimsService {
         let (svc, id) = (self.clone(), id.to_owned());
         self.detached(async move {
             let _t = svc.inner.tenant_writes.lock().await;
+            // The store decides: a tenant another node created a moment ago is deleted too,
+            // and one already gone leaves the map as well.
             match svc.inner.store.delete_tenant(&id).await? {
-                TenantDeleted::Deleted | TenantDeleted::NotFound
-                    if svc.inner.cache.tenant(&id).is_none() =>
-                {
-                    Err(ServiceError::NotFound)
-                }
-                TenantDeleted::Deleted | TenantDeleted::NotFound => {
+                TenantDeleted::Deleted => {
                     svc.inner.cache.remove_tenant(&id);
                     Ok(())
+                }
+                TenantDeleted::NotFound => {
+                    svc.inner.cache.remove_tenant(&id);
+                    Err(ServiceError::NotFound)
                 }
                 TenantDeleted::HasClaims => Err(ServiceError::Conflict(format!(
                     "tenant {id:?} still has devices"
