@@ -6,40 +6,11 @@ mod common;
 #[path = "common/pg.rs"]
 mod pg;
 
-use std::path::Path;
 use std::time::Instant;
 
+use common::fleet::two_nodes;
 use common::*;
 use lobby::mqtt::codec::Protocol;
-
-/// Node A on `db`, and node B sharing A's PKI, claim key, admin token and database.
-async fn two_nodes(db: &pg::TestDb) -> (TestLobby, TestLobby) {
-    let url = db.url.clone();
-    let a = TestLobby::start_with(|c| {
-        c.store.url = url.clone();
-        c.cluster.node_name = "node-a".into();
-    })
-    .await;
-    let from = a.certs_dir();
-    let b = TestLobby::start_with(|c| {
-        c.store.url = url.clone();
-        c.cluster.node_name = "node-b".into();
-        // B made its own dev PKI; give it A's, so devices, codes and tokens are the fleet's.
-        copy_dir(&from, c.tls.cert.parent().unwrap());
-    })
-    .await;
-    assert_eq!(a.admin, b.admin);
-    (a, b)
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_file() {
-            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-        }
-    }
-}
 
 /// A v5 device waiting on `node` (CONNACK 0).
 async fn waiting_on(node: &TestLobby, dev: &Device) -> RawClient {
@@ -49,7 +20,7 @@ async fn waiting_on(node: &TestLobby, dev: &Device) -> RawClient {
 #[tokio::test]
 async fn a_claim_on_a_redirects_a_device_waiting_on_b() {
     let db = pg::TestDb::create().await;
-    let (a, b) = two_nodes(&db).await;
+    let (a, b) = two_nodes(&db.url).await;
     let token = a.tenant("acme", "iot.acme.example").await;
     let dev = a.device("fleet-1");
     let mut c = waiting_on(&b, &dev).await;
@@ -71,7 +42,7 @@ async fn a_claim_on_a_redirects_a_device_waiting_on_b() {
 #[tokio::test]
 async fn a_second_tenant_claiming_through_the_other_node_gets_409() {
     let db = pg::TestDb::create().await;
-    let (a, b) = two_nodes(&db).await;
+    let (a, b) = two_nodes(&db.url).await;
     let acme = a.tenant("acme", "iot.acme.example").await;
     let other = b.tenant("other", "iot.other.example").await;
     let dev = a.device("contested");
@@ -84,7 +55,7 @@ async fn a_second_tenant_claiming_through_the_other_node_gets_409() {
 #[tokio::test]
 async fn a_revoke_on_b_cuts_off_a_device_on_a() {
     let db = pg::TestDb::create().await;
-    let (a, b) = two_nodes(&db).await;
+    let (a, b) = two_nodes(&db.url).await;
     let dev = a.device("stolen");
     let mut c = waiting_on(&a, &dev).await;
     // B has never seen the device; the operator need not know which node holds it.
@@ -115,7 +86,7 @@ async fn a_revoke_on_b_cuts_off_a_device_on_a() {
 #[tokio::test]
 async fn one_cn_claimed_through_two_nodes_gets_two_names() {
     let db = pg::TestDb::create().await;
-    let (a, b) = two_nodes(&db).await;
+    let (a, b) = two_nodes(&db.url).await;
     let token = a.tenant("acme", "iot.acme.example").await;
     let (first, second) = (a.device("twin"), a.device("twin"));
     for (node, dev) in [(&a, &first), (&b, &second)] {
@@ -132,7 +103,7 @@ async fn one_cn_claimed_through_two_nodes_gets_two_names() {
 #[tokio::test]
 async fn a_watch_connection_killed_and_restored_loses_nothing() {
     let db = pg::TestDb::create().await;
-    let (a, b) = two_nodes(&db).await;
+    let (a, b) = two_nodes(&db.url).await;
     let token = a.tenant("acme", "iot.acme.example").await;
     let dev = a.device("patient");
     let mut c = waiting_on(&b, &dev).await;
@@ -156,7 +127,7 @@ async fn a_watch_connection_killed_and_restored_loses_nothing() {
 #[tokio::test]
 async fn every_node_lists_where_a_device_is_connected() {
     let db = pg::TestDb::create().await;
-    let (a, b) = two_nodes(&db).await;
+    let (a, b) = two_nodes(&db.url).await;
     let dev = a.device("roaming");
     let c = waiting_on(&b, &dev).await;
     // B knows it holds the device; A learns it from B's report (batched, within a second).
@@ -198,7 +169,7 @@ async fn every_node_lists_where_a_device_is_connected() {
 #[tokio::test]
 async fn a_tenant_token_works_on_every_node_at_once() {
     let db = pg::TestDb::create().await;
-    let (a, b) = two_nodes(&db).await;
+    let (a, b) = two_nodes(&db.url).await;
     // No waiting for B's notification: B applies the change log itself when a token is new
     // to it.
     for i in 0..10 {
@@ -250,7 +221,7 @@ async fn takes_over(
 #[tokio::test]
 async fn a_connection_on_b_takes_over_from_a_and_back() {
     let db = pg::TestDb::create().await;
-    let (a, b) = two_nodes(&db).await;
+    let (a, b) = two_nodes(&db.url).await;
     takes_over(&a, &b, "node-b", &a.device("clone-v5"), Protocol::V5).await;
     takes_over(&a, &b, "node-b", &a.device("clone-v3"), Protocol::V311).await;
     takes_over(&b, &a, "node-a", &a.device("clone-back"), Protocol::V5).await;
@@ -268,7 +239,7 @@ async fn a_connection_on_b_takes_over_from_a_and_back() {
 #[tokio::test]
 async fn simultaneous_connects_on_two_nodes_leave_exactly_one() {
     let db = pg::TestDb::create().await;
-    let (a, b) = two_nodes(&db).await;
+    let (a, b) = two_nodes(&db.url).await;
     for round in 0..3 {
         let dev = a.device(&format!("twin-{round}"));
         let (mut on_a, mut on_b) = tokio::join!(
@@ -304,7 +275,7 @@ async fn simultaneous_connects_on_two_nodes_leave_exactly_one() {
 #[tokio::test]
 async fn a_takeover_announced_while_the_watch_is_down_still_closes_the_older() {
     let db = pg::TestDb::create().await;
-    let (a, b) = two_nodes(&db).await;
+    let (a, b) = two_nodes(&db.url).await;
     let dev = a.device("unheard");
     let mut old = connected(&a, &dev, Protocol::V5).await;
     let admin = pg::admin().await;

@@ -187,13 +187,7 @@ impl ClaimsService {
         // Read before loading: a change committed meanwhile is applied again, never missed.
         let applied = store.change_cursor().await?;
         for t in store.tenants().await? {
-            let mut hash = [0u8; 32];
-            hex::decode_to_slice(&t.token_hash, &mut hash)
-                .map_err(|_| StoreError::Corrupt(format!("token hash of {}", t.tenant.id)))?;
-            cache.put_tenant(TenantEntry {
-                tenant: t.tenant,
-                token_hash: hash,
-            });
+            cache.put_tenant(tenant_entry(t)?);
         }
         for c in store.claims().await? {
             gauge_state(c.state, 1.0);
@@ -569,7 +563,7 @@ impl ClaimsService {
         confirm: bool,
         mut decide: impl FnMut(Option<&Arc<Claim>>, bool) -> Result<Option<Plan>, ServiceError>,
     ) -> Result<Changed, ServiceError> {
-        let _turn = self.inner.stripes[usize::from(id.0[0])].lock().await;
+        let _turn = self.turn(id).lock().await;
         let mut current = self.inner.cache.claim(id);
         let (mut name_taken, mut confirmed) = (false, !confirm);
         for _ in 0..MAX_ATTEMPTS {
@@ -627,6 +621,11 @@ impl ClaimsService {
         Err(ServiceError::Store(StoreError::Unavailable(
             "the device's claim kept changing under this request; retry".into(),
         )))
+    }
+
+    /// The lock `id`'s writes on this node take turns on (its stripe).
+    pub(super) fn turn(&self, id: &DeviceId) -> &Mutex<()> {
+        &self.inner.stripes[usize::from(id.0[0]) % STRIPES]
     }
 
     /// Puts what the store holds for `id` in the map (with the claim gauges) and wakes the
@@ -806,6 +805,17 @@ fn refusal(e: ServiceError) -> String {
         ServiceError::Invalid(why) => why,
         other => other.to_string(),
     }
+}
+
+/// A stored tenant as the map holds it (its token hash decoded).
+fn tenant_entry(t: StoredTenant) -> Result<TenantEntry, StoreError> {
+    let mut token_hash = [0u8; 32];
+    hex::decode_to_slice(&t.token_hash, &mut token_hash)
+        .map_err(|_| StoreError::Corrupt(format!("token hash of {}", t.tenant.id)))?;
+    Ok(TenantEntry {
+        tenant: t.tenant,
+        token_hash,
+    })
 }
 
 /// Rejects what this build cannot serve yet, rather than accepting a tenant whose devices would

@@ -22,9 +22,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{ClaimsService, ServiceError, TenantEntry};
+use super::{ClaimsService, ServiceError};
 use crate::edge::identity::DeviceId;
-use crate::store::{Change, StoreError, Subject};
+use crate::store::{Change, Subject};
 
 /// The longest a node goes without reading the change log.
 pub const SYNC_EVERY: Duration = Duration::from_secs(1);
@@ -79,7 +79,7 @@ impl ClaimsService {
 
     /// Makes the map hold what the store holds for claim `id`, and wakes the device.
     pub(super) async fn apply_claim(&self, id: &DeviceId) -> Result<(), ServiceError> {
-        let _turn = self.inner.stripes[usize::from(id.0[0])].lock().await;
+        let _turn = self.turn(id).lock().await;
         let stored = self.inner.store.claim(id).await?;
         self.put_in_map(id, stored);
         Ok(())
@@ -89,15 +89,7 @@ impl ClaimsService {
     pub(super) async fn apply_tenant(&self, id: &str) -> Result<(), ServiceError> {
         let inner = &self.inner;
         match inner.store.tenant(id).await? {
-            Some(t) => {
-                let mut token_hash = [0u8; 32];
-                hex::decode_to_slice(&t.token_hash, &mut token_hash)
-                    .map_err(|_| StoreError::Corrupt(format!("token hash of {}", t.tenant.id)))?;
-                inner.cache.put_tenant(TenantEntry {
-                    tenant: t.tenant,
-                    token_hash,
-                });
-            }
+            Some(t) => inner.cache.put_tenant(super::tenant_entry(t)?),
             None => inner.cache.remove_tenant(id),
         }
         self.wake_tenant(id);
