@@ -67,21 +67,33 @@ enum Scenario {
     Claim {
         #[command(flatten)]
         common: Common,
-        /// Lobby API base URL.
-        #[arg(long, default_value = "http://127.0.0.1:8080")]
-        api: String,
+        /// Lobby API base URL; repeat it (or give `a,b`) to deal the claims to several nodes
+        /// in turn (the tenant is created through the first).
+        #[arg(
+            long,
+            default_value = "http://127.0.0.1:8080",
+            value_delimiter = ',',
+            num_args = 1
+        )]
+        api: Vec<String>,
         /// Operator token, or @FILE to read it.
         #[arg(long)]
         admin_token: String,
         /// Claim key file (64 hex characters).
         #[arg(long)]
         claim_key: PathBuf,
-        /// Claim requests in flight at once.
+        /// Claim requests (batches, with --claim-batch) in flight at once, per --api.
         #[arg(long, default_value_t = 16)]
         claim_concurrency: usize,
+        /// Codes per `POST /v1/claims:batch` (1..=1000); 0: one `POST /v1/claims` per device.
+        #[arg(long, default_value_t = 0)]
+        claim_batch: usize,
         /// How long to wait for the last redirects after the last claim.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         redirect_timeout: Duration,
+        /// Server pid (repeatable): report the servers' CPU over the claim phase.
+        #[arg(long)]
+        server_pid: Vec<u32>,
     },
     /// Devices publish through a bridge; an observer on the upstream broker measures
     /// messages per second and end-to-end latency.
@@ -109,9 +121,10 @@ struct Common {
     /// Server host.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
-    /// Server MQTT port.
-    #[arg(long, default_value_t = 8883)]
-    port: u16,
+    /// Server MQTT port; repeat it (or give `a,b`) to spread the devices round-robin over
+    /// several listeners, e.g. the nodes of a fleet on one host.
+    #[arg(long, default_value = "8883", value_delimiter = ',', num_args = 1)]
+    port: Vec<u16>,
     /// CA certificate (PEM): signs the device certificates and, unless --server-ca, the server's.
     #[arg(long)]
     ca: PathBuf,
@@ -191,10 +204,14 @@ impl Common {
             versions,
             self.resume,
         )?;
-        let server = net::resolve(&self.host, self.port).await?;
+        let mut servers = Vec::with_capacity(self.port.len());
+        for &port in &self.port {
+            servers.push(net::resolve(&self.host, port).await?);
+        }
+        // Every port is on the same host: the first address decides whether to spread sources.
         let sources = match &self.source_ips {
             Some(text) => net::parse_source_ips(text)?,
-            None => net::default_source_ips(server, devices.len()),
+            None => net::default_source_ips(servers[0], devices.len()),
         };
         if !sources.is_empty() {
             eprintln!("binding to {} source addresses", sources.len());
@@ -203,7 +220,7 @@ impl Common {
             MqttVersion::V311 => Version::V4,
             MqttVersion::V5 => Version::V5,
         };
-        let ctx = Ctx::new(server, sources, tls, version, self.timeout, devices);
+        let ctx = Ctx::new(servers, sources, tls, version, self.timeout, devices);
         Ok(Arc::new(ctx))
     }
 }
@@ -253,14 +270,18 @@ async fn run(cli: Cli) -> Result<()> {
             admin_token,
             claim_key,
             claim_concurrency,
+            claim_batch,
             redirect_timeout,
+            server_pid,
         } => {
             let opts = scenario::claim::ClaimOpts {
-                api,
+                apis: api,
                 admin_token: api::read_token(&admin_token)?,
                 claim_key: pki::read_claim_key(&claim_key)?,
                 claim_concurrency,
+                claim_batch,
                 redirect_timeout,
+                server_pids: server_pid,
             };
             scenario::claim::run(common.context().await?, common.pace(), opts).await?
         }

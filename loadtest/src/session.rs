@@ -24,8 +24,9 @@ use crate::tls::TlsClient;
 
 /// Settings shared by every connection of a run.
 pub struct Ctx {
-    /// Server MQTT address.
-    pub server: SocketAddr,
+    /// Server MQTT addresses (one per `--port`); device `i` connects to `servers[i % len]`, so
+    /// a fleet's nodes each get an even share.
+    pub servers: Vec<SocketAddr>,
     /// Source addresses to bind to, round-robin by device index (empty: let the kernel pick).
     pub sources: Vec<IpAddr>,
     /// TLS settings.
@@ -93,7 +94,7 @@ fn timed_out(phase: &'static str) -> Failure {
 impl Ctx {
     /// Settings for a run over `devices`.
     pub fn new(
-        server: SocketAddr,
+        servers: Vec<SocketAddr>,
         sources: Vec<IpAddr>,
         tls: TlsClient,
         version: Version,
@@ -102,7 +103,7 @@ impl Ctx {
     ) -> Self {
         let configs = devices.iter().map(|_| OnceLock::new()).collect();
         Self {
-            server,
+            servers,
             sources,
             tls,
             version,
@@ -123,8 +124,9 @@ impl Ctx {
     /// timings and the CONNACK code (non-zero codes are returned, not treated as errors).
     pub async fn open(&self, index: usize) -> Result<(Conn, Timings, u8), Failure> {
         let source = self.sources.get(index % self.sources.len().max(1)).copied();
+        let server = self.servers[index % self.servers.len()];
         let t0 = Instant::now();
-        let tcp = timeout(self.timeout, tcp_connect(self.server, source))
+        let tcp = timeout(self.timeout, tcp_connect(server, source))
             .await
             .map_err(|_| timed_out("tcp"))?
             .map_err(|e| Failure::new("tcp", e))?;

@@ -234,6 +234,27 @@ pub struct Report {
     /// `--server-pid`; an extension).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_cpu_us_per_connect: Option<f64>,
+    /// Claims answered 200/201 per second, from the first claim request sent to the last claim
+    /// answer (SPEC §12).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claims_per_sec: Option<f64>,
+    /// Claims answered 200/201 (per code with `--claim-batch`; an extension).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claims_ok: Option<u64>,
+    /// Claims that failed: transport error or any other status (an extension).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claims_failed: Option<u64>,
+    /// Devices that received their redirect (an extension).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redirects: Option<u64>,
+    /// The harness's own CPU (utime + stime) over the claim phase, in % of one core: near
+    /// 100 × cores, the harness rather than the server sets the pace (an extension).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub harness_cpu_pct: Option<f64>,
+    /// The CPU of the `--server-pid` processes over the claim phase, summed, in % of one core
+    /// (an extension).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_pct: Option<f64>,
 }
 
 impl Report {
@@ -264,6 +285,12 @@ impl Report {
             server_rss_per_conn_bytes: None,
             resumed: None,
             server_cpu_us_per_connect: None,
+            claims_per_sec: None,
+            claims_ok: None,
+            claims_failed: None,
+            redirects: None,
+            harness_cpu_pct: None,
+            server_cpu_pct: None,
         }
     }
 }
