@@ -50,6 +50,10 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/claims", post(claims::claim))
         .route(
+            "/v1/claims:batch",
+            post(claims::claim_batch).layer(DefaultBodyLimit::max(claims::BATCH_MAX_BODY)),
+        )
+        .route(
             "/v1/claims/{device_id}",
             axum::routing::delete(claims::unclaim),
         )

@@ -21,7 +21,7 @@ use crate::edge::identity::DeviceId;
 use crate::provision::Registration;
 
 /// Store failures.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// A unique key (tenant id or token hash) already exists.
     #[error("already exists")]

@@ -124,6 +124,8 @@ macro_rules! both_backends {
 }
 
 both_backends! {
+    fixture concurrent_claim_writes_each_stand_alone =>
+        sqlite_concurrent_claim_writes_each_stand_alone, postgres_concurrent_claim_writes_each_stand_alone;
     store tenants_insert_conflict_update_delete =>
         sqlite_tenants_insert_conflict_update_delete, postgres_tenants_insert_conflict_update_delete;
     store claims_put_replace_delete_round_trip =>
@@ -271,6 +273,60 @@ async fn claim_writes_check_their_tenant(store: &dyn Store) {
         Written::Full
     );
     assert_eq!(store.claim(&device(2)).await.unwrap(), None);
+}
+
+/// Many claim writes at once (the SQLite store commits them in groups): each is answered as
+/// if it ran alone, a refused one takes none of the others with it, and what was answered done
+/// is what a reopened store holds, with the versions answered.
+async fn concurrent_claim_writes_each_stand_alone(fixture: &Fixture) {
+    let store = fixture.open().await;
+    for n in 1..=20 {
+        let c = full_claim(n, "acme");
+        let w = ClaimWrite::new(device(n), Expect::Absent, Some(&c));
+        assert!(matches!(
+            store.write_claim(&w).await.unwrap(),
+            Written::Done { .. }
+        ));
+    }
+    let before = store.claims().await.unwrap();
+    let mut writes = Vec::new();
+    for n in 1..=120u8 {
+        let store = store.clone();
+        writes.push(tokio::spawn(async move {
+            let mut c = full_claim(n, "acme");
+            if n > 100 {
+                c.thing_name = Some("device-0001".into());
+            }
+            let w = ClaimWrite::new(device(n), Expect::Absent, Some(&c));
+            (n, store.write_claim(&w).await.unwrap())
+        }));
+    }
+    let mut done = std::collections::BTreeMap::new();
+    for w in writes {
+        match w.await.unwrap() {
+            (n @ 1..=20, Written::Stale(Some(c))) => {
+                assert_eq!(Some(&c), before.iter().find(|b| b.device_id == device(n)))
+            }
+            (21..=100, Written::Done { version, .. }) => {
+                assert!(done.insert(version, ()).is_none(), "versions are unique");
+            }
+            (101.., Written::NameTaken) => {}
+            (n, other) => panic!("write {n}: {other:?}"),
+        }
+    }
+    let reopened = fixture.open().await;
+    let mut held = reopened.claims().await.unwrap();
+    held.sort_by_key(|c| c.device_id.0);
+    let ids: Vec<u8> = held.iter().map(|c| c.device_id.0[0]).collect();
+    assert_eq!(ids, (1..=100).collect::<Vec<u8>>());
+    let versions: Vec<i64> = held[20..].iter().map(|c| c.version).collect();
+    let answered: Vec<i64> = done.keys().copied().collect();
+    let mut sorted = versions.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted, answered,
+        "the stored versions are the ones answered"
+    );
 }
 
 fn claim_id(c: &Claim) -> DeviceId {

@@ -1,4 +1,4 @@
-//! `/v1/claims`: claim a device with its code, unclaim it.
+//! `/v1/claims`: claim a device with its code (one, or a batch), unclaim it.
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -29,7 +29,84 @@ pub async fn claim(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let body: ClaimBody = parse_json(&body)?;
-    let tenant = match (&caller, body.tenant) {
+    let tenant = claiming_tenant(&s, &caller, body.tenant)?;
+    let out = s
+        .service
+        .claim(&tenant, &body.code, body.cert_pem.as_deref())
+        .await?;
+    let status = if out.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(claim_summary(&out.claim))).into_response())
+}
+
+/// The most claims one `POST /v1/claims:batch` may hold (SPEC §12).
+pub const BATCH_MAX: usize = 1000;
+
+/// Largest batch body: [`BATCH_MAX`] claims with a certificate each (~1.5 KiB).
+pub const BATCH_MAX_BODY: usize = 2 * 1024 * 1024;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchBody {
+    claims: Vec<BatchItem>,
+    /// Operator only: the tenant to claim for.
+    tenant: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchItem {
+    code: String,
+    cert_pem: Option<String>,
+}
+
+/// `POST /v1/claims:batch` → 200 `{"results":[…]}`, one per claim in request order: what
+/// `POST /v1/claims` would answer for it, its status inside (SPEC §12).
+pub async fn claim_batch(
+    State(s): State<ApiState>,
+    caller: Caller,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body: BatchBody = parse_json(&body)?;
+    if body.claims.len() > BATCH_MAX {
+        return Err(ApiError::InvalidRequest(format!(
+            "a batch holds at most {BATCH_MAX} claims, not {}",
+            body.claims.len()
+        )));
+    }
+    let tenant = claiming_tenant(&s, &caller, body.tenant)?;
+    let items = body.claims.into_iter().map(|c| (c.code, c.cert_pem));
+    let results: Vec<_> = s
+        .service
+        .claim_batch(&tenant, items.collect())
+        .await?
+        .into_iter()
+        .map(|answer| match answer {
+            Ok(out) => {
+                let mut entry = claim_summary(&out.claim);
+                entry["status"] = json!(if out.created { 201 } else { 200 });
+                entry
+            }
+            Err(e) => {
+                let (status, mut entry) = ApiError::from(e).status_and_body();
+                entry["status"] = json!(status.as_u16());
+                entry
+            }
+        })
+        .collect();
+    Ok(Json(json!({ "results": results })).into_response())
+}
+
+/// The tenant a claim is for: a tenant claims for itself, the operator names one that exists.
+fn claiming_tenant(
+    s: &ApiState,
+    caller: &Caller,
+    named: Option<String>,
+) -> Result<String, ApiError> {
+    let tenant = match (caller, named) {
         (Caller::Tenant(own), None) => own.clone(),
         (Caller::Tenant(own), Some(t)) if &t == own => t,
         (Caller::Tenant(_), Some(_)) => {
@@ -47,18 +124,7 @@ pub async fn claim(
     if caller.tenant().is_none() && s.service.cache().tenant(&tenant).is_none() {
         return Err(ApiError::InvalidRequest(format!("no tenant {tenant:?}")));
     }
-    let out = s
-        .service
-        .claim(&tenant, &body.code, body.cert_pem.as_deref())
-        .await?;
-    let status = if out.created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    let c = &out.claim;
-    let body = claim_summary(c);
-    Ok((status, Json(body)).into_response())
+    Ok(tenant)
 }
 
 /// `DELETE /v1/claims/{device_id}` → 200 `{"device_id","tenant":null,"state":"unclaimed"}`.

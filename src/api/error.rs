@@ -54,10 +54,12 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The status and the `{"error","message"}` body this error answers with (also one
+    /// entry's answer in a batch).
+    pub fn status_and_body(&self) -> (StatusCode, serde_json::Value) {
         let (status, code) = self.status_and_code();
-        let message = match &self {
+        let message = match self {
             Self::Service(ServiceError::Store(e @ StoreError::Unavailable(_))) => {
                 // The caller may retry (every mutation is safe to repeat); the details are the
                 // operator's.
@@ -71,7 +73,16 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let body = serde_json::json!({ "error": code, "message": message });
+        (
+            status,
+            serde_json::json!({ "error": code, "message": message }),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = self.status_and_body();
         (status, Json(body)).into_response()
     }
 }

@@ -114,6 +114,10 @@ const STRIPES: usize = 256;
 /// How often a claim write is decided again after another writer changed the claim first.
 const MAX_ATTEMPTS: usize = 8;
 
+/// How many of a batch's claims are in flight at once: enough to fill a group commit (and
+/// PostgreSQL's pool), few enough that one batch leaves room for other callers.
+const BATCH_IN_FLIGHT: usize = 64;
+
 /// What a mutation wants stored for a claim, decided on the claim stored now.
 pub(super) struct Plan {
     /// The claim after the write; `None` deletes it.
@@ -376,6 +380,30 @@ impl ClaimsService {
         self.detached(async move {
             svc.claim_now(device_id, &tenant_id, cert_name, cert_pem.as_deref())
                 .await
+        })
+        .await
+    }
+
+    /// Claims each of `items` (code, certificate PEM) for `tenant_id`, as a tenant claims a
+    /// pallet (`POST /v1/claims:batch`): one answer per item in the order asked, each what
+    /// [`Self::claim`] answers for it. Up to [`BATCH_IN_FLIGHT`] run at once so the store
+    /// commits them together; the batch runs to its end even when the caller gives up.
+    pub async fn claim_batch(
+        &self,
+        tenant_id: &str,
+        items: Vec<(String, Option<String>)>,
+    ) -> Result<Vec<Result<ClaimOutcome, ServiceError>>, ServiceError> {
+        use futures_util::StreamExt;
+        let (svc, tenant_id) = (self.clone(), tenant_id.to_owned());
+        self.detached(async move {
+            let claims = items.into_iter().map(|(code, pem)| {
+                let (svc, tenant_id) = (svc.clone(), tenant_id.clone());
+                async move { svc.claim(&tenant_id, &code, pem.as_deref()).await }
+            });
+            Ok(futures_util::stream::iter(claims)
+                .buffered(BATCH_IN_FLIGHT)
+                .collect()
+                .await)
         })
         .await
     }

@@ -4,6 +4,11 @@
 //! One connection behind a mutex, used from `spawn_blocking`: writes are serialised by SQLite
 //! anyway. A claim write is conditional on the version it read, like the networked store's, so
 //! the claims service's tasks need no lock between them either.
+//!
+//! Claim writes are group-committed: they queue for one writer thread, which takes everything
+//! queued, runs each write in its own savepoint of one transaction and commits once, then
+//! answers each. Concurrent claims share one fsync instead of waiting for one each; a write is
+//! still answered only after the commit that made it durable.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -55,9 +60,20 @@ CREATE INDEX IF NOT EXISTS registrations_removing ON registrations(removing);
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
-    /// The newest claim version handed out (versions only grow, deleted claims' too).
-    version: Arc<AtomicI64>,
+    /// The group-commit writer's queue (the writer holds the newest claim version handed out:
+    /// versions only grow, deleted claims' too).
+    writes: std::sync::mpsc::Sender<Queued>,
 }
+
+/// A claim write waiting for the writer, with where its answer goes.
+type Queued = (
+    OwnedWrite,
+    tokio::sync::oneshot::Sender<Result<Written, StoreError>>,
+);
+
+/// The most writes one commit takes (the rest wait for the next; a bound on how long the
+/// connection is held from readers).
+const GROUP_MAX: usize = 1024;
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -117,10 +133,15 @@ impl SqliteStore {
         .await
         .map_err(backend)??;
         let (conn, newest) = conn;
-        Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
-            version: Arc::new(AtomicI64::new(newest)),
-        })
+        let conn = Arc::new(Mutex::new(conn));
+        let version = AtomicI64::new(newest);
+        let (writes, queue) = std::sync::mpsc::channel();
+        let c = conn.clone();
+        std::thread::Builder::new()
+            .name("lobby-sqlite-writer".into())
+            .spawn(move || run_writer(&c, &version, &queue))
+            .map_err(|e| backend(format!("cannot start the SQLite writer: {e}")))?;
+        Ok(Self { conn, writes })
     }
 
     /// Runs `f` on the connection off the async runtime.
@@ -212,10 +233,10 @@ impl From<&ClaimWrite<'_>> for OwnedWrite {
     }
 }
 
-/// One claim write inside `tx` (the caller commits on `Done`); `Stale(None)` when the stored
+/// One claim write inside the transaction (or savepoint) `tx`; the caller commits on `Done`; `Stale(None)` when the stored
 /// claim is not the expected one.
 fn write_claim_in(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     w: &OwnedWrite,
     version: &AtomicI64,
 ) -> Result<Written, StoreError> {
@@ -327,6 +348,63 @@ fn write_claim_in(
         version: next,
         retiring,
     })
+}
+
+/// The group-commit writer: until every sender is gone, takes what is queued (at least one
+/// write, at most [`GROUP_MAX`]), writes each in a savepoint of one transaction (a write that
+/// is refused or fails leaves nothing behind, the others stand), commits, answers.
+fn run_writer(
+    conn: &Mutex<Connection>,
+    version: &AtomicI64,
+    queue: &std::sync::mpsc::Receiver<Queued>,
+) {
+    while let Ok(first) = queue.recv() {
+        let mut group = vec![first];
+        while group.len() < GROUP_MAX {
+            match queue.try_recv() {
+                Ok(q) => group.push(q),
+                Err(_) => break,
+            }
+        }
+        let answers = match conn.lock() {
+            Ok(mut c) => write_group(&mut c, version, &group),
+            Err(_) => Err(backend("connection mutex poisoned")),
+        };
+        match answers {
+            Ok(answers) => {
+                for ((_, to), answer) in group.into_iter().zip(answers) {
+                    let _ = to.send(answer);
+                }
+            }
+            Err(e) => {
+                for (_, to) in group {
+                    let _ = to.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// One transaction for `group`, one answer per write; `Err` when the commit itself failed
+/// (then nothing of the group was written).
+fn write_group(
+    c: &mut Connection,
+    version: &AtomicI64,
+    group: &[Queued],
+) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
+    let mut tx = c.transaction().map_err(backend)?;
+    let mut answers = Vec::with_capacity(group.len());
+    for (w, _) in group {
+        let sp = tx.savepoint().map_err(backend)?;
+        let answer = write_claim_in(&sp, w, version);
+        if matches!(answer, Ok(Written::Done { .. })) {
+            sp.commit().map_err(backend)?;
+        }
+        // Dropped otherwise: rolled back to before this write.
+        answers.push(answer);
+    }
+    tx.commit().map_err(backend)?;
+    Ok(answers)
 }
 
 #[async_trait]
@@ -460,21 +538,17 @@ impl Store for SqliteStore {
     }
 
     async fn write_claim(&self, w: &ClaimWrite<'_>) -> Result<Written, StoreError> {
-        let w = OwnedWrite::from(w);
-        let version = self.version.clone();
-        let written = self
-            .with("write_claim", move |c| {
-                let tx = c.transaction().map_err(backend)?;
-                let written = write_claim_in(&tx, &w, &version)?;
-                if matches!(written, Written::Done { .. }) {
-                    tx.commit().map_err(backend)?;
-                }
-                Ok((written, w.id))
-            })
-            .await?;
-        match written {
-            (Written::Stale(_), id) => Ok(Written::Stale(self.claim(&id).await?)),
-            (other, _) => Ok(other),
+        let started = std::time::Instant::now();
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let stopped = || backend("the SQLite writer has stopped");
+        self.writes
+            .send((OwnedWrite::from(w), answer))
+            .map_err(|_| stopped())?;
+        let written = answered.await.map_err(|_| stopped())?;
+        crate::metrics::store_operation("write_claim", started.elapsed());
+        match written? {
+            Written::Stale(_) => Ok(Written::Stale(self.claim(&w.id).await?)),
+            other => Ok(other),
         }
     }
 
