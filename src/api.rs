@@ -7,6 +7,7 @@ mod auth;
 mod claims;
 mod devices;
 mod error;
+pub mod serve;
 mod tenants;
 
 use std::sync::atomic::{AtomicBool, Ordering};

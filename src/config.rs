@@ -144,6 +144,17 @@ pub struct ApiConfig {
     pub rate_limit: f64,
     /// Requests one address may make at once before `rate_limit` paces it. Default 100.
     pub rate_burst: u32,
+    /// A request's head must have arrived this long after its connection was ready for it;
+    /// also how long an idle keep-alive connection stays open. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A connection that moved no byte either way for this long is closed (a trickled body,
+    /// an unread response). Default 60s.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// API connections at once; past it new ones wait in the listen backlog. Default 1024
+    /// (the API shares the process's open-files limit with the devices).
+    pub max_connections: usize,
 }
 
 impl Default for ApiConfig {
@@ -152,6 +163,9 @@ impl Default for ApiConfig {
             admin_token_file: "certs/dev/admin.token".into(),
             rate_limit: 0.0,
             rate_burst: 100,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 1024,
         }
     }
 }
@@ -382,6 +396,8 @@ impl Config {
             ("cluster.job_lease", self.cluster.job_lease),
             ("aws.retry_base", self.aws.retry_base),
             ("aws.retry_max", self.aws.retry_max),
+            ("api.header_timeout", self.api.header_timeout),
+            ("api.idle_timeout", self.api.idle_timeout),
         ]
     }
 
@@ -411,6 +427,12 @@ impl Config {
                 &format!("must be between 1 and {MAX_PERMITS}"),
             ));
         }
+        if self.api.max_connections == 0 || self.api.max_connections > MAX_PERMITS {
+            return Err(invalid(
+                "api.max_connections",
+                &format!("must be between 1 and {MAX_PERMITS}"),
+            ));
+        }
         if self.limits.max_handshakes == 0 {
             return Err(invalid("limits.max_handshakes", "must be at least 1"));
         }
@@ -424,6 +446,8 @@ impl Config {
             ("limits.handshake_timeout", self.limits.handshake_timeout),
             ("limits.connect_timeout", self.limits.connect_timeout),
             ("cluster.job_lease", self.cluster.job_lease),
+            ("api.header_timeout", self.api.header_timeout),
+            ("api.idle_timeout", self.api.idle_timeout),
         ] {
             if d.is_zero() {
                 return Err(invalid(key, "must be longer than 0s"));

@@ -171,15 +171,13 @@ impl Lobby {
         };
         tracker.spawn(edge::listener::serve(mqtt, ctx.clone(), tracker.clone()));
         let api_cancel = cancel.clone();
+        let api_limits = api::serve::Limits {
+            header_timeout: config.api.header_timeout,
+            idle_timeout: config.api.idle_timeout,
+            max_connections: config.api.max_connections,
+        };
         tracker.spawn(async move {
-            let app = api::router(state);
-            let app = app.into_make_service_with_connect_info::<SocketAddr>();
-            let served = axum::serve(api, app)
-                .with_graceful_shutdown(async move { api_cancel.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "API server failed");
-            }
+            api::serve::serve(api, api::router(state), api_limits, api_cancel).await;
         });
         listeners_up.store(true, Ordering::Release);
         tracing::info!(mqtt = %mqtt_addr, api = %api_addr, "lobby listening");
