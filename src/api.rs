@@ -33,6 +33,8 @@ pub struct ApiState {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Set once the MQTT listener is bound.
     pub listeners_up: Arc<AtomicBool>,
+    /// Fires when the node starts shutting down: from then on `/readyz` is 503.
+    pub stopping: tokio_util::sync::CancellationToken,
     /// `cluster.node_name`, shown as a connected device's `node`.
     pub node: Arc<str>,
     /// Hot reload (`POST /v1/admin/reload`) and the API's rate limiter.
@@ -181,12 +183,21 @@ async fn console_jsqr() -> Response {
         .into_response()
 }
 
+/// `/readyz`: 200 once the listeners are up and the store answers; 503 before, when the store
+/// does not answer, and from the moment a shutdown starts.
 async fn readyz(State(state): State<ApiState>) -> Response {
     if !state.listeners_up.load(Ordering::Acquire) {
         return (StatusCode::SERVICE_UNAVAILABLE, "listeners not up\n").into_response();
     }
+    if state.stopping.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
     match state.service.ping_store().await {
         Ok(()) => "ready\n".into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}\n")).into_response(),
+        Err(e) => {
+            // Anyone may ask; the store's address and error are the operator's, in the log.
+            tracing::warn!(error = %e, "readyz: store unreachable");
+            (StatusCode::SERVICE_UNAVAILABLE, "store unreachable\n").into_response()
+        }
     }
 }

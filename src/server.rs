@@ -69,6 +69,10 @@ pub struct Lobby {
     api_addr: SocketAddr,
     cancel: CancellationToken,
     tracker: TaskTracker,
+    /// Stops the API, which outlives the rest of a shutdown (it answers `/readyz` 503 while
+    /// devices are told and tasks drain).
+    api_stop: CancellationToken,
+    api_task: tokio::task::JoinHandle<()>,
     grace: Duration,
     service: ClaimsService,
     reloader: Arc<Reloader>,
@@ -166,19 +170,23 @@ impl Lobby {
             admin_token_hash: token_hash(&admin),
             metrics,
             listeners_up: listeners_up.clone(),
+            stopping: cancel.clone(),
             node: config.cluster.node_name.as_str().into(),
             reloader: reloader.clone(),
         };
         tracker.spawn(edge::listener::serve(mqtt, ctx.clone(), tracker.clone()));
-        let api_cancel = cancel.clone();
+        let api_stop = CancellationToken::new();
         let api_limits = api::serve::Limits {
             header_timeout: config.api.header_timeout,
             idle_timeout: config.api.idle_timeout,
             max_connections: config.api.max_connections,
         };
-        tracker.spawn(async move {
-            api::serve::serve(api, api::router(state), api_limits, api_cancel).await;
-        });
+        let api_task = tokio::spawn(api::serve::serve(
+            api,
+            api::router(state),
+            api_limits,
+            api_stop.clone(),
+        ));
         listeners_up.store(true, Ordering::Release);
         tracing::info!(mqtt = %mqtt_addr, api = %api_addr, "lobby listening");
         Ok(Self {
@@ -186,6 +194,8 @@ impl Lobby {
             api_addr,
             cancel,
             tracker,
+            api_stop,
+            api_task,
             grace: config.shutdown.grace,
             service,
             reloader,
@@ -225,8 +235,10 @@ impl Lobby {
         self.reloader.set_path(path.to_owned());
     }
 
-    /// Stops accepting, tells devices (v5 DISCONNECT 0x8B, or 0x9C with
-    /// `shutdown.server_reference`), and waits up to `shutdown.grace` for tasks to finish.
+    /// Stops accepting devices, tells them (v5 DISCONNECT 0x8B, or 0x9C with
+    /// `shutdown.server_reference`), and waits up to `shutdown.grace` for tasks to finish;
+    /// meanwhile `/readyz` answers 503, so a load balancer already sends devices elsewhere.
+    /// The API stops last.
     pub async fn stop(self) {
         self.cancel.cancel();
         self.tracker.close();
@@ -236,6 +248,8 @@ impl Lobby {
         {
             tracing::warn!(grace = ?self.grace, "shutdown grace ran out with tasks still running");
         }
+        self.api_stop.cancel();
+        let _ = self.api_task.await;
     }
 
     /// Runs until SIGTERM or SIGINT, then stops. SIGHUP re-reads `config_path` and applies

@@ -161,6 +161,42 @@ async fn a_store_that_is_down_answers_503_unavailable_at_once() {
         .await
         .expect("a claim with the store down hangs");
     assert_error(&got, 503, "unavailable");
+    // An anonymous health check learns that the store is down, not where it is or why.
+    let ready = a.http.get(a.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
+    let text = ready.text().await.unwrap();
+    assert!(text.contains("store unreachable"), "{text}");
+    for secret in ["127.0.0.1", &relay.port.to_string(), "postgres", &db.name] {
+        assert!(!text.contains(secret), "/readyz tells {secret:?}: {text}");
+    }
+}
+
+/// A node that starts shutting down answers `/readyz` 503 at once, while it still serves the
+/// API and drains its tasks, so a load balancer sends devices elsewhere first.
+#[tokio::test]
+async fn readyz_is_503_as_soon_as_a_shutdown_starts() {
+    let mut a = TestLobby::start_with(|c| {
+        c.limits.handshake_timeout = Duration::from_secs(3);
+        c.shutdown.grace = Duration::from_secs(5);
+    })
+    .await;
+    let ready = a.http.get(a.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 200);
+    // A device stuck before its TLS handshake keeps the shutdown draining for a while.
+    let _stuck = tokio::net::TcpStream::connect(a.mqtt_addr()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (url, http) = (a.url("/readyz"), a.http.clone());
+    let stopping = tokio::spawn(a.lobby.take().unwrap().stop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !stopping.is_finished(),
+        "the shutdown drains the stuck handshake"
+    );
+    let got = http.get(&url).send().await.expect("the API still answers");
+    assert_eq!(got.status().as_u16(), 503);
+    let text = got.text().await.unwrap();
+    assert!(text.contains("shutting down"), "{text}");
+    stopping.await.unwrap();
 }
 
 /// A tenant this node has not heard of yet (written by another node whose change it has not
