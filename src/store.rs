@@ -139,6 +139,19 @@ pub trait Store: Send + Sync + 'static {
     async fn presence(&self, _id: Option<&DeviceId>) -> Result<Vec<Presence>, StoreError> {
         Ok(Vec::new())
     }
+    /// What every node reported of each of `ids` (a page of the device list).
+    async fn presence_of(&self, _ids: &[DeviceId]) -> Result<Vec<Presence>, StoreError> {
+        Ok(Vec::new())
+    }
+    /// Up to `limit` devices some node reported that have no claim, in id order after `after`
+    /// (the unclaimed part of a device-list page): reads about a page, not the table.
+    async fn unclaimed_presence(
+        &self,
+        _after: Option<&DeviceId>,
+        _limit: usize,
+    ) -> Result<Vec<Presence>, StoreError> {
+        Ok(Vec::new())
+    }
     /// Where a reader that has seen nothing starts: after every change committed so far.
     async fn change_cursor(&self) -> Result<i64, StoreError> {
         Ok(0)

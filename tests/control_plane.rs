@@ -232,3 +232,88 @@ async fn a_tenant_the_node_has_not_applied_yet_is_deleted_and_answered_204() {
     let (st, _) = a.call("DELETE", "/v1/tenants/ghost", &a.admin, None).await;
     assert_eq!(st, 404, "deleted once");
 }
+
+/// The rows of `lobby_presence` the database has read so far. A server process reports its
+/// statistics when it exits, so the lobby's sessions are ended first (its pool opens new
+/// ones when it needs them) and the count is read once they are gone.
+async fn presence_rows_read(db: &pg::TestDb) -> i64 {
+    let client = db.client().await;
+    let ended: Vec<i32> = client
+        .query(
+            "WITH lobby AS MATERIALIZED (SELECT pid FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()) \
+             SELECT pid FROM lobby WHERE pg_terminate_backend(pid)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    eventually(|| async {
+        let left: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
+                &[&ended],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (left == 0).then_some(())
+    })
+    .await;
+    client
+        .query_one(
+            "SELECT COALESCE(seq_tup_read, 0) + COALESCE(idx_tup_fetch, 0) \
+             FROM pg_stat_user_tables WHERE relname = 'lobby_presence'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// In a fleet, one page of `GET /v1/devices` reads about a page of what the nodes reported,
+/// not the whole presence table; paging still lists every device once, in order.
+#[tokio::test]
+async fn a_device_list_page_reads_a_page_of_the_fleets_presence() {
+    let db = pg::TestDb::create().await;
+    let a = TestLobby::start_with(|c| c.store.url = db.url.clone()).await;
+    const REPORTED: usize = 3000;
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO lobby_nodes (name, heartbeat) VALUES ('node-x', now()); \
+             INSERT INTO lobby_presence (device_id, node, thing_name, protocol, connected, \
+             last_seen) SELECT lpad(to_hex(i), 64, '0'), 'node-x', 'thing-' || i, 'mqtt5', \
+             true, 0 FROM generate_series(1, {REPORTED}) i"
+        ))
+        .await
+        .unwrap();
+    let before = presence_rows_read(&db).await;
+    let (st, page) = a.call("GET", "/v1/devices?limit=10", &a.admin, None).await;
+    assert_eq!(st, 200, "{page}");
+    assert_eq!(page["devices"].as_array().unwrap().len(), 10, "{page}");
+    assert_eq!(page["devices"][0]["connected"], true, "{page}");
+    let read = presence_rows_read(&db).await - before;
+    assert!(
+        read < 200,
+        "a page of 10 read {read} presence rows of {REPORTED}"
+    );
+
+    let mut seen = Vec::new();
+    let mut path = "/v1/devices?limit=700".to_owned();
+    loop {
+        let (st, page) = a.call("GET", &path, &a.admin, None).await;
+        assert_eq!(st, 200, "{page}");
+        for d in page["devices"].as_array().unwrap() {
+            seen.push(d["device_id"].as_str().unwrap().to_owned());
+        }
+        match page["next"].as_str() {
+            Some(next) => path = format!("/v1/devices?limit=700&after={next}"),
+            None => break,
+        }
+    }
+    let want: Vec<String> = (1..=REPORTED).map(|i| format!("{i:064x}")).collect();
+    assert_eq!(seen, want);
+}

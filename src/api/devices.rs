@@ -148,49 +148,111 @@ pub async fn list(
     };
     // A tenant is always scoped to itself; an operator may filter by tenant.
     let tenant = caller.tenant().map(str::to_owned).or(q.tenant);
-    let mut rows: Vec<(DeviceId, Option<Arc<Claim>>)> = Vec::new();
-    let keep = |id: &DeviceId| after.is_none_or(|a| *id > a);
+    // One page costs a pass over this node's map and waiting room (in memory, keeping only
+    // the page's worth) and, in a fleet, two store reads of about a page each.
+    let mut page = Page::new(after, limit + 1);
     s.service.cache().for_each_claim(|c| {
         let state_ok = state.is_none_or(|st| st == c.state);
         let tenant_ok = tenant.as_deref().is_none_or(|t| c.tenant_id() == Some(t));
-        if state_ok && tenant_ok && keep(&c.device_id) {
-            rows.push((c.device_id, Some(c.clone())));
+        if state_ok && tenant_ok {
+            page.offer(c.device_id, Some(c.clone()));
         }
     });
     let unclaimed_wanted = caller.tenant().is_none()
         && tenant.is_none()
         && state.is_none_or(|st| st == ClaimState::Unclaimed);
     let store = s.service.store();
-    let remote: HashMap<DeviceId, Presence> = if store.shared() {
-        let all = store.presence(None).await.map_err(ServiceError::from)?;
-        all.into_iter().map(|p| (p.device_id, p)).collect()
-    } else {
-        HashMap::new()
-    };
     if unclaimed_wanted {
-        let cache = s.service.cache();
-        s.service.waiting().for_each_seen(|id, _| {
-            if keep(id) && cache.claim(id).is_none() {
-                rows.push((*id, None));
+        let (cache, waiting) = (s.service.cache(), s.service.waiting());
+        waiting.for_each_seen(|id, _| {
+            if cache.claim(id).is_none() {
+                page.offer(*id, None);
             }
         });
         // Devices waiting on (or last seen by) other nodes of the fleet.
-        let waiting = s.service.waiting();
-        for id in remote.keys() {
-            if keep(id) && cache.claim(id).is_none() && waiting.seen(id).is_none() {
-                rows.push((*id, None));
+        if store.shared() {
+            let remote = store
+                .unclaimed_presence(after.as_ref(), limit + 1)
+                .await
+                .map_err(ServiceError::from)?;
+            for p in remote {
+                let id = p.device_id;
+                if cache.claim(&id).is_none() && waiting.seen(&id).is_none() {
+                    page.offer(id, None);
+                }
             }
         }
     }
-    rows.sort_unstable_by_key(|r| r.0);
+    let mut rows = page.into_sorted();
     let more = rows.len() > limit;
     rows.truncate(limit);
     let next = more.then(|| rows.last().map(|r| r.0.to_hex())).flatten();
+    let remote: HashMap<DeviceId, Presence> = if store.shared() {
+        let ids: Vec<DeviceId> = rows.iter().map(|r| r.0).collect();
+        let found = store.presence_of(&ids).await.map_err(ServiceError::from)?;
+        found.into_iter().map(|p| (p.device_id, p)).collect()
+    } else {
+        HashMap::new()
+    };
     let devices: Vec<DeviceView> = rows
         .iter()
-        .map(|(id, c)| view(&s, id, c.as_deref(), remote.get(id)))
+        .map(|Row(id, c)| view(&s, id, c.as_deref(), remote.get(id)))
         .collect();
     Ok(Json(json!({ "devices": devices, "next": next })).into_response())
+}
+
+/// A device-list row: the device and its claim, ordered by device id alone.
+struct Row(DeviceId, Option<Arc<Claim>>);
+
+impl PartialEq for Row {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+impl Eq for Row {}
+impl PartialOrd for Row {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Row {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.cmp(&other.0)
+    }
+}
+
+/// The `size` smallest device ids after `after` of all offered (each offered once): a
+/// max-heap, so a pass over a million claims holds a page, not a million rows.
+struct Page {
+    after: Option<DeviceId>,
+    size: usize,
+    heap: std::collections::BinaryHeap<Row>,
+}
+
+impl Page {
+    fn new(after: Option<DeviceId>, size: usize) -> Self {
+        Self {
+            after,
+            size,
+            heap: std::collections::BinaryHeap::with_capacity(size + 1),
+        }
+    }
+
+    fn offer(&mut self, id: DeviceId, claim: Option<Arc<Claim>>) {
+        if self.after.is_some_and(|a| id <= a) {
+            return;
+        }
+        if self.heap.len() < self.size {
+            self.heap.push(Row(id, claim));
+        } else if self.heap.peek().is_some_and(|top| id < top.0) {
+            self.heap.pop();
+            self.heap.push(Row(id, claim));
+        }
+    }
+
+    fn into_sorted(self) -> Vec<Row> {
+        self.heap.into_sorted_vec()
+    }
 }
 
 #[derive(Deserialize)]

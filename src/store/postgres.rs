@@ -185,6 +185,16 @@ const RETIRE: &str = "UPDATE registrations SET removing = TRUE WHERE device_id =
 /// Beats for a node (`$1`).
 const NODE_BEAT: &str = "INSERT INTO lobby_nodes (name, heartbeat) VALUES ($1, now()) \
      ON CONFLICT (name) DO UPDATE SET heartbeat = EXCLUDED.heartbeat";
+/// What a presence read selects (conditions appended): a device whose node stopped its
+/// heartbeat shows as not connected.
+fn presence_select() -> String {
+    format!(
+        "SELECT p.device_id, p.node, p.thing_name, p.protocol, p.connected AND \
+         COALESCE(n.heartbeat > now() - make_interval(secs => {NODE_GONE_AFTER_SECS}), false), \
+         p.last_seen, p.stamp FROM lobby_presence p LEFT JOIN lobby_nodes n ON n.name = p.node"
+    )
+}
+
 /// Writes a presence batch from node `$6` (origin `$8`). A disconnect reported by one node
 /// never hides a connection on another, and a connect from another node replaces the row only
 /// when it is newer (stamp, then origin): the connection that the takeover keeps, even when
@@ -366,6 +376,29 @@ fn pg_config(url: &str) -> Result<tokio_postgres::Config, StoreError> {
 }
 
 impl PostgresStore {
+    /// Presence rows of `sql` (a [`presence_select`] with its conditions).
+    async fn presence_rows(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Presence>, StoreError> {
+        let rows = self.query("presence", sql, params).await?;
+        rows.iter()
+            .map(|r| {
+                let id: &str = r.try_get(0).map_err(pg)?;
+                Ok(Presence {
+                    device_id: DeviceId::parse_hex(id)
+                        .ok_or_else(|| StoreError::Corrupt(format!("presence of {id:?}")))?,
+                    node: r.try_get(1).map_err(pg)?,
+                    thing_name: r.try_get(2).map_err(pg)?,
+                    protocol: r.try_get(3).map_err(pg)?,
+                    connected: r.try_get(4).map_err(pg)?,
+                    last_seen: r.try_get(5).map_err(pg)?,
+                    stamp: r.try_get(6).map_err(pg)?,
+                })
+            })
+            .collect()
+    }
     /// Connects to `url` (`postgres://…` or `postgresql://…`) and brings the schema up to date.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         let config = pg_config(url)?;
@@ -1022,34 +1055,40 @@ impl Store for PostgresStore {
     }
 
     async fn presence(&self, id: Option<&DeviceId>) -> Result<Vec<Presence>, StoreError> {
-        let select = format!(
-            "SELECT p.device_id, p.node, p.thing_name, p.protocol, \
-             p.connected AND COALESCE(n.heartbeat > now() - \
-             make_interval(secs => {NODE_GONE_AFTER_SECS}), false), p.last_seen, p.stamp \
-             FROM lobby_presence p LEFT JOIN lobby_nodes n ON n.name = p.node"
-        );
-        let rows = match id {
+        match id {
             Some(id) => {
-                let sql = format!("{select} WHERE p.device_id = $1");
-                self.query("presence", &sql, &[&id.to_hex()]).await?
+                let sql = format!("{} WHERE p.device_id = $1", presence_select());
+                self.presence_rows(&sql, &[&id.to_hex()]).await
             }
-            None => self.query("presence", &select, &[]).await?,
-        };
-        rows.iter()
-            .map(|r| {
-                let id: &str = r.try_get(0).map_err(pg)?;
-                Ok(Presence {
-                    device_id: DeviceId::parse_hex(id)
-                        .ok_or_else(|| StoreError::Corrupt(format!("presence of {id:?}")))?,
-                    node: r.try_get(1).map_err(pg)?,
-                    thing_name: r.try_get(2).map_err(pg)?,
-                    protocol: r.try_get(3).map_err(pg)?,
-                    connected: r.try_get(4).map_err(pg)?,
-                    last_seen: r.try_get(5).map_err(pg)?,
-                    stamp: r.try_get(6).map_err(pg)?,
-                })
-            })
-            .collect()
+            None => self.presence_rows(&presence_select(), &[]).await,
+        }
+    }
+
+    async fn presence_of(&self, ids: &[DeviceId]) -> Result<Vec<Presence>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let hex: Vec<String> = ids.iter().map(DeviceId::to_hex).collect();
+        let sql = format!("{} WHERE p.device_id = ANY($1::text[])", presence_select());
+        self.presence_rows(&sql, &[&hex]).await
+    }
+
+    async fn unclaimed_presence(
+        &self,
+        after: Option<&DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<Presence>, StoreError> {
+        let after = after.map_or_else(String::new, DeviceId::to_hex);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // The primary key's order (collation "C": hex order is id order), so a page reads
+        // about a page of rows.
+        let sql = format!(
+            "{} WHERE p.device_id > $1 AND NOT EXISTS \
+             (SELECT 1 FROM claims c WHERE c.device_id = p.device_id) \
+             ORDER BY p.device_id LIMIT $2",
+            presence_select()
+        );
+        self.presence_rows(&sql, &[&after, &limit]).await
     }
 
     /// The row lock of the upsert decides between nodes racing for the same job.
