@@ -317,3 +317,50 @@ async fn a_device_list_page_reads_a_page_of_the_fleets_presence() {
     let want: Vec<String> = (1..=REPORTED).map(|i| format!("{i:064x}")).collect();
     assert_eq!(seen, want);
 }
+
+/// How many times this node has read the change log (its store-operation histogram's count).
+async fn change_log_reads(lobby: &TestLobby) -> u64 {
+    let text = lobby.metrics().await;
+    text.lines()
+        .find(|l| {
+            l.starts_with("lobby_store_operation_duration_seconds_count")
+                && l.contains("op=\"changes_after\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// A flood of unknown tokens makes a node read the change log once per round, not once per
+/// request (each asks whether the tenant was just made on another node), and claims keep
+/// going meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unknown_tokens_shares_its_catch_ups() {
+    let db = pg::TestDb::create().await;
+    let a = TestLobby::start_with(|c| c.store.url = db.url.clone()).await;
+    let acme = a.tenant("acme", "iot.acme.example").await;
+    const FLOOD: usize = 400;
+    let before = change_log_reads(&a).await;
+    let flood = (0..FLOOD).map(|i| {
+        let (http, url) = (a.http.clone(), a.url("/v1/devices"));
+        tokio::spawn(async move {
+            let resp = http
+                .get(url)
+                .bearer_auth(format!("stranger-{i}"))
+                .send()
+                .await
+                .unwrap();
+            resp.status().as_u16()
+        })
+    });
+    let flood: Vec<_> = flood.collect();
+    let dev = a.device("during");
+    assert_eq!(a.claim(&acme, &dev).await.0, 201);
+    for f in flood {
+        assert_eq!(f.await.unwrap(), 401);
+    }
+    let reads = change_log_reads(&a).await - before;
+    assert!(
+        reads < FLOOD as u64 / 4,
+        "{FLOOD} unknown tokens read the change log {reads} times"
+    );
+}
