@@ -64,6 +64,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/devices/{device_id}", get(devices::get_one))
         .route("/v1/devices/{device_id}/migrate", post(devices::migrate))
         .route("/v1/devices/{device_id}/revoke", post(devices::revoke))
+        .route("/v1/devices/{device_id}/retry", post(devices::retry))
         .route("/v1/admin/reload", post(reload))
         .route("/console/", get(console))
         .route("/console/jsqr.js", get(console_jsqr))

@@ -18,6 +18,11 @@ fn v1_routes(dev: &str) -> Vec<(&'static str, String, Option<Value>)> {
         ("PATCH", "/v1/tenants/acme".into(), Some(json!({"port": 1}))),
         ("DELETE", "/v1/tenants/acme".into(), None),
         ("POST", "/v1/claims".into(), Some(json!({"code": "x"}))),
+        (
+            "POST",
+            "/v1/claims:batch".into(),
+            Some(json!({"claims": [{"code": "x"}]})),
+        ),
         ("DELETE", format!("/v1/claims/{dev}"), None),
         ("GET", "/v1/devices".into(), None),
         ("GET", format!("/v1/devices/{dev}"), None),
@@ -27,6 +32,7 @@ fn v1_routes(dev: &str) -> Vec<(&'static str, String, Option<Value>)> {
             Some(json!({"tenant": "acme"})),
         ),
         ("POST", format!("/v1/devices/{dev}/revoke"), None),
+        ("POST", format!("/v1/devices/{dev}/retry"), None),
     ]
 }
 

@@ -345,6 +345,60 @@ async fn access_denied_ends_in_failed_with_the_aws_code() {
     assert_eq!(status["state"], "failed");
 }
 
+/// A `failed` registration has a way back: `POST /v1/devices/{id}/retry` queues it again
+/// (the owner or the operator; 202 registering), and it goes on to `ready` once the account
+/// lets it. A device in any other state is 409 `conflict`; another tenant's is 404.
+#[tokio::test]
+async fn a_failed_registration_is_retried_on_request() {
+    let account = Arc::new(Account::default());
+    account.fail(
+        "attach_policy",
+        vec![IotError::Permanent {
+            code: "AccessDeniedException".into(),
+            message: "not allowed to iot:AttachPolicy".into(),
+        }],
+    );
+    let t = lobby_with(&account).await;
+    let token = aws_tenant(&t).await;
+    let other = t.tenant("beta", "iot.beta.example").await;
+    let dev = t.device("dev-retried");
+    let retry = format!("/v1/devices/{}/retry", dev.hex());
+    assert_error(
+        &t.call("POST", &retry, &t.admin, None).await,
+        404,
+        "not_found",
+    );
+    claim_with_cert(&t, &token, &dev).await;
+    wait_state(&t, &dev, "failed").await;
+
+    assert_error(
+        &t.call("POST", &retry, &other, None).await,
+        404,
+        "not_found",
+    );
+    let (st, body) = t.call("POST", &retry, &token, None).await;
+    assert_eq!(
+        (st, body),
+        (
+            202,
+            json!({"device_id": dev.hex(), "tenant": "acme", "state": "registering"})
+        )
+    );
+    let d = wait_state(&t, &dev, "ready").await;
+    assert_eq!(d["error"], Value::Null, "{d}");
+    assert_eq!(
+        account.count("attach_policy"),
+        2,
+        "the retry ran the step again"
+    );
+    assert_error(&t.call("POST", &retry, &token, None).await, 409, "conflict");
+    assert_error(
+        &t.call("POST", &retry, &t.admin, None).await,
+        409,
+        "conflict",
+    );
+}
+
 #[tokio::test]
 async fn crash_between_steps_resumes_without_duplicates() {
     let account = Arc::new(Account::default());

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -273,6 +274,18 @@ pub async fn migrate(
     let body: MigrateBody = parse_json(&body)?;
     let c = s.service.migrate(&id, &body.tenant).await?;
     Ok(Json(claim_summary(&c)).into_response())
+}
+
+/// `POST /v1/devices/{device_id}/retry` (the owner, operator): a `failed` registration queued
+/// again → 202 `{"device_id","tenant","state":"registering"}`; any other state 409 `conflict`.
+pub async fn retry(
+    State(s): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_device_id(&id)?;
+    let c = s.service.retry(&id, caller.tenant()).await?;
+    Ok((StatusCode::ACCEPTED, Json(claim_summary(&c))).into_response())
 }
 
 /// `POST /v1/devices/{device_id}/revoke` (operator).

@@ -1,8 +1,11 @@
 //! The claims service's side of provisioning: queueing registrations, retiring registrations
 //! with tenants a device left, and taking the provisioner's verdicts.
 
+use std::sync::Arc;
+
 use super::{
-    new_redirect_id, now_ms, Bind, Changed, ClaimState, ClaimsService, Plan, Retiring, ServiceError,
+    new_redirect_id, now_ms, owned, Bind, Changed, ClaimState, ClaimsService, Plan, Retiring,
+    ServiceError,
 };
 use crate::claims::model::{Claim, Tenant};
 use crate::edge::identity::{self, DeviceId};
@@ -89,6 +92,45 @@ impl ClaimsService {
             return self.retire_registrations(id, keep.as_deref()).await;
         }
         Ok(())
+    }
+
+    /// Queues a `failed` registration again (`POST /v1/devices/{id}/retry`; `by_tenant`: the
+    /// caller's tenant, `None` for the operator): the device is `registering` once more, its
+    /// error cleared. Any other state is a 409 `conflict`; someone else's device is 404.
+    pub async fn retry(
+        &self,
+        id: &DeviceId,
+        by_tenant: Option<&str>,
+    ) -> Result<Arc<Claim>, ServiceError> {
+        let (svc, id, by_tenant) = (self.clone(), *id, by_tenant.map(str::to_owned));
+        self.detached(async move {
+            let changed = svc
+                .change_claim(&id, None, true, |current, _| {
+                    let c = owned(current, by_tenant.as_deref())?;
+                    if c.state != ClaimState::Failed {
+                        return Err(ServiceError::Conflict(format!(
+                            "the device is {}, not failed",
+                            c.state.as_str()
+                        )));
+                    }
+                    Ok(Some(Plan {
+                        claim: Some(Claim {
+                            state: ClaimState::Registering,
+                            error: None,
+                            ..(**c).clone()
+                        }),
+                        bind: Bind::No,
+                        retire: Retiring::Nothing,
+                    }))
+                })
+                .await?;
+            let claim = match changed {
+                Changed::Unchanged(c) | Changed::Written(c) => c.ok_or(ServiceError::NotFound)?,
+            };
+            svc.after_binding(&claim);
+            Ok(claim)
+        })
+        .await
     }
 
     /// Stores the endpoint DescribeEndpoint found for a tenant that had none.
