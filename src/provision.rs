@@ -42,6 +42,48 @@ pub enum IotError {
     Permanent { code: String, message: String },
 }
 
+impl IotError {
+    /// The error as the tenant reads it (the device's `error`): the AWS error code and
+    /// message, with every ARN outside `account` (the tenant's, from its role) replaced — the
+    /// lobby's own principal appears in AccessDenied messages — and failures of the lobby's own
+    /// credential chain reduced to a sentence. The full text is the operator's, in the log.
+    pub fn tenant_facing(&self, account: Option<&str>) -> String {
+        match self {
+            Self::Permanent { code, .. } if code == CREDENTIALS_FAILED => format!(
+                "{code}: the lobby could not assume the tenant role with its own AWS \
+                 credentials; the operator's log has the details"
+            ),
+            other => redact_arns(&other.to_string(), account),
+        }
+    }
+}
+
+/// The code of a failed AssumeRole that STS itself did not answer (the lobby's credential
+/// chain, or the network to STS).
+pub const CREDENTIALS_FAILED: &str = "AssumeRoleFailed";
+
+/// `text` with each ARN whose account is not `account` replaced by a placeholder. An ARN runs
+/// from `arn:` to the next space, quote, comma or bracket.
+fn redact_arns(text: &str, account: Option<&str>) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("arn:") {
+        out.push_str(&rest[..at]);
+        let arn_len = rest[at..]
+            .find(|c: char| c.is_whitespace() || "\"',()[]{}<>".contains(c))
+            .unwrap_or(rest.len() - at);
+        let arn = &rest[at..at + arn_len];
+        let arn_account = arn.split(':').nth(4).unwrap_or("");
+        let kept = arn_account.is_empty()
+            || arn_account == "aws"
+            || account.is_some_and(|a| a == arn_account);
+        out.push_str(if kept { arn } else { "<the lobby's principal>" });
+        rest = &rest[at + arn_len..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// A registered certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CertRef {
@@ -168,6 +210,47 @@ pub fn thing_name(template: Option<&str>, base: &str, device_id: &DeviceId) -> S
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn tenant_facing_errors_keep_the_tenants_arns_only() {
+        let denied = IotError::Permanent {
+            code: "AccessDenied".into(),
+            message: "User: arn:aws:sts::999988887777:assumed-role/lobby-node/i-0abc is not \
+                      authorized to perform: sts:AssumeRole on resource: \
+                      arn:aws:iam::111122223333:role/lobby (policy arn:aws:iam::aws:policy/X)"
+                .into(),
+        };
+        let shown = denied.tenant_facing(Some("111122223333"));
+        assert!(
+            shown.starts_with("AccessDenied: User: <the lobby's principal> is not"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("arn:aws:iam::111122223333:role/lobby ("),
+            "{shown}"
+        );
+        assert!(shown.contains("arn:aws:iam::aws:policy/X)"), "{shown}");
+        assert!(
+            !shown.contains("999988887777") && !shown.contains("lobby-node"),
+            "{shown}"
+        );
+        let chain = IotError::Permanent {
+            code: CREDENTIALS_FAILED.into(),
+            message: "no providers in chain: profile file /root/.aws/credentials: not found".into(),
+        };
+        let shown = chain.tenant_facing(Some("111122223333"));
+        assert!(
+            shown.starts_with("AssumeRoleFailed: the lobby could not"),
+            "{shown}"
+        );
+        assert!(!shown.contains("/root"), "{shown}");
+        assert_eq!(
+            redact_arns("arn:", None),
+            "arn:",
+            "no account: nothing to hide"
+        );
+        assert_eq!(redact_arns("no arn here", None), "no arn here");
+    }
+
     use super::*;
 
     #[test]

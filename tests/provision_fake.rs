@@ -345,6 +345,41 @@ async fn access_denied_ends_in_failed_with_the_aws_code() {
     assert_eq!(status["state"], "failed");
 }
 
+/// An AWS error shown to the tenant keeps AWS's code and message and the tenant's own ARNs,
+/// never the lobby's principal (AccessDenied names the caller).
+#[tokio::test]
+async fn a_tenant_reads_the_aws_error_without_the_lobbys_principal() {
+    let account = Arc::new(Account::default());
+    account.fail(
+        "attach_policy",
+        vec![IotError::Permanent {
+            code: "AccessDeniedException".into(),
+            message: "User: arn:aws:sts::999988887777:assumed-role/lobby-prod/i-0abc is not \
+                      authorized to perform: iot:AttachPolicy on resource: \
+                      arn:aws:iot:eu-west-1:111122223333:policy/device-policy"
+                .into(),
+        }],
+    );
+    let t = lobby_with(&account).await;
+    let token = aws_tenant(&t).await;
+    let dev = t.device("dev-denied");
+    claim_with_cert(&t, &token, &dev).await;
+    wait_state(&t, &dev, "failed").await;
+    let (_, d) = t.device_json(&token, &dev).await;
+    let error = d["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("AccessDeniedException: User: ")
+            && error.contains("arn:aws:iot:eu-west-1:111122223333:policy/device-policy"),
+        "{error}"
+    );
+    for secret in ["999988887777", "lobby-prod", "i-0abc"] {
+        assert!(
+            !error.contains(secret),
+            "the tenant reads {secret:?}: {error}"
+        );
+    }
+}
+
 /// A `failed` registration has a way back: `POST /v1/devices/{id}/retry` queues it again
 /// (the owner or the operator; 202 registering), and it goes on to `ready` once the account
 /// lets it. A device in any other state is 409 `conflict`; another tenant's is 404.

@@ -127,7 +127,7 @@ fn credentials_error(e: &aws_credential_types::provider::error::CredentialsError
         source = s.source();
     }
     IotError::Permanent {
-        code: "AssumeRoleFailed".into(),
+        code: super::CREDENTIALS_FAILED.into(),
         message: DisplayErrorContext(e).to_string(),
     }
 }

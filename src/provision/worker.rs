@@ -283,10 +283,13 @@ impl Worker {
                     .and_then(|c| c.tenant.clone());
                 if let Some(tenant) = tenant {
                     registration_metric("failed", started);
+                    tracing::warn!(device = %id, tenant = &*tenant, error = %e, "registration failed");
+                    let account = self.tenant_account(&tenant);
+                    let shown = e.tenant_facing(account.as_deref());
                     let _ = self
                         .inner
                         .service
-                        .registration_done(id, &tenant, Err(e.to_string()))
+                        .registration_done(id, &tenant, Err(shown))
                         .await;
                 }
             }
@@ -294,6 +297,15 @@ impl Worker {
                 // The tenant's role or account changed under us: an operator must look.
                 tracing::error!(tenant, error = %e, "removing a device registration failed; it stays queued until the next start");
             }
+        }
+    }
+
+    /// The AWS account of `tenant`'s role (`arn:aws:iam::<account>:role/…`), if it has one.
+    fn tenant_account(&self, tenant: &str) -> Option<String> {
+        let entry = self.inner.service.cache().tenant(tenant)?;
+        match &entry.tenant.backend {
+            Backend::AwsIot(b) => b.role_arn.split(':').nth(4).map(str::to_owned),
+            _ => None,
         }
     }
 
