@@ -187,6 +187,10 @@ pub struct AwsConfig {
     /// Longest retry delay. Default 5 min (an extension).
     #[serde(with = "humantime_serde")]
     pub retry_max: Duration,
+    /// How long a registration is retried on one node before it is `failed` with the last
+    /// error (then `POST /v1/devices/{id}/retry` queues it again). Default 24h.
+    #[serde(with = "humantime_serde")]
+    pub retry_give_up: Duration,
 }
 
 impl Default for AwsConfig {
@@ -196,6 +200,7 @@ impl Default for AwsConfig {
             session_name: "lobby".into(),
             retry_base: Duration::from_millis(500),
             retry_max: Duration::from_secs(300),
+            retry_give_up: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -396,6 +401,7 @@ impl Config {
             ("cluster.job_lease", self.cluster.job_lease),
             ("aws.retry_base", self.aws.retry_base),
             ("aws.retry_max", self.aws.retry_max),
+            ("aws.retry_give_up", self.aws.retry_give_up),
             ("api.header_timeout", self.api.header_timeout),
             ("api.idle_timeout", self.api.idle_timeout),
         ]
@@ -448,6 +454,7 @@ impl Config {
             ("cluster.job_lease", self.cluster.job_lease),
             ("api.header_timeout", self.api.header_timeout),
             ("api.idle_timeout", self.api.idle_timeout),
+            ("aws.retry_give_up", self.aws.retry_give_up),
         ] {
             if d.is_zero() {
                 return Err(invalid(key, "must be longer than 0s"));

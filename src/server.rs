@@ -139,6 +139,7 @@ impl Lobby {
             Backoff {
                 base: config.aws.retry_base,
                 max: config.aws.retry_max,
+                give_up: config.aws.retry_give_up,
             },
             config.cluster.job_lease,
             cancel.clone(),

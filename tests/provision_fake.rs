@@ -345,6 +345,35 @@ async fn access_denied_ends_in_failed_with_the_aws_code() {
     assert_eq!(status["state"], "failed");
 }
 
+/// Retryable errors are retried for `aws.retry_give_up`, then the device is `failed` with the
+/// last error (and can be retried on request).
+#[tokio::test]
+async fn retryable_errors_past_retry_give_up_end_in_failed() {
+    let account = Arc::new(Account::default());
+    let throttled = || IotError::Retryable {
+        code: "ThrottlingException".into(),
+        message: "Rate exceeded".into(),
+    };
+    account.fail("create_thing", (0..1000).map(|_| throttled()).collect());
+    let mut t = TestLobby::start_with(|c| {
+        c.aws.retry_base = Duration::from_millis(10);
+        c.aws.retry_max = Duration::from_millis(20);
+        c.aws.retry_give_up = Duration::from_millis(400);
+    })
+    .await;
+    restart_with(&mut t, &account).await;
+    let token = aws_tenant(&t).await;
+    let dev = t.device("dev-throttled");
+    claim_with_cert(&t, &token, &dev).await;
+    let d = wait_state(&t, &dev, "failed").await;
+    let error = d["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("ThrottlingException: Rate exceeded (still failing after 400ms"),
+        "{error}"
+    );
+    assert!(account.count("create_thing") > 3, "it was retried first");
+}
+
 /// An AWS error shown to the tenant keeps AWS's code and message and the tenant's own ARNs,
 /// never the lobby's principal (AccessDenied names the caller).
 #[tokio::test]

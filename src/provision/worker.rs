@@ -26,6 +26,8 @@ const MAX_JOBS: usize = 64;
 pub struct Backoff {
     pub base: Duration,
     pub max: Duration,
+    /// How long a job is retried before it fails with its last error (`aws.retry_give_up`).
+    pub give_up: Duration,
 }
 
 impl Backoff {
@@ -244,7 +246,8 @@ impl Worker {
         });
     }
 
-    /// One job, retried with backoff until it succeeds, fails for good, or the lobby stops.
+    /// One job, retried with backoff until it succeeds, fails for good (a permanent error, or
+    /// retryable ones for longer than `aws.retry_give_up`), or the lobby stops.
     async fn run_job(&self, job: &Job) {
         let started = Instant::now();
         let mut attempt = 0;
@@ -255,6 +258,18 @@ impl Worker {
             };
             match result {
                 Ok(()) => return,
+                Err(IotError::Retryable { code, message })
+                    if started.elapsed() >= self.inner.backoff.give_up =>
+                {
+                    let given =
+                        humantime_serde::re::humantime::format_duration(self.inner.backoff.give_up);
+                    let e = IotError::Permanent {
+                        message: format!("{message} (still failing after {given} of retries)"),
+                        code,
+                    };
+                    self.give_up(job, e, started).await;
+                    return;
+                }
                 Err(IotError::Retryable { code, message }) => {
                     let delay = self.inner.backoff.delay(attempt);
                     tracing::debug!(?job, code, message, ?delay, "retrying");
@@ -523,6 +538,7 @@ mod tests {
         let b = Backoff {
             base: Duration::from_millis(100),
             max: Duration::from_secs(2),
+            give_up: Duration::from_secs(3600),
         };
         for attempt in 0..30 {
             let d = b.delay(attempt);
