@@ -202,6 +202,19 @@ async fn claim_with_cert(t: &TestLobby, token: &str, dev: &Device) {
     assert_eq!(st, 201, "{b}");
 }
 
+/// An account whose first AttachPolicy is refused with AccessDeniedException and `message`.
+fn denied_once(message: &str) -> Arc<Account> {
+    let account = Arc::new(Account::default());
+    account.fail(
+        "attach_policy",
+        vec![IotError::Permanent {
+            code: "AccessDeniedException".into(),
+            message: message.into(),
+        }],
+    );
+    account
+}
+
 /// Waits until the device's state is `state`; returns the device JSON.
 async fn wait_state(t: &TestLobby, dev: &Device, state: &str) -> Value {
     eventually(|| async {
@@ -308,14 +321,7 @@ async fn hostile_and_duplicate_cns_make_valid_distinct_things() {
 
 #[tokio::test]
 async fn access_denied_ends_in_failed_with_the_aws_code() {
-    let account = Arc::new(Account::default());
-    account.fail(
-        "attach_policy",
-        vec![IotError::Permanent {
-            code: "AccessDeniedException".into(),
-            message: "not allowed to iot:AttachPolicy".into(),
-        }],
-    );
+    let account = denied_once("not allowed to iot:AttachPolicy");
     let t = lobby_with(&account).await;
     let token = aws_tenant(&t).await;
     let dev = t.device("dev-denied");
@@ -378,16 +384,10 @@ async fn retryable_errors_past_retry_give_up_end_in_failed() {
 /// never the lobby's principal (AccessDenied names the caller).
 #[tokio::test]
 async fn a_tenant_reads_the_aws_error_without_the_lobbys_principal() {
-    let account = Arc::new(Account::default());
-    account.fail(
-        "attach_policy",
-        vec![IotError::Permanent {
-            code: "AccessDeniedException".into(),
-            message: "User: arn:aws:sts::999988887777:assumed-role/lobby-prod/i-0abc is not \
-                      authorized to perform: iot:AttachPolicy on resource: \
-                      arn:aws:iot:eu-west-1:111122223333:policy/device-policy"
-                .into(),
-        }],
+    let account = denied_once(
+        "User: arn:aws:sts::999988887777:assumed-role/lobby-prod/i-0abc is not authorized to \
+         perform: iot:AttachPolicy on resource: \
+         arn:aws:iot:eu-west-1:111122223333:policy/device-policy",
     );
     let t = lobby_with(&account).await;
     let token = aws_tenant(&t).await;
@@ -414,14 +414,7 @@ async fn a_tenant_reads_the_aws_error_without_the_lobbys_principal() {
 /// lets it. A device in any other state is 409 `conflict`; another tenant's is 404.
 #[tokio::test]
 async fn a_failed_registration_is_retried_on_request() {
-    let account = Arc::new(Account::default());
-    account.fail(
-        "attach_policy",
-        vec![IotError::Permanent {
-            code: "AccessDeniedException".into(),
-            message: "not allowed to iot:AttachPolicy".into(),
-        }],
-    );
+    let account = denied_once("not allowed to iot:AttachPolicy");
     let t = lobby_with(&account).await;
     let token = aws_tenant(&t).await;
     let other = t.tenant("beta", "iot.beta.example").await;
