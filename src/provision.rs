@@ -161,12 +161,12 @@ impl Job {
         }
     }
 
-    /// The job's name among the nodes sharing a store (its lease key).
+    /// The job's lease key among the nodes sharing a store: the device's, whatever the job,
+    /// so a registration and a clean-up of one device never run at once on two nodes (the
+    /// clean-up waits; the node that registered queues it when it finds the claim gone, and
+    /// every node's sweep finds it too).
     pub fn key(&self) -> String {
-        match self {
-            Job::Register(id) => format!("register:{id}"),
-            Job::Remove(id, tenant) => format!("remove:{id}:{tenant}"),
-        }
+        format!("device:{}", self.device())
     }
 }
 

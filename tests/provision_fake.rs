@@ -33,7 +33,20 @@ struct Account {
     hang_on: Mutex<Option<&'static str>>,
     /// When set, this operation answers only after the delay (a registration in flight).
     slow_on: Mutex<Option<(&'static str, Duration)>>,
+    /// Operations in flight, and each registration step that ran during a clean-up step of
+    /// the same account or the other way round.
+    busy: Mutex<Vec<&'static str>>,
+    overlaps: Mutex<Vec<String>>,
 }
+
+/// The steps of a clean-up (the rest register).
+const REMOVE_STEPS: [&str; 5] = [
+    "deactivate_certificate",
+    "detach_thing_principal",
+    "detach_policy",
+    "delete_certificate",
+    "delete_thing",
+];
 
 impl Account {
     fn fail(&self, op: &'static str, errors: Vec<IotError>) {
@@ -51,6 +64,26 @@ impl Account {
 
     async fn call(&self, op: &'static str) -> Result<(), IotError> {
         self.calls.lock().unwrap().push(op.to_owned());
+        {
+            let mut busy = self.busy.lock().unwrap();
+            let removing = REMOVE_STEPS.contains(&op);
+            if let Some(other) = busy.iter().find(|b| REMOVE_STEPS.contains(b) != removing) {
+                self.overlaps
+                    .lock()
+                    .unwrap()
+                    .push(format!("{op} during {other}"));
+            }
+            busy.push(op);
+        }
+        let result = self.answer(op).await;
+        let mut busy = self.busy.lock().unwrap();
+        if let Some(at) = busy.iter().position(|b| *b == op) {
+            busy.remove(at);
+        }
+        result
+    }
+
+    async fn answer(&self, op: &'static str) -> Result<(), IotError> {
         if *self.hang_on.lock().unwrap() == Some(op) {
             Notify::new().notified().await; // never
         }
@@ -556,6 +589,36 @@ fn doomed_node(config: lobby::config::Config, account: Arc<Account>) -> DoomedNo
         api: addr_rx.recv().unwrap(),
         kill,
     }
+}
+
+/// A device unclaimed through node B while node A is registering it: the clean-up waits for
+/// the registration (the lease is the device's, not the job kind's), so the two never run at
+/// once, and nothing is left in the account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn register_and_remove_of_one_device_never_overlap_across_nodes() {
+    let db = pg::TestDb::create().await;
+    let account = Arc::new(Account::default());
+    *account.slow_on.lock().unwrap() = Some(("create_thing", Duration::from_millis(1500)));
+    let (mut a, mut b) = common::fleet::two_nodes(&db.url).await;
+    restart_with(&mut a, &account).await;
+    restart_with(&mut b, &account).await;
+    let token = aws_tenant(&a).await;
+    eventually(|| async { b.running().service().cache().tenant("acme").map(drop) }).await;
+    let dev = a.device("dev-both");
+    claim_with_cert(&a, &token, &dev).await;
+    eventually(|| async { (account.count("create_thing") == 1).then_some(()) }).await;
+    let (st, body) = b
+        .call("DELETE", &format!("/v1/claims/{}", dev.hex()), &token, None)
+        .await;
+    assert_eq!(st, 200, "{body}");
+    eventually(|| async {
+        let empty =
+            account.certs.lock().unwrap().is_empty() && account.things.lock().unwrap().is_empty();
+        empty.then_some(())
+    })
+    .await;
+    let overlaps = account.overlaps.lock().unwrap().clone();
+    assert!(overlaps.is_empty(), "{overlaps:?}");
 }
 
 #[tokio::test]
