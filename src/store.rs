@@ -102,6 +102,9 @@ pub trait Store: Send + Sync + 'static {
     async fn registrations(&self, id: &DeviceId) -> Result<Vec<Registration>, StoreError>;
     /// The clean-up queue: registrations marked `removing`.
     async fn removing_registrations(&self) -> Result<Vec<Registration>, StoreError>;
+    /// Registrations not marked `removing` of devices that have no claim at all (left by a
+    /// lobby that lost the clean-up; today an unclaim marks them in its own transaction).
+    async fn orphaned_registrations(&self) -> Result<Vec<Registration>, StoreError>;
     async fn delete_registration(&self, id: &DeviceId, tenant: &str) -> Result<(), StoreError>;
 
     /// One claim, as stored (a node applying another node's change reads it here).

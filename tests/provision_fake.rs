@@ -530,6 +530,33 @@ async fn a_stop_lets_a_registration_in_flight_finish() {
     }
 }
 
+/// A registration whose claim is gone without its clean-up being queued (a lobby from before
+/// the unclaim marked it in the same transaction, or a claim deleted under the lobby) is
+/// found by the start-up sweep and removed from the account.
+#[tokio::test]
+async fn the_start_up_sweep_retires_registrations_whose_claim_is_gone() {
+    let account = Arc::new(Account::default());
+    let mut t = lobby_with(&account).await;
+    let token = aws_tenant(&t).await;
+    let dev = t.device("dev-orphan");
+    claim_with_cert(&t, &token, &dev).await;
+    wait_state(&t, &dev, "ready").await;
+    t.lobby.take().unwrap().stop().await;
+    let store = lobby::store::open(&t.config.store.url).await.unwrap();
+    store.delete_claim(&dev.id).await.unwrap();
+    drop(store);
+    assert_eq!(account.things.lock().unwrap().len(), 1);
+
+    restart_with(&mut t, &account).await;
+    eventually(|| async {
+        let empty =
+            account.certs.lock().unwrap().is_empty() && account.things.lock().unwrap().is_empty();
+        empty.then_some(())
+    })
+    .await;
+    assert_eq!(account.count("delete_thing"), 1);
+}
+
 #[tokio::test]
 async fn unclaim_removes_the_registration() {
     let account = Arc::new(Account::default());

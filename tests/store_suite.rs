@@ -124,6 +124,8 @@ macro_rules! both_backends {
 }
 
 both_backends! {
+    store orphaned_registrations_are_those_without_a_claim =>
+        sqlite_orphaned_registrations_are_those_without_a_claim, postgres_orphaned_registrations_are_those_without_a_claim;
     fixture concurrent_claim_writes_each_stand_alone =>
         sqlite_concurrent_claim_writes_each_stand_alone, postgres_concurrent_claim_writes_each_stand_alone;
     store tenants_insert_conflict_update_delete =>
@@ -761,6 +763,28 @@ async fn cert_pem_is_kept_replaced_and_set(store: &dyn Store) {
 
     store.delete_claim(&id).await.unwrap();
     assert_eq!(store.cert_pem(&id).await.unwrap(), None);
+}
+
+/// The start-up sweep's query: registrations not yet marked for removal of devices that
+/// have no claim at all.
+async fn orphaned_registrations_are_those_without_a_claim(store: &dyn Store) {
+    store.put_claim(&full_claim(7, "acme"), None).await.unwrap();
+    for r in [
+        registration(7, "acme", true, false),
+        registration(7, "bolt", true, false),
+        registration(8, "acme", true, false),
+        registration(9, "acme", true, true),
+    ] {
+        store.put_registration(&r).await.unwrap();
+    }
+    let orphans: Vec<(DeviceId, String)> = store
+        .orphaned_registrations()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.device_id, r.tenant))
+        .collect();
+    assert_eq!(orphans, vec![(device(8), "acme".to_owned())]);
 }
 
 async fn registrations_put_replace_removing_delete(store: &dyn Store) {

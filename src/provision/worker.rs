@@ -118,6 +118,7 @@ impl Worker {
     /// (its lease ran out) is taken over; the lease decides which node runs a job.
     pub async fn run(self, mut rx: mpsc::UnboundedReceiver<Job>, tracker: TaskTracker) {
         let permits = Arc::new(Semaphore::new(MAX_JOBS));
+        self.retire_orphans().await;
         let pending = self.pending().await;
         if !pending.is_empty() {
             tracing::info!(jobs = pending.len(), "resuming provisioning work");
@@ -141,6 +142,24 @@ impl Worker {
                     }
                 }
                 () = self.inner.cancel.cancelled() => return,
+            }
+        }
+    }
+
+    /// The start-up sweep: registrations of devices whose claim is gone are marked for
+    /// removal (then [`Self::pending`] finds them), so nothing a lost clean-up left behind
+    /// stays registered in a tenant's account.
+    async fn retire_orphans(&self) {
+        let store = &self.inner.store;
+        let orphans = match store.orphaned_registrations().await {
+            Ok(o) => o,
+            Err(e) => return tracing::error!(error = %e, "cannot read orphaned registrations"),
+        };
+        for mut reg in orphans {
+            tracing::info!(device = %reg.device_id, tenant = reg.tenant, "retiring a registration whose claim is gone");
+            reg.removing = true;
+            if let Err(e) = store.put_registration(&reg).await {
+                tracing::error!(error = %e, "cannot mark an orphaned registration for removal");
             }
         }
     }

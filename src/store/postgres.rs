@@ -220,6 +220,9 @@ const _: () = assert!(SCHEMA_VERSION >= 1 && SCHEMA_VERSION as usize == MIGRATIO
 
 const CLAIM_COLUMNS: &str = "SELECT device_id, tenant, state, thing_name, redirect_id, \
      claimed_at, ready_at, redirected_at, error, version FROM claims";
+/// Registrations of devices without a claim that nothing retires ([`Store::orphaned_registrations`]).
+const ORPHANED: &str = "NOT removing AND NOT EXISTS \
+     (SELECT 1 FROM claims c WHERE c.device_id = registrations.device_id)";
 const REGISTRATION_COLUMNS: &str = "SELECT device_id, tenant, body, removing FROM registrations";
 
 /// PostgreSQL-backed [`Store`]. Cheap to clone (the pool is a handle).
@@ -928,6 +931,11 @@ impl Store for PostgresStore {
 
     async fn removing_registrations(&self) -> Result<Vec<Registration>, StoreError> {
         self.registrations_where("removing_registrations", "removing", &[])
+            .await
+    }
+
+    async fn orphaned_registrations(&self) -> Result<Vec<Registration>, StoreError> {
+        self.registrations_where("orphaned_registrations", ORPHANED, &[])
             .await
     }
 

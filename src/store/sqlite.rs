@@ -144,6 +144,24 @@ impl SqliteStore {
         Ok(Self { conn, writes })
     }
 
+    /// The registrations `filter` (an SQL condition) selects.
+    async fn registrations_where(
+        &self,
+        op: &'static str,
+        filter: &'static str,
+    ) -> Result<Vec<Registration>, StoreError> {
+        let rows = self
+            .with(op, move |c| {
+                let mut stmt = c
+                    .prepare(&format!("{REGISTRATION_COLUMNS} WHERE {filter}"))
+                    .map_err(backend)?;
+                let rows = stmt.query_map([], registration_from_row).map_err(backend)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+            })
+            .await?;
+        registrations_from(rows)
+    }
+
     /// Runs `f` on the connection off the async runtime.
     async fn with<T, F>(&self, op: &'static str, f: F) -> Result<T, StoreError>
     where
@@ -640,16 +658,15 @@ impl Store for SqliteStore {
     }
 
     async fn removing_registrations(&self) -> Result<Vec<Registration>, StoreError> {
-        let rows = self
-            .with("removing_registrations", |c| {
-                let mut stmt = c
-                    .prepare(&format!("{REGISTRATION_COLUMNS} WHERE removing = 1"))
-                    .map_err(backend)?;
-                let rows = stmt.query_map([], registration_from_row).map_err(backend)?;
-                rows.collect::<Result<Vec<_>, _>>().map_err(backend)
-            })
-            .await?;
-        registrations_from(rows)
+        self.registrations_where("removing_registrations", "removing = 1")
+            .await
+    }
+
+    async fn orphaned_registrations(&self) -> Result<Vec<Registration>, StoreError> {
+        let orphaned = "removing = 0 AND NOT EXISTS \
+             (SELECT 1 FROM claims c WHERE c.device_id = registrations.device_id)";
+        self.registrations_where("orphaned_registrations", orphaned)
+            .await
     }
 
     async fn delete_registration(&self, id: &DeviceId, tenant: &str) -> Result<(), StoreError> {
