@@ -62,6 +62,12 @@ impl IotError {
 /// chain, or the network to STS).
 pub const CREDENTIALS_FAILED: &str = "AssumeRoleFailed";
 
+/// The account field of an ARN (`arn:partition:service:region:account:resource`), empty when
+/// the ARN has none.
+pub fn arn_account(arn: &str) -> &str {
+    arn.split(':').nth(4).unwrap_or("")
+}
+
 /// `text` with each ARN whose account is not `account` replaced by a placeholder. An ARN runs
 /// from `arn:` to the next space, quote, comma or bracket.
 fn redact_arns(text: &str, account: Option<&str>) -> String {
@@ -73,10 +79,8 @@ fn redact_arns(text: &str, account: Option<&str>) -> String {
             .find(|c: char| c.is_whitespace() || "\"',()[]{}<>".contains(c))
             .unwrap_or(rest.len() - at);
         let arn = &rest[at..at + arn_len];
-        let arn_account = arn.split(':').nth(4).unwrap_or("");
-        let kept = arn_account.is_empty()
-            || arn_account == "aws"
-            || account.is_some_and(|a| a == arn_account);
+        let of = arn_account(arn);
+        let kept = of.is_empty() || of == "aws" || account.is_some_and(|a| a == of);
         out.push_str(if kept { arn } else { "<the lobby's principal>" });
         rest = &rest[at + arn_len..];
     }

@@ -20,6 +20,11 @@ use crate::claims::model::{Claim, Tenant};
 use crate::edge::identity::DeviceId;
 use crate::provision::Registration;
 
+/// The registrations [`Store::orphaned_registrations`] selects, as an SQL condition both
+/// backends use: not marked for removal, and the device has no claim at all.
+pub(crate) const ORPHANED_REGISTRATIONS: &str = "NOT removing AND NOT EXISTS \
+     (SELECT 1 FROM claims c WHERE c.device_id = registrations.device_id)";
+
 /// Store failures.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {

@@ -248,6 +248,16 @@ fn denied_once(message: &str) -> Arc<Account> {
     account
 }
 
+/// Waits until the account holds no certificate and no thing.
+async fn emptied(account: &Account) {
+    eventually(|| async {
+        let empty =
+            account.certs.lock().unwrap().is_empty() && account.things.lock().unwrap().is_empty();
+        empty.then_some(())
+    })
+    .await;
+}
+
 /// Waits until the device's state is `state`; returns the device JSON.
 async fn wait_state(t: &TestLobby, dev: &Device, state: &str) -> Value {
     eventually(|| async {
@@ -548,12 +558,7 @@ async fn the_start_up_sweep_retires_registrations_whose_claim_is_gone() {
     assert_eq!(account.things.lock().unwrap().len(), 1);
 
     restart_with(&mut t, &account).await;
-    eventually(|| async {
-        let empty =
-            account.certs.lock().unwrap().is_empty() && account.things.lock().unwrap().is_empty();
-        empty.then_some(())
-    })
-    .await;
+    emptied(&account).await;
     assert_eq!(account.count("delete_thing"), 1);
 }
 
@@ -569,12 +574,7 @@ async fn unclaim_removes_the_registration() {
         .call("DELETE", &format!("/v1/claims/{}", dev.hex()), &token, None)
         .await;
     assert_eq!(st, 200, "{b}");
-    eventually(|| async {
-        let empty =
-            account.certs.lock().unwrap().is_empty() && account.things.lock().unwrap().is_empty();
-        empty.then_some(())
-    })
-    .await;
+    emptied(&account).await;
     for op in [
         "deactivate_certificate",
         "detach_thing_principal",
@@ -638,12 +638,7 @@ async fn register_and_remove_of_one_device_never_overlap_across_nodes() {
         .call("DELETE", &format!("/v1/claims/{}", dev.hex()), &token, None)
         .await;
     assert_eq!(st, 200, "{body}");
-    eventually(|| async {
-        let empty =
-            account.certs.lock().unwrap().is_empty() && account.things.lock().unwrap().is_empty();
-        empty.then_some(())
-    })
-    .await;
+    emptied(&account).await;
     let overlaps = account.overlaps.lock().unwrap().clone();
     assert!(overlaps.is_empty(), "{overlaps:?}");
 }

@@ -11,6 +11,7 @@ use serde_json::json;
 use super::error::parse_json;
 use super::{ApiError, ApiState, Caller};
 use crate::claims::model::{Claim, ClaimState};
+use crate::claims::service::ClaimOutcome;
 use crate::edge::identity::DeviceId;
 
 #[derive(Deserialize)]
@@ -34,12 +35,16 @@ pub async fn claim(
         .service
         .claim(&tenant, &body.code, body.cert_pem.as_deref())
         .await?;
-    let status = if out.created {
+    Ok((claimed_status(&out), Json(claim_summary(&out.claim))).into_response())
+}
+
+/// 201 for a new claim, 200 when this tenant already held the device.
+fn claimed_status(out: &ClaimOutcome) -> StatusCode {
+    if out.created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
-    };
-    Ok((status, Json(claim_summary(&out.claim))).into_response())
+    }
 }
 
 /// The most claims one `POST /v1/claims:batch` may hold (SPEC §12).
@@ -87,7 +92,7 @@ pub async fn claim_batch(
         .map(|answer| match answer {
             Ok(out) => {
                 let mut entry = claim_summary(&out.claim);
-                entry["status"] = json!(if out.created { 201 } else { 200 });
+                entry["status"] = json!(claimed_status(&out).as_u16());
                 entry
             }
             Err(e) => {

@@ -338,7 +338,7 @@ impl Worker {
     fn tenant_account(&self, tenant: &str) -> Option<String> {
         let entry = self.inner.service.cache().tenant(tenant)?;
         match &entry.tenant.backend {
-            Backend::AwsIot(b) => b.role_arn.split(':').nth(4).map(str::to_owned),
+            Backend::AwsIot(b) => Some(super::arn_account(&b.role_arn).to_owned()),
             _ => None,
         }
     }

@@ -220,9 +220,6 @@ const _: () = assert!(SCHEMA_VERSION >= 1 && SCHEMA_VERSION as usize == MIGRATIO
 
 const CLAIM_COLUMNS: &str = "SELECT device_id, tenant, state, thing_name, redirect_id, \
      claimed_at, ready_at, redirected_at, error, version FROM claims";
-/// Registrations of devices without a claim that nothing retires ([`Store::orphaned_registrations`]).
-const ORPHANED: &str = "NOT removing AND NOT EXISTS \
-     (SELECT 1 FROM claims c WHERE c.device_id = registrations.device_id)";
 const REGISTRATION_COLUMNS: &str = "SELECT device_id, tenant, body, removing FROM registrations";
 
 /// PostgreSQL-backed [`Store`]. Cheap to clone (the pool is a handle).
@@ -402,6 +399,7 @@ impl PostgresStore {
             })
             .collect()
     }
+
     /// Connects to `url` (`postgres://…` or `postgresql://…`) and brings the schema up to date.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         let config = pg_config(url)?;
@@ -935,7 +933,7 @@ impl Store for PostgresStore {
     }
 
     async fn orphaned_registrations(&self) -> Result<Vec<Registration>, StoreError> {
-        self.registrations_where("orphaned_registrations", ORPHANED, &[])
+        self.registrations_where("orphaned_registrations", super::ORPHANED_REGISTRATIONS, &[])
             .await
     }
 

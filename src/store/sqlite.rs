@@ -251,8 +251,8 @@ impl From<&ClaimWrite<'_>> for OwnedWrite {
     }
 }
 
-/// One claim write inside the transaction (or savepoint) `tx`; the caller commits on `Done`; `Stale(None)` when the stored
-/// claim is not the expected one.
+/// One claim write inside the transaction (or savepoint) `tx`; the caller commits on `Done`.
+/// `Stale(None)` when the stored claim is not the expected one.
 fn write_claim_in(
     tx: &Connection,
     w: &OwnedWrite,
@@ -663,9 +663,7 @@ impl Store for SqliteStore {
     }
 
     async fn orphaned_registrations(&self) -> Result<Vec<Registration>, StoreError> {
-        let orphaned = "removing = 0 AND NOT EXISTS \
-             (SELECT 1 FROM claims c WHERE c.device_id = registrations.device_id)";
-        self.registrations_where("orphaned_registrations", orphaned)
+        self.registrations_where("orphaned_registrations", super::ORPHANED_REGISTRATIONS)
             .await
     }
 
