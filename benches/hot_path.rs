@@ -39,6 +39,8 @@ fn claim(i: u64, tenant: &Arc<str>) -> Claim {
         ready_at: Some(2),
         redirected_at: None,
         error: None,
+        attempts: 0,
+        next_attempt_at: None,
         version: 0,
     }
 }

@@ -190,6 +190,8 @@ fn claim(i: usize, tenants: usize, rng: &mut impl RngCore) -> Claim {
         ready_at,
         redirected_at,
         error,
+        attempts: 0,
+        next_attempt_at: None,
         version: 0,
     }
 }

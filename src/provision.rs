@@ -53,6 +53,9 @@ impl IotError {
                 "{code}: the lobby could not assume the tenant role with its own AWS \
                  credentials; the operator's log has the details"
             ),
+            Self::Retryable { code, .. } if code == STORE_FAILED => format!(
+                "{code}: the lobby's store could not be reached; the registration is retried"
+            ),
             other => redact_arns(&other.to_string(), account),
         }
     }
@@ -61,6 +64,10 @@ impl IotError {
 /// The code of a failed AssumeRole that STS itself did not answer (the lobby's credential
 /// chain, or the network to STS).
 pub const CREDENTIALS_FAILED: &str = "AssumeRoleFailed";
+
+/// The code of a retryable failure of the lobby's own store during a registration (its
+/// details, such as the database's address, are the operator's).
+pub const STORE_FAILED: &str = "StoreError";
 
 /// The account field of an ARN (`arn:partition:service:region:account:resource`), empty when
 /// the ARN has none.

@@ -186,6 +186,8 @@ mod tests {
             ready_at: Some(2),
             redirected_at: None,
             error: None,
+            attempts: 0,
+            next_attempt_at: None,
             version: 0,
         }
     }

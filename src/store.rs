@@ -135,6 +135,18 @@ pub trait Store: Send + Sync + 'static {
     async fn finish_job(&self, _key: &str) -> Result<(), StoreError> {
         Ok(())
     }
+    /// Takes the next slot of the fleet's call bucket `key` (one AWS account and region):
+    /// calls spaced `1 s / rate` apart across every node sharing the store, with up to `rate`
+    /// of a quiet second's unused calls spent at once (a token bucket of `rate`, refilled at
+    /// `rate` a second). Returns how long to wait for the slot; `None` when the store does not
+    /// pace (a node alone on its store paces in memory).
+    async fn pace_slot(
+        &self,
+        _key: &str,
+        _rate: u32,
+    ) -> Result<Option<std::time::Duration>, StoreError> {
+        Ok(None)
+    }
     /// Records where devices are connected (`batch`, from node `node`) and that `node` is alive,
     /// and announces each connect in `batch` to the other nodes ([`Takeover`]). Of two
     /// connects of a device on two nodes the newer (by `stamp`) is kept. A store that one node

@@ -364,3 +364,65 @@ async fn a_flood_of_unknown_tokens_shares_its_catch_ups() {
         "{FLOOD} unknown tokens read the change log {reads} times"
     );
 }
+
+/// An `sqlite3` shell on the lobby's own database file, holding its write lock (an operator's
+/// `BEGIN IMMEDIATE`, a long `.backup`) until dropped.
+struct SqliteLockHolder(std::process::Child);
+
+impl SqliteLockHolder {
+    fn hold(db: &std::path::Path) -> Self {
+        use std::io::{BufRead, Write};
+        let mut shell = std::process::Command::new("sqlite3")
+            .arg(db)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("sqlite3 (apt-get install sqlite3)");
+        let stdin = shell.stdin.as_mut().unwrap();
+        writeln!(stdin, "BEGIN IMMEDIATE; SELECT 'locked';").unwrap();
+        stdin.flush().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(shell.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "locked");
+        Self(shell)
+    }
+}
+
+impl Drop for SqliteLockHolder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Concurrent claims while another process holds the SQLite database's write lock: each is
+/// answered 503 `unavailable` after one wait for the lock (not one wait per claim of a commit
+/// group, one after the other), nothing of them is in the map, and once the lock is released
+/// the same claims succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_behind_a_locked_sqlite_database_are_503_and_leave_nothing_behind() {
+    let t = TestLobby::start().await;
+    let acme = t.tenant("acme", "iot.acme.example").await;
+    let devices: Vec<_> = (0..20).map(|i| t.device(&format!("locked-{i}"))).collect();
+    let holder = SqliteLockHolder::hold(&t.dir.path().join("lobby.db"));
+    let claims = devices.iter().map(|d| t.claim(&acme, d));
+    // The lobby waits 5 s for a lock (busy_timeout); one wait per claim would be 100 s.
+    let answers = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures_util::future::join_all(claims),
+    )
+    .await
+    .expect("claims behind a locked database hang");
+    for got in &answers {
+        assert_error(got, 503, "unavailable");
+    }
+    for d in &devices {
+        assert!(t.running().service().cache().claim(&d.id).is_none());
+    }
+    drop(holder);
+    for d in &devices {
+        assert_eq!(t.claim(&acme, d).await.0, 201);
+    }
+}

@@ -23,6 +23,8 @@ use tokio::sync::Notify;
 #[derive(Default)]
 struct Account {
     calls: Mutex<Vec<String>>,
+    /// When each call was made, in order.
+    times: Mutex<Vec<std::time::Instant>>,
     certs: Mutex<HashMap<String, CertRef>>,
     things: Mutex<HashSet<String>>,
     principals: Mutex<HashSet<(String, String)>>,
@@ -64,6 +66,7 @@ impl Account {
 
     async fn call(&self, op: &'static str) -> Result<(), IotError> {
         self.calls.lock().unwrap().push(op.to_owned());
+        self.times.lock().unwrap().push(std::time::Instant::now());
         {
             let mut busy = self.busy.lock().unwrap();
             let removing = REMOVE_STEPS.contains(&op);
@@ -81,6 +84,26 @@ impl Account {
             busy.remove(at);
         }
         result
+    }
+
+    /// Checks that the calls kept to `rate` a second with a burst of `rate`: between any two
+    /// calls `t` seconds apart there were at most `rate · t + rate` calls (one of slack for the
+    /// timer); the worst pair otherwise.
+    fn paced_at(&self, rate: f64) -> Result<(), String> {
+        let times = self.times.lock().unwrap().clone();
+        for (i, a) in times.iter().enumerate() {
+            for (j, b) in times.iter().enumerate().skip(i + 1) {
+                let span = b.duration_since(*a).as_secs_f64();
+                let calls = (j - i + 1) as f64;
+                if calls > rate * span + rate + 1.0 {
+                    return Err(format!(
+                        "{calls} calls in {span:.3} s at {rate}/s ({} calls in all)",
+                        times.len()
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn answer(&self, op: &'static str) -> Result<(), IotError> {
@@ -293,6 +316,97 @@ async fn throttled_twice_then_registered() {
     assert_eq!(tenant["endpoint"], "fake-ats.iot.eu-west-1.amazonaws.com");
 }
 
+/// A registration that keeps failing for a retryable reason shows why (the last error), how
+/// often it was tried (`attempts`) and when it is tried next (`next_attempt_at`) while it is
+/// `registering`, to the tenant; once it succeeds the error and the next time are gone.
+#[tokio::test]
+async fn a_retrying_registration_shows_its_error_attempts_and_next_attempt() {
+    let account = Arc::new(Account::default());
+    let throttled = || IotError::Retryable {
+        code: "ThrottlingException".into(),
+        message: "Rate exceeded".into(),
+    };
+    account.fail("create_thing", vec![throttled(), throttled(), throttled()]);
+    let mut t = TestLobby::start_with(|c| {
+        c.aws.retry_base = Duration::from_millis(300);
+        c.aws.retry_max = Duration::from_millis(300);
+    })
+    .await;
+    restart_with(&mut t, &account).await;
+    let token = aws_tenant(&t).await;
+    let dev = t.device("dev-retrying");
+    claim_with_cert(&t, &token, &dev).await;
+    let d = eventually(|| async {
+        let (_, d) = t.device_json(&token, &dev).await;
+        (d["attempts"].as_u64() >= Some(1)).then_some(d)
+    })
+    .await;
+    assert_eq!(d["state"], "registering", "{d}");
+    assert_eq!(d["error"], "ThrottlingException: Rate exceeded", "{d}");
+    let next = d["next_attempt_at"].as_str().expect("a next attempt time");
+    let claimed = d["claimed_at"].as_str().unwrap();
+    assert!(next > claimed, "next {next} after the claim at {claimed}");
+
+    let d = wait_state(&t, &dev, "ready").await;
+    assert_eq!(d["attempts"], 4, "three throttled, then one through: {d}");
+    assert_eq!(d["next_attempt_at"], Value::Null, "{d}");
+    assert_eq!(d["error"], Value::Null, "{d}");
+}
+
+/// An aws-iot tenant `id` whose role is in account 111122223333, calling at `rate` a second;
+/// returns its token.
+async fn paced_tenant(t: &TestLobby, id: &str, rate: u32) -> String {
+    let body = json!({
+        "id": id, "name": id, "endpoint": "x-ats.iot.eu-west-1.amazonaws.com",
+        "backend": {"kind": "aws-iot", "region": "eu-west-1",
+            "role_arn": format!("arn:aws:iam::111122223333:role/{id}"), "external_id": "x-1",
+            "policy_name": "device-policy", "rate_limit": rate}
+    });
+    let (st, b) = t.call("POST", "/v1/tenants", &t.admin, Some(body)).await;
+    assert_eq!(st, 201, "{b}");
+    b["token"].as_str().unwrap().to_owned()
+}
+
+/// AWS's limits are per account and region, whichever tenant calls: two tenants whose roles
+/// are in one account share its rate.
+#[tokio::test]
+async fn tenants_in_one_account_share_its_call_rate() {
+    let account = Arc::new(Account::default());
+    let t = lobby_with(&account).await;
+    let tokens = [
+        paced_tenant(&t, "east", 20).await,
+        paced_tenant(&t, "west", 20).await,
+    ];
+    let devices: Vec<_> = (0..16).map(|i| t.device(&format!("dev-{i}"))).collect();
+    for (i, dev) in devices.iter().enumerate() {
+        claim_with_cert(&t, &tokens[i % 2], dev).await;
+    }
+    for dev in &devices {
+        wait_state(&t, dev, "ready").await;
+    }
+    account.paced_at(20.0).unwrap();
+}
+
+/// Two nodes on one store share an account's rate too: the bucket is in the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_of_a_fleet_share_an_accounts_call_rate() {
+    let db = pg::TestDb::create().await;
+    let account = Arc::new(Account::default());
+    let (mut a, mut b) = common::fleet::two_nodes(&db.url).await;
+    restart_with(&mut a, &account).await;
+    restart_with(&mut b, &account).await;
+    let token = paced_tenant(&a, "acme", 20).await;
+    eventually(|| async { b.running().service().cache().tenant("acme").map(drop) }).await;
+    let devices: Vec<_> = (0..16).map(|i| a.device(&format!("dev-{i}"))).collect();
+    for (i, dev) in devices.iter().enumerate() {
+        claim_with_cert([&a, &b][i % 2], &token, dev).await;
+    }
+    for dev in &devices {
+        wait_state(&a, dev, "ready").await;
+    }
+    account.paced_at(20.0).unwrap();
+}
+
 /// 1 to 128 characters of `[a-zA-Z0-9:_-]`: what AWS IoT accepts as a thing name.
 fn valid_thing_name(name: &str) -> bool {
     (1..=128).contains(&name.len())
@@ -421,6 +535,8 @@ async fn retryable_errors_past_retry_give_up_end_in_failed() {
         "{error}"
     );
     assert!(account.count("create_thing") > 3, "it was retried first");
+    assert!(d["attempts"].as_u64() > Some(3), "{d}");
+    assert_eq!(d["next_attempt_at"], Value::Null, "{d}");
 }
 
 /// An AWS error shown to the tenant keeps AWS's code and message and the tenant's own ARNs,
@@ -486,6 +602,7 @@ async fn a_failed_registration_is_retried_on_request() {
     );
     let d = wait_state(&t, &dev, "ready").await;
     assert_eq!(d["error"], Value::Null, "{d}");
+    assert_eq!(d["attempts"], 1, "the retry counts afresh: {d}");
     assert_eq!(
         account.count("attach_policy"),
         2,

@@ -369,6 +369,8 @@ fn full_claim(n: u8, tenant: &str) -> Claim {
         ready_at: Some(1_700_000_000_500),
         redirected_at: Some(i64::MAX),
         error: None,
+        attempts: 0,
+        next_attempt_at: None,
         version: 0,
     }
 }
@@ -711,6 +713,8 @@ async fn claims_put_replace_delete_round_trip(store: &dyn Store) {
         redirected_at: None,
         claimed_at: Some(0),
         error: Some("InvalidRequestException: «policy» \"devices\" not found\nline 2".into()),
+        attempts: u32::MAX,
+        next_attempt_at: Some(1_700_000_001_000),
         ..full.clone()
     };
     store.put_claim(&replaced, None).await.unwrap();

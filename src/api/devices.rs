@@ -32,6 +32,10 @@ pub struct DeviceView {
     pub claimed_at: Option<String>,
     pub redirected_at: Option<String>,
     pub error: Option<String>,
+    /// Registration attempts so far (SPEC §12).
+    pub attempts: u32,
+    /// When a registration that failed for a retryable reason is tried again (SPEC §12).
+    pub next_attempt_at: Option<String>,
     /// The node (`cluster.node_name`) holding the device's connection, when connected (an
     /// extension of SPEC §6: in a fleet, from what every node reports to the store).
     pub node: Option<String>,
@@ -77,6 +81,8 @@ fn view(
         claimed_at: claim.and_then(|c| c.claimed_at).map(rfc3339),
         redirected_at: claim.and_then(|c| c.redirected_at).map(rfc3339),
         error: claim.and_then(|c| c.error.clone()),
+        attempts: claim.map_or(0, |c| c.attempts),
+        next_attempt_at: claim.and_then(|c| c.next_attempt_at).map(rfc3339),
         node: match (local, remote_live) {
             (Some(_), _) => Some(s.node.to_string()),
             (None, Some(p)) => Some(p.node.clone()),

@@ -42,8 +42,9 @@ pub struct AwsIotBackend {
     /// that is a valid thing name, else its device id; `provision::thing_name`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thing_name: Option<String>,
-    /// Calls per second the lobby makes in this account (an extension; default 10, under AWS
-    /// IoT's control-plane limits of about 10–15 TPS for these APIs).
+    /// Calls per second the lobby makes in this account and region, across the fleet and
+    /// every tenant in it (an extension; default 10, under AWS IoT's control-plane limits of
+    /// about 10–15 TPS for these APIs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<u32>,
 }
@@ -156,8 +157,12 @@ pub struct Claim {
     pub ready_at: Option<i64>,
     /// When the current redirect first reached the device.
     pub redirected_at: Option<i64>,
-    /// Why registration failed.
+    /// Why registration failed, or (while `registering`) why its last attempt did.
     pub error: Option<String>,
+    /// Registration attempts made so far for this claim (0 until the first one ends).
+    pub attempts: u32,
+    /// When a registration that failed for a retryable reason is tried next (Unix ms).
+    pub next_attempt_at: Option<i64>,
     /// The store's version of this claim: set by every write, compared by the next one, so two
     /// writers (tasks or nodes) never both change the same claim unseen (0: never stored).
     pub version: i64,
@@ -176,6 +181,8 @@ impl Claim {
             ready_at: None,
             redirected_at: None,
             error: None,
+            attempts: 0,
+            next_attempt_at: None,
             version: 0,
         }
     }

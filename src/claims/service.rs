@@ -556,6 +556,7 @@ impl ClaimsService {
                         Some(c) => Claim {
                             state: ClaimState::Revoked,
                             redirect_id: None,
+                            next_attempt_at: None,
                             ..(**c).clone()
                         },
                         None if seen.is_none() && !anywhere => return Err(ServiceError::NotFound),
@@ -790,6 +791,8 @@ impl ClaimsService {
             ready_at: ready.then_some(now),
             redirected_at: None,
             error: None,
+            attempts: 0,
+            next_attempt_at: None,
             version: 0,
         }
     }

@@ -1,6 +1,6 @@
 //! The provisioning worker: drains the registration and clean-up queues (stored state), one
-//! task per job, with a per-tenant call rate, exponential backoff with jitter for retryable
-//! failures, and `failed` with the AWS error code for permanent ones.
+//! task per job, with a call rate per AWS account and region, exponential backoff with jitter
+//! for retryable failures, and `failed` with the AWS error code for permanent ones.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -39,15 +39,29 @@ impl Backoff {
     }
 }
 
-/// Paces calls per tenant: a token bucket of `rate` tokens refilled at `rate` per second, so a
-/// lone registration runs at once and a burst is held to `rate` calls per second.
+/// Paces calls per AWS account and region (AWS's limits are per account and region, whichever
+/// tenant calls): a token bucket of `rate` tokens refilled at `rate` per second, so a lone
+/// registration runs at once and a burst is held to `rate` calls per second. This is the
+/// bucket of a node alone on its store; a fleet shares one in the store (`Store::pace_slot`).
 #[derive(Default)]
 struct Pacer {
     next: Mutex<HashMap<String, Instant>>,
 }
 
+/// The pacing bucket of a backend: its role's account and its region (the role ARN when it
+/// names no account).
+fn pace_key(backend: &AwsIotBackend) -> String {
+    let account = super::arn_account(&backend.role_arn);
+    let account = if account.is_empty() {
+        &backend.role_arn
+    } else {
+        account
+    };
+    format!("{account}/{}", backend.region)
+}
+
 impl Pacer {
-    async fn wait(&self, tenant: &str, rate: u32) {
+    async fn wait(&self, key: &str, rate: u32) {
         let interval = Duration::from_secs(1) / rate.max(1);
         let slot = {
             let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
@@ -56,8 +70,8 @@ impl Pacer {
             let earliest = now
                 .checked_sub(Duration::from_secs(1).saturating_sub(interval))
                 .unwrap_or(now);
-            let slot = next.get(tenant).copied().unwrap_or(earliest).max(earliest);
-            next.insert(tenant.to_owned(), slot + interval);
+            let slot = next.get(key).copied().unwrap_or(earliest).max(earliest);
+            next.insert(key.to_owned(), slot + interval);
             slot
         };
         tokio::time::sleep_until(slot).await;
@@ -85,7 +99,7 @@ struct Inner {
 
 fn store_err(e: StoreError) -> IotError {
     IotError::Retryable {
-        code: "StoreError".into(),
+        code: super::STORE_FAILED.into(),
         message: e.to_string(),
     }
 }
@@ -269,7 +283,16 @@ impl Worker {
     /// retryable ones for longer than `aws.retry_give_up`), or the lobby stops.
     async fn run_job(&self, job: &Job) {
         let started = Instant::now();
-        let mut attempt = 0;
+        // Backoff goes on from the attempts the claim shows (another node's, before a restart).
+        let mut attempt = match job {
+            Job::Register(id) => self
+                .inner
+                .service
+                .cache()
+                .claim(id)
+                .map_or(0, |c| c.attempts),
+            Job::Remove(..) => 0,
+        };
         loop {
             let result = match job {
                 Job::Register(id) => self.register(id).await,
@@ -293,6 +316,10 @@ impl Worker {
                     let delay = self.inner.backoff.delay(attempt);
                     tracing::debug!(?job, code, message, ?delay, "retrying");
                     attempt += 1;
+                    if let Job::Register(id) = job {
+                        let e = IotError::Retryable { code, message };
+                        self.show_retrying(id, &e, delay).await;
+                    }
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
                         () = self.inner.cancel.cancelled() => return,
@@ -334,6 +361,24 @@ impl Worker {
         }
     }
 
+    /// Shows a registration's retryable failure on its claim (`error`, `attempts`,
+    /// `next_attempt_at`), so a tenant sees why its device is still `registering`.
+    async fn show_retrying(&self, id: &DeviceId, e: &IotError, delay: Duration) {
+        let service = &self.inner.service;
+        let Some(tenant) = service.cache().claim(id).and_then(|c| c.tenant.clone()) else {
+            return;
+        };
+        let shown = e.tenant_facing(self.tenant_account(&tenant).as_deref());
+        let next_at = crate::claims::model::now_ms()
+            .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+        if let Err(err) = service
+            .registration_retrying(id, &tenant, &shown, next_at)
+            .await
+        {
+            tracing::warn!(device = %id, error = %err, "cannot show a registration's retry");
+        }
+    }
+
     /// The AWS account of `tenant`'s role (`arn:aws:iam::<account>:role/…`), if it has one.
     fn tenant_account(&self, tenant: &str) -> Option<String> {
         let entry = self.inner.service.cache().tenant(tenant)?;
@@ -343,8 +388,22 @@ impl Worker {
         }
     }
 
-    async fn pace(&self, tenant: &str, backend: &AwsIotBackend) {
-        self.inner.pacer.wait(tenant, backend.rate()).await;
+    /// Waits for the next call slot of `backend`'s account and region: the fleet's, in a
+    /// shared store (this node's own when the store cannot be reached, so a call still waits
+    /// its turn here), else this node's.
+    async fn pace(&self, backend: &AwsIotBackend) {
+        let (key, rate) = (pace_key(backend), backend.rate());
+        let store = &self.inner.store;
+        if store.shared() {
+            match store.pace_slot(&key, rate).await {
+                Ok(Some(wait)) => return tokio::time::sleep(wait).await,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "cannot take a call slot from the store; pacing on this node")
+                }
+            }
+        }
+        self.inner.pacer.wait(&key, rate).await;
     }
 
     /// Registers a `registering` device in its tenant's account; each step is idempotent.
@@ -382,20 +441,20 @@ impl Worker {
         else {
             return Ok(()); // the claim moved on
         };
-        self.pace(&tenant_id, backend).await;
+        self.pace(backend).await;
         let api = self.inner.factory.client(&tenant_id, backend).await?;
         let (mut reg, revived) = self.registration(id, &tenant_id, backend, &thing).await?;
         let cert = self
             .ensure_certificate(api.as_ref(), &mut reg, revived, &pem)
             .await?;
-        self.pace(&tenant_id, backend).await;
+        self.pace(backend).await;
         api.create_thing(&thing).await?;
-        self.pace(&tenant_id, backend).await;
+        self.pace(backend).await;
         api.attach_thing_principal(&thing, &cert.arn).await?;
-        self.pace(&tenant_id, backend).await;
+        self.pace(backend).await;
         api.attach_policy(&backend.policy_name, &cert.arn).await?;
         if tenant.tenant.endpoint.is_none() {
-            self.pace(&tenant_id, backend).await;
+            self.pace(backend).await;
             let endpoint = api.describe_endpoint().await?;
             service
                 .set_tenant_endpoint(&tenant_id, &endpoint)
@@ -420,26 +479,26 @@ impl Worker {
         revived: bool,
         pem: &str,
     ) -> Result<CertRef, IotError> {
-        let (tenant, backend) = (reg.tenant.clone(), reg.backend.clone());
+        let backend = reg.backend.clone();
         if let Some(c) = reg.cert.clone() {
             if !revived {
                 return Ok(c);
             }
-            self.pace(&tenant, &backend).await;
+            self.pace(&backend).await;
             match api.activate_certificate(&c.id).await {
                 Ok(()) => return Ok(c),
                 Err(IotError::NotFound { .. }) => {} // deleted meanwhile: register again
                 Err(e) => return Err(e),
             }
         }
-        self.pace(&tenant, &backend).await;
+        self.pace(&backend).await;
         let cert = match api.register_certificate(pem).await {
             Ok(c) => c,
             Err(IotError::AlreadyExists {
                 id: Some(id),
                 arn: Some(arn),
             }) => {
-                self.pace(&tenant, &backend).await;
+                self.pace(&backend).await;
                 api.activate_certificate(&id).await?;
                 CertRef { id, arn }
             }
@@ -515,20 +574,20 @@ impl Worker {
             return Ok(());
         };
         let b = &reg.backend;
-        self.pace(tenant, b).await;
+        self.pace(b).await;
         let api = self.inner.factory.client(tenant, b).await?;
         if let Some(cert) = &reg.cert {
-            self.pace(tenant, b).await;
+            self.pace(b).await;
             api.deactivate_certificate(&cert.id).await?;
-            self.pace(tenant, b).await;
+            self.pace(b).await;
             api.detach_thing_principal(&reg.thing_name, &cert.arn)
                 .await?;
-            self.pace(tenant, b).await;
+            self.pace(b).await;
             api.detach_policy(&b.policy_name, &cert.arn).await?;
-            self.pace(tenant, b).await;
+            self.pace(b).await;
             api.delete_certificate(&cert.id).await?;
         }
-        self.pace(tenant, b).await;
+        self.pace(b).await;
         api.delete_thing(&reg.thing_name).await?;
         self.inner
             .store
@@ -567,22 +626,22 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn pacer_spaces_calls_per_tenant() {
+    async fn pacer_spaces_calls_per_bucket() {
         // Let the paused clock run past the process start, so "a second ago" exists.
         tokio::time::advance(Duration::from_secs(5)).await;
         let p = Pacer::default();
         let start = Instant::now();
         for _ in 0..10 {
-            p.wait("a", 10).await;
+            p.wait("1/eu-west-1", 10).await;
         }
         // A full bucket: ten calls at 10/s go at once.
         assert_eq!(start.elapsed(), Duration::ZERO);
         for _ in 0..5 {
-            p.wait("a", 10).await;
+            p.wait("1/eu-west-1", 10).await;
         }
-        // Then one every 100 ms; another tenant has its own bucket.
+        // Then one every 100 ms; another account (or region) has its own bucket.
         assert_eq!(start.elapsed(), Duration::from_millis(500));
-        p.wait("b", 10).await;
+        p.wait("1/us-east-1", 10).await;
         assert_eq!(start.elapsed(), Duration::from_millis(500));
     }
 }

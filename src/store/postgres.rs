@@ -136,7 +136,33 @@ CREATE UNIQUE INDEX claims_tenant_thing_unique ON claims (tenant, thing_name)
 ALTER TABLE lobby_changes ADD COLUMN xid xid8 NOT NULL DEFAULT pg_current_xact_id();
 CREATE INDEX lobby_changes_xid ON lobby_changes (xid);
 ",
+    // A registration that keeps failing shows how often it was tried and when it is next.
+    "
+ALTER TABLE claims
+    ADD COLUMN attempts BIGINT NOT NULL DEFAULT 0,
+    ADD COLUMN next_attempt_at BIGINT;
+",
+    // AWS calls paced per account and region across the fleet (`pace_slot`).
+    "
+CREATE TABLE lobby_pace (
+    key TEXT PRIMARY KEY,
+    next_at TIMESTAMPTZ NOT NULL
+);
+",
 ];
+
+/// Takes a slot of the call bucket `$1`, calls `$2` seconds apart: the bucket's row holds
+/// the next free slot, never earlier than a second minus one interval ago (the unused calls
+/// of a quiet second may be spent at once). The row lock orders nodes racing for slots; the
+/// database's clock is the fleet's, so node clocks do not matter. Answers the time from now
+/// to the slot's end, in microseconds (the slot itself is one interval before).
+const PACE_SLOT: &str = "WITH t AS (SELECT clock_timestamp() AS now), \
+     r AS (INSERT INTO lobby_pace AS p (key, next_at) \
+     SELECT $1, t.now - interval '1 second' + 2 * make_interval(secs => $2) FROM t \
+     ON CONFLICT (key) DO UPDATE \
+     SET next_at = GREATEST(p.next_at + make_interval(secs => $2), EXCLUDED.next_at) \
+     RETURNING next_at) \
+     SELECT (EXTRACT(EPOCH FROM (r.next_at - t.now)) * 1000000)::bigint FROM r, t";
 
 /// The unique index that keeps thing names unique per tenant.
 const THING_NAME_INDEX: &str = "claims_tenant_thing_unique";
@@ -167,17 +193,19 @@ const TENANT_ROOM: &str = "SELECT (body::jsonb ->> 'max_devices')::bigint FROM t
 const TENANT_QUOTA_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 1819239010))";
 const TENANT_COUNT: &str = "SELECT count(*) FROM claims WHERE tenant = $1 AND device_id <> $2";
 const CLAIM_INSERT: &str = "INSERT INTO claims (device_id, tenant, state, thing_name, \
-     redirect_id, claimed_at, ready_at, redirected_at, error, cert_pem, version) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+     redirect_id, claimed_at, ready_at, redirected_at, error, cert_pem, attempts, \
+     next_attempt_at, version) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
 const CLAIM_UPSERT_SET: &str = " ON CONFLICT (device_id) DO UPDATE SET tenant = EXCLUDED.tenant, \
      state = EXCLUDED.state, thing_name = EXCLUDED.thing_name, \
      redirect_id = EXCLUDED.redirect_id, claimed_at = EXCLUDED.claimed_at, \
      ready_at = EXCLUDED.ready_at, redirected_at = EXCLUDED.redirected_at, \
      error = EXCLUDED.error, cert_pem = COALESCE(EXCLUDED.cert_pem, claims.cert_pem), \
+     attempts = EXCLUDED.attempts, next_attempt_at = EXCLUDED.next_attempt_at, \
      version = EXCLUDED.version";
 const CLAIM_UPDATE: &str = "UPDATE claims SET tenant = $2, state = $3, thing_name = $4, \
      redirect_id = $5, claimed_at = $6, ready_at = $7, redirected_at = $8, error = $9, \
-     cert_pem = COALESCE($10, cert_pem), version = $11 WHERE device_id = $1 AND version = $12";
+     cert_pem = COALESCE($10, cert_pem), attempts = $11, next_attempt_at = $12, version = $13 \
+     WHERE device_id = $1 AND version = $14";
 /// Marks the device's registrations but `$2`'s (`NULL`: all) for removal.
 const RETIRE: &str = "UPDATE registrations SET removing = TRUE WHERE device_id = $1 \
      AND ($2::text IS NULL OR tenant <> $2) RETURNING tenant";
@@ -219,7 +247,7 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 const _: () = assert!(SCHEMA_VERSION >= 1 && SCHEMA_VERSION as usize == MIGRATIONS.len());
 
 const CLAIM_COLUMNS: &str = "SELECT device_id, tenant, state, thing_name, redirect_id, \
-     claimed_at, ready_at, redirected_at, error, version FROM claims";
+     claimed_at, ready_at, redirected_at, error, version, attempts, next_attempt_at FROM claims";
 const REGISTRATION_COLUMNS: &str = "SELECT device_id, tenant, body, removing FROM registrations";
 
 /// PostgreSQL-backed [`Store`]. Cheap to clone (the pool is a handle).
@@ -594,6 +622,7 @@ impl PostgresStore {
         let changed = match (w.claim, w.expect) {
             (Some(c), expect) => {
                 let (state, tenant) = (c.state.as_str(), c.tenant_id());
+                let attempts = i64::from(c.attempts);
                 let mut params: Vec<&(dyn ToSql + Sync)> = vec![
                     &hex,
                     &tenant,
@@ -605,6 +634,8 @@ impl PostgresStore {
                     &c.redirected_at,
                     &c.error,
                     &w.cert_pem,
+                    &attempts,
+                    &c.next_attempt_at,
                     &seq,
                 ];
                 let sql = match &expect {
@@ -718,6 +749,8 @@ fn claim_from_row(row: &Row, tenants: &mut HashMap<String, Arc<str>>) -> Result<
         redirected_at: row.try_get(7).map_err(pg)?,
         error: row.try_get(8).map_err(pg)?,
         version: row.try_get(9).map_err(pg)?,
+        attempts: u32::try_from(row.try_get::<_, i64>(10).map_err(pg)?).unwrap_or(u32::MAX),
+        next_attempt_at: row.try_get(11).map_err(pg)?,
     })
 }
 
@@ -1121,6 +1154,20 @@ impl Store for PostgresStore {
         )
         .await
         .map(drop)
+    }
+
+    async fn pace_slot(&self, key: &str, rate: u32) -> Result<Option<Duration>, StoreError> {
+        let interval = Duration::from_secs(1) / rate.max(1);
+        let rows = self
+            .query("pace_slot", PACE_SLOT, &[&key, &interval.as_secs_f64()])
+            .await?;
+        let until_end: i64 = rows
+            .first()
+            .ok_or_else(|| StoreError::Backend("pace_slot answered no row".into()))?
+            .try_get(0)
+            .map_err(pg)?;
+        let until_end = Duration::from_micros(u64::try_from(until_end).unwrap_or(0));
+        Ok(Some(until_end.saturating_sub(interval)))
     }
 
     fn watch(&self, cancel: CancellationToken) -> Option<Watch> {

@@ -56,6 +56,13 @@ CREATE TABLE IF NOT EXISTS registrations (
 CREATE INDEX IF NOT EXISTS registrations_removing ON registrations(removing);
 ";
 
+/// `claims` columns added after the first schema, in order: (name, declaration).
+const ADDED_CLAIM_COLUMNS: [(&str, &str); 3] = [
+    ("version", "INTEGER NOT NULL DEFAULT 0"),
+    ("attempts", "INTEGER NOT NULL DEFAULT 0"),
+    ("next_attempt_at", "INTEGER"),
+];
+
 /// SQLite-backed [`Store`].
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -81,8 +88,36 @@ impl std::fmt::Debug for SqliteStore {
     }
 }
 
-fn backend(e: impl std::fmt::Display) -> StoreError {
+/// How long a statement waits for another connection's lock on the database (an operator's
+/// `sqlite3` shell, a backup) before it gives up, answered as [`StoreError::Unavailable`].
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A failure as the store reports it: the database locked by another connection past
+/// [`BUSY_TIMEOUT`] is `Unavailable` (nothing was written; retry), anything else `Backend`.
+fn backend(e: impl std::fmt::Display + 'static) -> StoreError {
+    let locked = (&e as &dyn std::any::Any)
+        .downcast_ref::<rusqlite::Error>()
+        .and_then(rusqlite::Error::sqlite_error_code)
+        .is_some_and(|c| {
+            matches!(
+                c,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            )
+        });
+    if locked {
+        return StoreError::Unavailable(format!(
+            "the SQLite database is locked by another connection ({e}); retry"
+        ));
+    }
     StoreError::Backend(e.to_string())
+}
+
+/// Begins a transaction that takes the write lock at once, waiting for it like any statement.
+/// (A deferred one that reads first cannot wait for the lock at its first write: SQLite fails
+/// that write at once, to avoid a deadlock.)
+fn write_transaction(c: &mut Connection) -> Result<rusqlite::Transaction<'_>, StoreError> {
+    c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(backend)
 }
 
 impl SqliteStore {
@@ -106,22 +141,22 @@ impl SqliteStore {
                 .map_err(backend)?;
             conn.pragma_update(None, "synchronous", "FULL")
                 .map_err(backend)?;
-            conn.busy_timeout(std::time::Duration::from_secs(5))
-                .map_err(backend)?;
+            conn.busy_timeout(BUSY_TIMEOUT).map_err(backend)?;
             conn.execute_batch(SCHEMA).map_err(backend)?;
-            let has_version: bool = conn
-                .query_row(
-                    "SELECT count(*) FROM pragma_table_info('claims') WHERE name = 'version'",
-                    [],
-                    |r| r.get::<_, i64>(0),
-                )
-                .map_err(backend)?
-                > 0;
-            if !has_version {
-                conn.execute_batch(
-                    "ALTER TABLE claims ADD COLUMN version INTEGER NOT NULL DEFAULT 0",
-                )
-                .map_err(backend)?;
+            // Columns added since the first release, for stores made before them.
+            for (column, decl) in ADDED_CLAIM_COLUMNS {
+                let has: bool = conn
+                    .query_row(
+                        "SELECT count(*) FROM pragma_table_info('claims') WHERE name = ?1",
+                        [column],
+                        |r| r.get::<_, i64>(0),
+                    )
+                    .map_err(backend)?
+                    > 0;
+                if !has {
+                    conn.execute_batch(&format!("ALTER TABLE claims ADD COLUMN {column} {decl}"))
+                        .map_err(backend)?;
+                }
             }
             let newest: i64 = conn
                 .query_row("SELECT COALESCE(MAX(version), 0) FROM claims", [], |r| {
@@ -198,6 +233,8 @@ fn claim_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, Claim)> 
         redirected_at: row.get(7)?,
         error: row.get(8)?,
         version: row.get(9)?,
+        attempts: row.get(10)?,
+        next_attempt_at: row.get(11)?,
     };
     Ok((id, claim))
 }
@@ -312,12 +349,12 @@ fn write_claim_in(
         Some(cl) => {
             let put = tx.execute(
                 "INSERT INTO claims (device_id, tenant, state, thing_name, redirect_id, \
-                 claimed_at, ready_at, redirected_at, error, cert_pem, version) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+                 claimed_at, ready_at, redirected_at, error, cert_pem, version, attempts, \
+                 next_attempt_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
                  ON CONFLICT(device_id) DO UPDATE SET tenant = ?2, state = ?3, \
                  thing_name = ?4, redirect_id = ?5, claimed_at = ?6, ready_at = ?7, \
                  redirected_at = ?8, error = ?9, cert_pem = COALESCE(?10, cert_pem), \
-                 version = ?11",
+                 version = ?11, attempts = ?12, next_attempt_at = ?13",
                 params![
                     hex,
                     cl.tenant.as_deref(),
@@ -330,6 +367,8 @@ fn write_claim_in(
                     cl.error,
                     w.cert_pem,
                     next,
+                    cl.attempts,
+                    cl.next_attempt_at,
                 ],
             );
             match put {
@@ -410,7 +449,7 @@ fn write_group(
     version: &AtomicI64,
     group: &[Queued],
 ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
-    let mut tx = c.transaction().map_err(backend)?;
+    let mut tx = write_transaction(c)?;
     let mut answers = Vec::with_capacity(group.len());
     for (w, _) in group {
         let sp = tx.savepoint().map_err(backend)?;
@@ -510,7 +549,7 @@ impl Store for SqliteStore {
     async fn delete_tenant(&self, id: &str) -> Result<TenantDeleted, StoreError> {
         let id = id.to_owned();
         self.with("delete_tenant", move |c| {
-            let tx = c.transaction().map_err(backend)?;
+            let tx = write_transaction(c)?;
             let claimed: bool = tx
                 .query_row(
                     "SELECT EXISTS (SELECT 1 FROM claims WHERE tenant = ?1)",
@@ -539,7 +578,7 @@ impl Store for SqliteStore {
             let mut stmt = c
                 .prepare(
                     "SELECT device_id, tenant, state, thing_name, redirect_id, claimed_at, \
-                     ready_at, redirected_at, error, version FROM claims",
+                     ready_at, redirected_at, error, version, attempts, next_attempt_at FROM claims",
                 )
                 .map_err(backend)?;
             let rows = stmt.query_map([], claim_from_row).map_err(backend)?;
@@ -575,7 +614,7 @@ impl Store for SqliteStore {
         self.with("claim", move |c| {
             c.query_row(
                 "SELECT device_id, tenant, state, thing_name, redirect_id, claimed_at, \
-                 ready_at, redirected_at, error, version FROM claims WHERE device_id = ?1",
+                 ready_at, redirected_at, error, version, attempts, next_attempt_at FROM claims WHERE device_id = ?1",
                 params![hex],
                 claim_from_row,
             )
@@ -728,6 +767,8 @@ mod tests {
             ready_at: Some(now_ms()),
             redirected_at: None,
             error: None,
+            attempts: 0,
+            next_attempt_at: None,
             version: 0,
         };
         store.put_claim(&claim, Some("PEM")).await.unwrap();
@@ -751,5 +792,47 @@ mod tests {
             TenantDeleted::Deleted
         );
         assert!(store.tenants().await.unwrap().is_empty());
+    }
+
+    /// A store made before `version`, `attempts` and `next_attempt_at` opens with them added:
+    /// its claims load with version 0 and no attempts, and take new writes.
+    #[tokio::test]
+    async fn a_store_from_before_the_added_columns_opens_and_upgrades() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let hex = DeviceId([9; 32]).to_hex();
+        {
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(
+                "CREATE TABLE claims (device_id TEXT PRIMARY KEY, tenant TEXT, \
+                 state TEXT NOT NULL, thing_name TEXT, redirect_id TEXT, claimed_at INTEGER, \
+                 ready_at INTEGER, redirected_at INTEGER, error TEXT, cert_pem TEXT)",
+            )
+            .unwrap();
+            old.execute(
+                "INSERT INTO claims (device_id, tenant, state) VALUES (?1, 'a', 'registering')",
+                params![hex],
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(StoreUrl::SqliteFile(path)).await.unwrap();
+        let loaded = store.claims().await.unwrap();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(
+            (
+                loaded[0].version,
+                loaded[0].attempts,
+                loaded[0].next_attempt_at
+            ),
+            (0, 0, None)
+        );
+        let retried = Claim {
+            attempts: 3,
+            next_attempt_at: Some(5),
+            ..loaded[0].clone()
+        };
+        store.put_claim(&retried, None).await.unwrap();
+        let again = store.claim(&retried.device_id).await.unwrap().unwrap();
+        assert_eq!((again.attempts, again.next_attempt_at), (3, Some(5)));
     }
 }

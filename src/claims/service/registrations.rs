@@ -59,6 +59,8 @@ impl ClaimsService {
                     return Ok(None);
                 };
                 let mut c = (**c).clone();
+                c.attempts = c.attempts.saturating_add(1);
+                c.next_attempt_at = None;
                 let retire = match &outcome {
                     Ok(thing_name) => {
                         let now = now_ms();
@@ -94,9 +96,40 @@ impl ClaimsService {
         Ok(())
     }
 
+    /// A registration attempt with `tenant` failed for a retryable reason: the device stays
+    /// `registering` and shows `reason` (tenant-facing), one more attempt, and when the next is
+    /// (`next_at`, Unix ms). Ignored when the claim moved on meanwhile.
+    pub async fn registration_retrying(
+        &self,
+        id: &DeviceId,
+        tenant: &str,
+        reason: &str,
+        next_at: i64,
+    ) -> Result<(), ServiceError> {
+        self.change_claim(id, None, false, |current, _| {
+            let Some(c) = current
+                .filter(|c| c.state == ClaimState::Registering && c.tenant_id() == Some(tenant))
+            else {
+                return Ok(None);
+            };
+            Ok(Some(Plan {
+                claim: Some(Claim {
+                    error: Some(reason.to_owned()),
+                    attempts: c.attempts.saturating_add(1),
+                    next_attempt_at: Some(next_at),
+                    ..(**c).clone()
+                }),
+                bind: Bind::No,
+                retire: Retiring::Nothing,
+            }))
+        })
+        .await
+        .map(drop)
+    }
+
     /// Queues a `failed` registration again (`POST /v1/devices/{id}/retry`; `by_tenant`: the
     /// caller's tenant, `None` for the operator): the device is `registering` once more, its
-    /// error cleared. Any other state is a 409 `conflict`; someone else's device is 404.
+    /// error and attempt count cleared. Any other state is a 409 `conflict`; someone else's device is 404.
     pub async fn retry(
         &self,
         id: &DeviceId,
@@ -117,6 +150,8 @@ impl ClaimsService {
                         claim: Some(Claim {
                             state: ClaimState::Registering,
                             error: None,
+                            attempts: 0,
+                            next_attempt_at: None,
                             ..(**c).clone()
                         }),
                         bind: Bind::No,
