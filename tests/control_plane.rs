@@ -320,14 +320,61 @@ async fn a_device_list_page_reads_a_page_of_the_fleets_presence() {
 
 /// How many times this node has read the change log (its store-operation histogram's count).
 async fn change_log_reads(lobby: &TestLobby) -> u64 {
+    store_operations(lobby, "changes_after").await
+}
+
+/// How many store operations `op` the lobby has made.
+async fn store_operations(lobby: &TestLobby, op: &str) -> u64 {
     let text = lobby.metrics().await;
+    let label = format!("op=\"{op}\"");
     text.lines()
         .find(|l| {
-            l.starts_with("lobby_store_operation_duration_seconds_count")
-                && l.contains("op=\"changes_after\"")
+            l.starts_with("lobby_store_operation_duration_seconds_count") && l.contains(&label)
         })
         .and_then(|l| l.rsplit(' ').next())
         .map_or(0, |n| n.parse().unwrap())
+}
+
+/// A session left idle in a transaction (an operator's `psql` after `BEGIN`) holds every
+/// node's change-log cursor back, so the entries after it come again on every read. A node
+/// must not read each of those claims from the store again each time: one already in its map
+/// (at that version or newer) is skipped.
+#[tokio::test]
+async fn changes_held_back_by_an_idle_transaction_are_not_read_again_each_round() {
+    let db = pg::TestDb::create().await;
+    let (a, b) = two_nodes(&db.url).await;
+    let acme = a.tenant("acme", "iot.acme.example").await;
+    eventually(|| async { b.running().service().cache().tenant("acme").map(drop) }).await;
+    let holder = db.client().await;
+    holder
+        .batch_execute("BEGIN; SELECT pg_current_xact_id()")
+        .await
+        .unwrap();
+    const CLAIMS: u64 = 40;
+    let devices: Vec<_> = (0..CLAIMS)
+        .map(|i| a.device(&format!("held-{i}")))
+        .collect();
+    for d in &devices {
+        assert_eq!(a.claim(&acme, d).await.0, 201);
+    }
+    let service = b.running().service();
+    eventually(|| async {
+        devices
+            .iter()
+            .all(|d| service.cache().claim(&d.id).is_some())
+            .then_some(())
+    })
+    .await;
+    let before = store_operations(&b, "claim").await;
+    for _ in 0..5 {
+        service.catch_up().await.unwrap();
+    }
+    let reads = store_operations(&b, "claim").await - before;
+    assert!(
+        reads < CLAIMS,
+        "five rounds behind an idle transaction read {reads} claims again"
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
 }
 
 /// A flood of unknown tokens makes a node read the change log once per round, not once per

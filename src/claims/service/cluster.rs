@@ -7,8 +7,10 @@
 //! The log is read by cursor, not by sequence number: concurrent transactions commit out of
 //! order, so a reader that went on after the highest number it saw could miss a smaller one
 //! committed later. The store hands out a cursor behind every transaction still running
-//! ([`crate::store::Store::changes_after`]); entries after it may come again and are applied
-//! again (applying reads what is stored now, so it is idempotent).
+//! ([`crate::store::Store::changes_after`]); entries after it may come again (for as long as
+//! an older transaction runs: a session left idle in one holds every cursor back). A claim
+//! entry whose version the map already holds, or a newer one, is skipped without reading the
+//! store; others are applied (applying reads what is stored now, so it is idempotent).
 //!
 //! A node's own entries are already in its map, unless the write's answer was lost after its
 //! commit (a connection that broke at the commit): an own entry newer than the map's claim is
@@ -45,7 +47,9 @@ impl ClaimsService {
         let mut foreign = 0;
         let mut done: HashSet<&Subject> = HashSet::new();
         for Change { seq, subject, own } in &batch.changes {
-            if *own && self.map_has(subject, *seq) {
+            // Already in the map at this version or newer: this node's own write, or an entry
+            // that comes again because an older transaction still holds the cursor back.
+            if self.map_has(subject, *seq) {
                 continue;
             }
             if !done.insert(subject) {
@@ -68,7 +72,7 @@ impl ClaimsService {
         Ok(foreign)
     }
 
-    /// Whether this node's map already holds its own change `seq` of `subject`.
+    /// Whether this node's map already holds change `seq` of `subject` (or a newer one).
     fn map_has(&self, subject: &Subject, seq: i64) -> bool {
         match subject {
             Subject::Claim(id) => self.inner.cache.claim(id).is_some_and(|c| c.version >= seq),
