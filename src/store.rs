@@ -21,9 +21,11 @@ use crate::edge::identity::DeviceId;
 use crate::provision::Registration;
 
 /// The registrations [`Store::orphaned_registrations`] selects, as an SQL condition both
-/// backends use: not marked for removal, and the device has no claim at all.
+/// backends use: not marked for removal, and the device has no claim with a tenant (none at
+/// all, or only its revocation, kept after an unclaim).
 pub(crate) const ORPHANED_REGISTRATIONS: &str = "NOT removing AND NOT EXISTS \
-     (SELECT 1 FROM claims c WHERE c.device_id = registrations.device_id)";
+     (SELECT 1 FROM claims c WHERE c.device_id = registrations.device_id \
+     AND c.tenant IS NOT NULL)";
 
 /// Store failures.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -679,6 +679,42 @@ async fn the_start_up_sweep_retires_registrations_whose_claim_is_gone() {
     assert_eq!(account.count("delete_thing"), 1);
 }
 
+/// A revoked device stays revoked when its tenant unclaims it, but it leaves that tenant: what
+/// the lobby registered in the tenant's account is removed like any unclaim's. A registration
+/// such a device left behind before (a store from an older lobby) goes at the next start.
+#[tokio::test]
+async fn unclaiming_a_revoked_device_removes_its_registration() {
+    let account = Arc::new(Account::default());
+    let mut t = lobby_with(&account).await;
+    let token = aws_tenant(&t).await;
+    let dev = t.device("dev-revoked");
+    claim_with_cert(&t, &token, &dev).await;
+    wait_state(&t, &dev, "ready").await;
+    t.revoke(&dev).await;
+    let (st, b) = t
+        .call("DELETE", &format!("/v1/claims/{}", dev.hex()), &token, None)
+        .await;
+    assert_eq!(st, 200, "{b}");
+    emptied(&account).await;
+    assert_eq!(t.admin_device(&dev).await["state"], "revoked");
+
+    // The same leak left by an older lobby: a revoked claim with no tenant beside a live
+    // registration.
+    let other = t.device("dev-revoked-before");
+    claim_with_cert(&t, &token, &other).await;
+    wait_state(&t, &other, "ready").await;
+    t.lobby.take().unwrap().stop().await;
+    let store = lobby::store::open(&t.config.store.url).await.unwrap();
+    store
+        .put_claim(&lobby::claims::model::Claim::revoked(other.id), None)
+        .await
+        .unwrap();
+    drop(store);
+    assert_eq!(account.things.lock().unwrap().len(), 1);
+    restart_with(&mut t, &account).await;
+    emptied(&account).await;
+}
+
 #[tokio::test]
 async fn unclaim_removes_the_registration() {
     let account = Arc::new(Account::default());

@@ -476,13 +476,14 @@ impl ClaimsService {
             svc.change_claim(&id, None, true, |current, _| {
                 let existing = owned(current, by_tenant.as_deref())?;
                 if existing.state == ClaimState::Revoked {
-                    // Revocation outlives the claim: keep refusing the device.
+                    // Revocation outlives the claim: keep refusing the device. It leaves the
+                    // tenant all the same, and so does what was registered there.
                     let mut c = (**existing).clone();
                     c.tenant = None;
                     return Ok(Some(Plan {
                         claim: Some(c),
                         bind: Bind::No,
-                        retire: Retiring::Nothing,
+                        retire: Retiring::All,
                     }));
                 }
                 Ok(Some(Plan {
