@@ -258,6 +258,14 @@ async fn claim_with_cert(t: &TestLobby, token: &str, dev: &Device) {
     assert_eq!(st, 201, "{b}");
 }
 
+/// What AWS answers a caller past its rate.
+fn throttled() -> IotError {
+    IotError::Retryable {
+        code: "ThrottlingException".into(),
+        message: "Rate exceeded".into(),
+    }
+}
+
 /// An account whose first AttachPolicy is refused with AccessDeniedException and `message`.
 fn denied_once(message: &str) -> Arc<Account> {
     let account = Arc::new(Account::default());
@@ -295,10 +303,6 @@ async fn wait_state(t: &TestLobby, dev: &Device, state: &str) -> Value {
 #[tokio::test]
 async fn throttled_twice_then_registered() {
     let account = Arc::new(Account::default());
-    let throttled = || IotError::Retryable {
-        code: "ThrottlingException".into(),
-        message: "Rate exceeded".into(),
-    };
     account.fail("create_thing", vec![throttled(), throttled()]);
     let t = lobby_with(&account).await;
     let token = aws_tenant(&t).await;
@@ -322,10 +326,6 @@ async fn throttled_twice_then_registered() {
 #[tokio::test]
 async fn a_retrying_registration_shows_its_error_attempts_and_next_attempt() {
     let account = Arc::new(Account::default());
-    let throttled = || IotError::Retryable {
-        code: "ThrottlingException".into(),
-        message: "Rate exceeded".into(),
-    };
     account.fail("create_thing", vec![throttled(), throttled(), throttled()]);
     let mut t = TestLobby::start_with(|c| {
         c.aws.retry_base = Duration::from_millis(300);
@@ -513,10 +513,6 @@ async fn access_denied_ends_in_failed_with_the_aws_code() {
 #[tokio::test]
 async fn retryable_errors_past_retry_give_up_end_in_failed() {
     let account = Arc::new(Account::default());
-    let throttled = || IotError::Retryable {
-        code: "ThrottlingException".into(),
-        message: "Rate exceeded".into(),
-    };
     account.fail("create_thing", (0..1000).map(|_| throttled()).collect());
     let mut t = TestLobby::start_with(|c| {
         c.aws.retry_base = Duration::from_millis(10);
