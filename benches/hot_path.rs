@@ -9,8 +9,8 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion};
 use lobby::claims::cache::ClaimsCache;
-use lobby::claims::model::{Claim, ClaimState, Tenant};
-use lobby::edge::identity::{common_name, DeviceId};
+use lobby::device::{common_name, DeviceId};
+use lobby::model::{Claim, ClaimState, Tenant};
 use lobby::mqtt::codec::{self, Connect, Packet, Protocol};
 use lobby::route;
 

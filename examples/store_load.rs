@@ -20,11 +20,12 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::Parser;
 use lobby::claims::codes::ClaimKey;
-use lobby::claims::model::{Claim, ClaimState};
 use lobby::claims::service::ClaimsService;
-use lobby::edge::identity::DeviceId;
+use lobby::config::StoreUrl;
+use lobby::device::DeviceId;
+use lobby::model::{Claim, ClaimState};
 use lobby::provision::Provisioner;
-use lobby::store::{self, StoreError, StoreUrl, StoredTenant};
+use lobby::store::{self, StoreError, StoredTenant};
 use lobby::waiting::WaitingRoom;
 use rand::{Rng, RngCore};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
@@ -104,7 +105,7 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let mapped = started.elapsed();
     let rss_after_map = rss_kib("VmRSS");
-    println!("store: {}", store::redacted(&args.url));
+    println!("store: {}", lobby::config::redacted(&args.url));
     println!("{:<30}{opened:>10.2?}", "open (schema check)");
     println!(
         "{:<30}{loaded:>10.2?}  {rows} rows, {claimed} with a tenant",

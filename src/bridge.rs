@@ -20,8 +20,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::claims::model::{BridgeSettings, Tenant};
-use crate::edge::identity::{fill_template, DeviceId};
+use crate::device::{fill_template, DeviceId};
+use crate::model::{BridgeSettings, Tenant};
 use crate::mqtt::codec::QoS;
 use crate::mqtt::topic::filter_matches;
 use upstream::{Command, Target};

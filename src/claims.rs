@@ -3,6 +3,5 @@
 
 pub mod cache;
 pub mod codes;
-pub mod model;
 pub mod service;
 pub mod tenant_input;

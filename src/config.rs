@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod store_url;
+pub use store_url::{redacted, StoreUrl, SUPPORTED_URLS};
+
 /// Errors from loading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -522,8 +525,8 @@ impl Config {
         if self.tls.client_cas.is_empty() {
             return Err(invalid("tls.client_cas", "at least one CA is required"));
         }
-        if crate::store::StoreUrl::parse(&self.store.url).is_none() {
-            let expected = format!("expected {}", crate::store::SUPPORTED_URLS);
+        if StoreUrl::parse(&self.store.url).is_none() {
+            let expected = format!("expected {}", SUPPORTED_URLS);
             return Err(invalid("store.url", &expected));
         }
         let session = &self.aws.session_name;

@@ -4,7 +4,6 @@
 //! store handle on purpose: the connect path reads only the claims map.
 
 pub mod handshakes;
-pub mod identity;
 pub mod listener;
 pub mod proxy;
 pub mod tls;

@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use lobby::claims::codes::ClaimKey;
 use lobby::config::{Config, LogConfig};
-use lobby::edge::identity::{cert_pem_to_der, DeviceId};
+use lobby::device::{cert_pem_to_der, DeviceId};
 use lobby::server::{ensure_dev_pki, Lobby};
 use lobby::{pki, qr};
 

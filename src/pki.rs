@@ -445,8 +445,8 @@ mod tests {
         assert!(!ok("server.pem", "-verify_hostname example.com"));
 
         let pem = std::fs::read_to_string(dir.join("devices/device-0001.pem")).unwrap();
-        let der = crate::edge::identity::cert_pem_to_der(&pem).unwrap();
-        let cn = crate::edge::identity::common_name(&der);
+        let der = crate::device::cert_pem_to_der(&pem).unwrap();
+        let cn = crate::device::common_name(&der);
         assert_eq!(cn.as_deref(), Some("device-0001"));
         ClaimKey::load(&dir.join("claim.key")).unwrap();
         let token = std::fs::read_to_string(dir.join("admin.token")).unwrap();

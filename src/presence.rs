@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::edge::identity::DeviceId;
+use crate::device::DeviceId;
 use crate::store::{Presence, Store, StoreError, Takeover};
 use crate::waiting::WaitingRoom;
 

@@ -15,11 +15,10 @@ pub mod worker;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::claims::model::AwsIotBackend;
-use crate::edge::identity::{self, DeviceId};
+use crate::device::{self, DeviceId};
+use crate::model::{AwsIotBackend, CertRef, Registration};
 
 /// How a backend call failed, as the worker needs to know it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -95,13 +94,6 @@ fn redact_arns(text: &str, account: Option<&str>) -> String {
     out
 }
 
-/// A registered certificate.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CertRef {
-    pub id: String,
-    pub arn: String,
-}
-
 /// The control-plane calls the lobby makes in a tenant's IoT account.
 #[async_trait]
 pub trait IotApi: Send + Sync {
@@ -138,21 +130,6 @@ pub trait IotApiFactory: Send + Sync {
         tenant: &str,
         backend: &AwsIotBackend,
     ) -> Result<Arc<dyn IotApi>, IotError>;
-}
-
-/// What the lobby created in a tenant's account for one device: enough to remove it later,
-/// even after the tenant changed its settings or was deleted.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Registration {
-    pub device_id: DeviceId,
-    pub tenant: String,
-    /// The backend settings the registration was made with.
-    pub backend: AwsIotBackend,
-    pub thing_name: String,
-    /// Set once RegisterCertificateWithoutCA answered.
-    pub cert: Option<CertRef>,
-    /// Set when the device was unclaimed or moved away: the clean-up queue.
-    pub removing: bool,
 }
 
 /// Work for the provisioning worker.
@@ -202,17 +179,17 @@ impl Provisioner {
     }
 }
 
-/// The AWS thing name for device `id` whose own thing name ([`identity::thing_name_for`] of
+/// The AWS thing name for device `id` whose own thing name ([`device::thing_name_for`] of
 /// its CN) is `base`: the tenant's template with `{cn}` (or `{thing_name}`) and `{device_id}`
-/// filled in ([`identity::fill_template`]), `base` itself without a template. A result that is
+/// filled in ([`device::fill_template`]), `base` itself without a template. A result that is
 /// not a usable thing name (too long, say) is the device id. Unique in the tenant only once the
 /// claims service has accepted it ([`crate::claims::service::ClaimsService::reserve_thing_name`]).
 pub fn thing_name(template: Option<&str>, base: &str, device_id: &DeviceId) -> String {
     let filled = match template {
-        Some(t) if !t.is_empty() => identity::fill_template(t, base, device_id),
+        Some(t) if !t.is_empty() => device::fill_template(t, base, device_id),
         _ => base.to_owned(),
     };
-    if identity::usable_thing_name(&filled, device_id) {
+    if device::usable_thing_name(&filled, device_id) {
         filled
     } else {
         device_id.to_hex()

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::claims::model::{rfc3339, Claim, ClaimState, Mode, Tenant};
-use crate::edge::identity::DeviceId;
+use crate::device::DeviceId;
+use crate::model::{rfc3339, Claim, ClaimState, Mode, Tenant};
 
 /// Where the device should be.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,7 +53,7 @@ impl Redirect {
     }
 }
 
-/// Decides the route. `thing_name` is the device's own name (`identity::thing_name_for` of its
+/// Decides the route. `thing_name` is the device's own name (`device::thing_name_for` of its
 /// CN), put in a redirect when the claim has none. A bridged device needs the claim's name (its
 /// topics must be its own in the tenant): without one it waits, `ready`, until it is named.
 pub fn decide(claim: Option<&Claim>, tenant: Option<&Tenant>, thing_name: &str) -> Route {

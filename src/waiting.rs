@@ -22,9 +22,9 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use tokio::sync::{mpsc, Notify};
 
-use crate::claims::cache::IdHashBuilder;
-use crate::claims::model::now_ms;
-use crate::edge::identity::DeviceId;
+use crate::device::DeviceId;
+use crate::device::IdHashBuilder;
+use crate::model::now_ms;
 use crate::presence;
 
 /// How long the lobby remembers a device that left (its `last_seen`, thing name and protocol

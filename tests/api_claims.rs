@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use lobby::claims::codes::ClaimKey;
-use lobby::edge::identity::DeviceId;
+use lobby::device::DeviceId;
 use lobby::mqtt::codec::Protocol;
 use serde_json::{json, Value};
 

@@ -167,7 +167,7 @@ async fn a_full_batch_of_a_thousand_is_answered_entry_by_entry() {
         .map(|i| {
             let mut id = [0u8; 32];
             id[..4].copy_from_slice(&i.to_be_bytes());
-            let code = key.code_for(&lobby::edge::identity::DeviceId(id));
+            let code = key.code_for(&lobby::device::DeviceId(id));
             json!({"code": code, "cert_pem": pem})
         })
         .collect();

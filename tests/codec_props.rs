@@ -11,7 +11,7 @@ use std::sync::LazyLock;
 use bytes::{Bytes, BytesMut};
 use lobby::claims::codes::ClaimKey;
 use lobby::config::LimitsConfig;
-use lobby::edge::identity::DeviceId;
+use lobby::device::DeviceId;
 use lobby::edge::proxy::{header_v2, read_v2};
 use lobby::mqtt::codec::*;
 use proptest::collection::vec;

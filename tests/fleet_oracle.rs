@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use common::fleet::two_nodes;
 use common::*;
-use lobby::claims::model::{Claim, ClaimState};
+use lobby::model::{Claim, ClaimState};
 use lobby::store::Store;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;

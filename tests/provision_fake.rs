@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use common::*;
-use lobby::claims::model::AwsIotBackend;
-use lobby::provision::{CertRef, IotApi, IotApiFactory, IotError};
+use lobby::model::AwsIotBackend;
+use lobby::model::CertRef;
+use lobby::provision::{IotApi, IotApiFactory, IotError};
 use lobby::server::Lobby;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
@@ -702,7 +703,7 @@ async fn unclaiming_a_revoked_device_removes_its_registration() {
     t.lobby.take().unwrap().stop().await;
     let store = lobby::store::open(&t.config.store.url).await.unwrap();
     store
-        .put_claim(&lobby::claims::model::Claim::revoked(other.id), None)
+        .put_claim(&lobby::model::Claim::revoked(other.id), None)
         .await
         .unwrap();
     drop(store);

@@ -10,9 +10,9 @@ mod pg;
 
 use std::sync::Arc;
 
-use lobby::claims::model::{AwsIotBackend, Backend, Claim, ClaimState, Tenant};
-use lobby::edge::identity::DeviceId;
-use lobby::provision::{CertRef, Registration};
+use lobby::device::DeviceId;
+use lobby::model::{AwsIotBackend, Backend, Claim, ClaimState, Tenant};
+use lobby::model::{CertRef, Registration};
 use lobby::store::{
     self, ClaimWrite, Expect, Retire, Store, StoreError, StoredTenant, TenantDeleted,
     TenantUpdated, Written,

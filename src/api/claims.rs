@@ -10,9 +10,9 @@ use serde_json::json;
 
 use super::error::parse_json;
 use super::{ApiError, ApiState, Caller};
-use crate::claims::model::{Claim, ClaimState};
 use crate::claims::service::ClaimOutcome;
-use crate::edge::identity::DeviceId;
+use crate::device::DeviceId;
+use crate::model::{Claim, ClaimState};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -14,9 +14,9 @@ use serde_json::json;
 use super::claims::{claim_summary, parse_device_id};
 use super::error::parse_json;
 use super::{ApiError, ApiState, Caller};
-use crate::claims::model::{rfc3339, Claim, ClaimState};
 use crate::claims::service::ServiceError;
-use crate::edge::identity::DeviceId;
+use crate::device::DeviceId;
+use crate::model::{rfc3339, Claim, ClaimState};
 use crate::store::Presence;
 
 /// A device as the API shows it (SPEC §6).

@@ -3,46 +3,12 @@
 //!
 //! Why papaya: reads never take a lock (dashmap's take a shard read lock) and resizes are
 //! incremental, so a claim burst never stalls connects. Keys are SHA-256 digests already, so a
-//! pass-through hasher replaces SipHash (an attacker cannot choose a device id without a
-//! certificate signed by a trusted CA).
+//! pass-through hasher replaces SipHash ([`IdHashBuilder`]).
 
-use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 
-use super::model::{Claim, ClaimState, Tenant};
-use crate::edge::identity::DeviceId;
-
-/// Hasher for [`DeviceId`] keys: the first 8 bytes of the digest.
-#[derive(Default, Clone, Copy, Debug)]
-pub struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // `[u8; 32]` hashes as one `write` of its bytes (no length prefix for arrays).
-        for chunk in bytes.chunks(8).take(1) {
-            let mut b = [0u8; 8];
-            b[..chunk.len()].copy_from_slice(chunk);
-            self.0 ^= u64::from_le_bytes(b);
-        }
-    }
-    fn write_usize(&mut self, n: usize) {
-        self.0 ^= n as u64;
-    }
-}
-
-/// Builds [`IdHasher`]s.
-#[derive(Default, Clone, Copy, Debug)]
-pub struct IdHashBuilder;
-
-impl BuildHasher for IdHashBuilder {
-    type Hasher = IdHasher;
-    fn build_hasher(&self) -> IdHasher {
-        IdHasher(0)
-    }
-}
+use crate::device::{DeviceId, IdHashBuilder};
+use crate::model::{Claim, ClaimState, Tenant};
 
 /// A tenant as held in memory, with its token hash for authentication.
 #[derive(Debug)]
@@ -190,14 +156,6 @@ impl ClaimsCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn id_hasher_uses_digest_prefix() {
-        let a = IdHashBuilder.hash_one(DeviceId([1; 32]));
-        let b = IdHashBuilder.hash_one(DeviceId([2; 32]));
-        assert_ne!(a, b);
-        assert_eq!(a, IdHashBuilder.hash_one(DeviceId([1; 32])));
-    }
 
     #[test]
     fn put_get_remove_and_revoked() {

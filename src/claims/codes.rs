@@ -11,7 +11,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
-use crate::edge::identity::DeviceId;
+use crate::device::DeviceId;
 
 /// Prefix (and format version) of every claim code.
 pub const CODE_PREFIX: &str = "LOBBY1";

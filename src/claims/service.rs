@@ -22,13 +22,13 @@ use tokio::sync::{mpsc, Mutex};
 
 use super::cache::{ClaimsCache, TenantEntry};
 use super::codes::ClaimKeys;
-use super::model::{now_ms, Backend, Claim, ClaimState, Mode, Tenant};
 use super::tenant_input::TenantInput;
+use crate::model::{now_ms, Backend, Claim, ClaimState, Mode, Tenant};
 
 mod cluster;
 mod names;
 mod registrations;
-use crate::edge::identity::DeviceId;
+use crate::device::DeviceId;
 use crate::provision::{Job, Provisioner};
 use crate::store::{
     ClaimWrite, Expect, Retire, Store, StoreError, StoredTenant, TenantDeleted, TenantUpdated,

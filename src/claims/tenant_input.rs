@@ -2,9 +2,9 @@
 
 use serde::Deserialize;
 
-use super::model::{Backend, BridgeSettings, Mode, Tenant};
 use super::service::ServiceError;
-use crate::edge::identity::{self, DeviceId};
+use crate::device::{self, DeviceId};
+use crate::model::{Backend, BridgeSettings, Mode, Tenant};
 use crate::mqtt::topic::valid_topic_filter;
 
 /// Every tenant field, all optional: create requires `name`; PATCH changes what it names.
@@ -165,10 +165,7 @@ fn known_placeholders(template: &str) -> bool {
     let mut rest = template;
     while let Some(i) = rest.find(['{', '}']) {
         let tail = &rest[i..];
-        match identity::PLACEHOLDERS
-            .iter()
-            .find(|p| tail.starts_with(**p))
-        {
+        match device::PLACEHOLDERS.iter().find(|p| tail.starts_with(**p)) {
             Some(p) => rest = &tail[p.len()..],
             None => return false,
         }
@@ -178,7 +175,7 @@ fn known_placeholders(template: &str) -> bool {
 
 /// `bridge.topics`: MQTT filters, placeholders only where a name fits. Checked filled in
 /// with a sample name: what a device gets is that with its own name, which is one literal
-/// level's worth of `[a-zA-Z0-9:_-]` ([`identity::fill_template`]).
+/// level's worth of `[a-zA-Z0-9:_-]` ([`device::fill_template`]).
 fn validate_bridge_topics(topics: &[String]) -> Result<(), ServiceError> {
     if topics.len() > MAX_BRIDGE_TOPICS {
         return Err(invalid(format!(
@@ -187,7 +184,7 @@ fn validate_bridge_topics(topics: &[String]) -> Result<(), ServiceError> {
     }
     let sample = DeviceId([0; 32]);
     for t in topics {
-        let filled = identity::fill_template(t, "sample", &sample);
+        let filled = device::fill_template(t, "sample", &sample);
         if t.is_empty()
             || t.len() > MAX_BRIDGE_TOPIC_LEN
             || !known_placeholders(t)
@@ -210,9 +207,9 @@ fn validate_thing_template(template: &str) -> Result<(), ServiceError> {
     if template.is_empty() {
         return Ok(());
     }
-    let filled = identity::fill_template(template, "x", &DeviceId([0; 32]));
-    let names_apart = identity::PLACEHOLDERS.iter().any(|p| template.contains(p));
-    if !known_placeholders(template) || !names_apart || !identity::is_valid_thing_name(&filled) {
+    let filled = device::fill_template(template, "x", &DeviceId([0; 32]));
+    let names_apart = device::PLACEHOLDERS.iter().any(|p| template.contains(p));
+    if !known_placeholders(template) || !names_apart || !device::is_valid_thing_name(&filled) {
         return Err(invalid(
             "backend.thing_name: a template of a-z, A-Z, 0-9, ':', '_', '-' with {cn} or \
              {device_id}, at most 128 characters filled in",

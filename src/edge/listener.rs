@@ -21,8 +21,8 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::handshakes::Handshakes;
-use super::identity::Identity;
 use super::EdgeContext;
+use crate::device::Identity;
 use crate::metrics;
 use crate::mqtt::session;
 
@@ -175,7 +175,7 @@ async fn connection(
         metrics::handshake_failure("revoked");
         return;
     }
-    if resumed && !identity.valid_at(crate::claims::model::now_ms() / 1000) {
+    if resumed && !identity.valid_at(crate::model::now_ms() / 1000) {
         metrics::handshake_failure("expired");
         return;
     }

@@ -22,7 +22,7 @@ use rustls::{
 
 use crate::claims::cache::ClaimsCache;
 use crate::config::TlsConfig;
-use crate::edge::identity::{DeviceId, Identity};
+use crate::device::{DeviceId, Identity};
 
 /// Errors building the TLS configuration; each names the file at fault.
 #[derive(Debug, thiserror::Error)]

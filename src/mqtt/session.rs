@@ -18,10 +18,10 @@ use tokio::time::{sleep_until, timeout, Instant};
 
 use super::acl::{Acl, Subscriptions};
 use super::codec::{self, CodecError, Connect, Packet, Protocol};
-use crate::claims::model::ClaimState;
 use crate::config::LimitsConfig;
-use crate::edge::identity::Identity;
+use crate::device::Identity;
 use crate::edge::EdgeContext;
+use crate::model::ClaimState;
 use crate::ratelimit::Pace;
 use crate::route::{self, Redirect, Route};
 use crate::waiting::SessionHandle;
@@ -682,7 +682,7 @@ where
             return; // the publish already counted this redirect
         }
         self.redirect_sent = Some(r.redirect_id.clone());
-        let now = crate::claims::model::now_ms();
+        let now = crate::model::now_ms();
         let waited = (now - r.issued_at).max(0) as f64 / 1000.0;
         metrics::histogram!(crate::metrics::CLAIM_TO_REDIRECT_SECONDS).record(waited);
         let _ = self

@@ -21,7 +21,7 @@ use aws_smithy_runtime_api::http::Response as HttpResponse;
 use aws_smithy_types::error::display::DisplayErrorContext;
 
 use super::{CertRef, IotApi, IotApiFactory, IotError};
-use crate::claims::model::AwsIotBackend;
+use crate::model::AwsIotBackend;
 
 /// Builds and caches one IoT client per tenant.
 pub struct AwsIotFactory {

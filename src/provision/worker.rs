@@ -13,9 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{thing_name, CertRef, IotApiFactory, IotError, Job, Registration};
-use crate::claims::model::{AwsIotBackend, Backend, ClaimState};
 use crate::claims::service::ClaimsService;
-use crate::edge::identity::{self, DeviceId};
+use crate::device::{self, DeviceId};
+use crate::model::{AwsIotBackend, Backend, ClaimState};
 use crate::store::{Store, StoreError};
 
 /// Jobs running at once (each is paced by its tenant's rate anyway).
@@ -369,7 +369,7 @@ impl Worker {
             return;
         };
         let shown = e.tenant_facing(self.tenant_account(&tenant).as_deref());
-        let next_at = crate::claims::model::now_ms()
+        let next_at = crate::model::now_ms()
             .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
         if let Err(err) = service
             .registration_retrying(id, &tenant, &shown, next_at)
@@ -428,10 +428,10 @@ impl Worker {
             return Ok(());
         };
         let started = Instant::now();
-        let cn = identity::cert_pem_to_der(&pem)
+        let cn = device::cert_pem_to_der(&pem)
             .ok()
-            .and_then(|der| identity::common_name(&der));
-        let own = identity::thing_name_for(cn.as_deref(), id);
+            .and_then(|der| device::common_name(&der));
+        let own = device::thing_name_for(cn.as_deref(), id);
         let candidate = thing_name(backend.thing_name.as_deref(), &own, id);
         // Reserved on the claim before anything is created: two devices never share a thing.
         let Some(thing) = service

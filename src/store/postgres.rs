@@ -31,9 +31,9 @@ use super::{
     Change, ChangeBatch, ClaimWrite, Expect, Presence, RegistrationBody, Retire, Store, StoreError,
     StoredTenant, Subject, TenantDeleted, TenantPatch, TenantUpdated, Watch, Written,
 };
-use crate::claims::model::{Claim, ClaimState, Tenant};
-use crate::edge::identity::DeviceId;
-use crate::provision::Registration;
+use crate::device::DeviceId;
+use crate::model::Registration;
+use crate::model::{Claim, ClaimState, Tenant};
 
 mod watch;
 
@@ -377,7 +377,7 @@ fn pg_config(url: &str) -> Result<tokio_postgres::Config, StoreError> {
     let mut config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
         StoreError::Backend(format!(
             "store.url {:?} is not a PostgreSQL URL: {}",
-            super::redacted(url),
+            crate::config::redacted(url),
             describe(&e)
         ))
     })?;

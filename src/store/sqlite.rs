@@ -17,12 +17,13 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    ClaimWrite, Expect, RegistrationBody, Retire, Store, StoreError, StoreUrl, StoredTenant,
-    TenantDeleted, TenantPatch, TenantUpdated, Written,
+    ClaimWrite, Expect, RegistrationBody, Retire, Store, StoreError, StoredTenant, TenantDeleted,
+    TenantPatch, TenantUpdated, Written,
 };
-use crate::claims::model::{Claim, ClaimState, Tenant};
-use crate::edge::identity::DeviceId;
-use crate::provision::Registration;
+use crate::config::StoreUrl;
+use crate::device::DeviceId;
+use crate::model::Registration;
+use crate::model::{Claim, ClaimState, Tenant};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS tenants (
@@ -735,7 +736,7 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::claims::model::now_ms;
+    use crate::model::now_ms;
 
     fn tenant(id: &str) -> StoredTenant {
         StoredTenant {

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use lobby::claims::codes::ClaimKey;
 use lobby::config::Config;
-use lobby::edge::identity::DeviceId;
+use lobby::device::DeviceId;
 use lobby::pki::{self, Ca};
 use lobby::server::Lobby;
 use rustls::pki_types::pem::PemObject;

@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{ClaimsService, ServiceError};
-use crate::edge::identity::DeviceId;
+use crate::device::DeviceId;
 use crate::store::{Change, Subject};
 
 /// The longest a node goes without reading the change log.

@@ -1,7 +1,7 @@
 //! Thing names of claimed devices: unique per tenant, derived from certificate names that are
 //! attacker text.
 //!
-//! A device's own name is [`identity::thing_name_for`] of its CN (the CN when it is a usable
+//! A device's own name is [`device::thing_name_for`] of its CN (the CN when it is a usable
 //! AWS IoT thing name, else the device id). A claim stores the name it is known by in its
 //! tenant (bridge topics, redirects, the AWS thing), and that name is held by one device of the
 //! tenant at most: a claim whose name another device of the tenant holds gets its device id
@@ -10,21 +10,21 @@
 //! back `NameTaken` and is decided again with the device id.
 
 use super::{Bind, Changed, ClaimsService, Plan, Retiring, ServiceError};
-use crate::claims::model::{Claim, ClaimState};
-use crate::edge::identity::{self, DeviceId};
+use crate::device::{self, DeviceId};
+use crate::model::{Claim, ClaimState};
 
 impl ClaimsService {
-    /// The thing name a claim's `cert_pem` gives its device ([`identity::thing_name_for`]).
+    /// The thing name a claim's `cert_pem` gives its device ([`device::thing_name_for`]).
     pub(super) fn cert_thing_name(&self, id: &DeviceId, pem: &str) -> Result<String, ServiceError> {
-        let der = identity::cert_pem_to_der(pem)
+        let der = device::cert_pem_to_der(pem)
             .map_err(|e| ServiceError::Invalid(format!("cert_pem: {e}")))?;
         if DeviceId::from_cert_der(&der) != *id {
             return Err(ServiceError::Invalid(
                 "cert_pem is not the certificate of the device in the code".into(),
             ));
         }
-        Ok(identity::thing_name_for(
-            identity::common_name(&der).as_deref(),
+        Ok(device::thing_name_for(
+            device::common_name(&der).as_deref(),
             id,
         ))
     }
@@ -38,7 +38,7 @@ impl ClaimsService {
         id: &DeviceId,
         taken: bool,
     ) -> String {
-        if !identity::usable_thing_name(wanted, id) {
+        if !device::usable_thing_name(wanted, id) {
             return id.to_hex();
         }
         if taken {
@@ -56,7 +56,7 @@ impl ClaimsService {
         id: &DeviceId,
     ) -> Result<Option<String>, ServiceError> {
         if let Some(seen) = self.inner.waiting.seen(id) {
-            return Ok(Some(identity::thing_name_for(Some(&*seen.thing_name), id)));
+            return Ok(Some(device::thing_name_for(Some(&*seen.thing_name), id)));
         }
         if !self.inner.store.shared() {
             return Ok(None);
@@ -64,7 +64,7 @@ impl ClaimsService {
         let presence = self.inner.store.presence(Some(id)).await?;
         Ok(presence
             .first()
-            .map(|p| identity::thing_name_for(Some(&p.thing_name), id)))
+            .map(|p| device::thing_name_for(Some(&p.thing_name), id)))
     }
 
     /// A claimed device without a thing name (claimed before it was ever seen, without its
@@ -73,7 +73,7 @@ impl ClaimsService {
         if !self.inner.cache.claim(id).is_some_and(|c| c.unnamed()) {
             return Ok(());
         }
-        let own = identity::thing_name_for(identity::common_name(der).as_deref(), id);
+        let own = device::thing_name_for(device::common_name(der).as_deref(), id);
         self.change_claim(id, None, false, |current, taken| {
             let Some(c) = current.filter(|c| c.unnamed()) else {
                 return Ok(None);

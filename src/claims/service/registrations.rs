@@ -7,8 +7,8 @@ use super::{
     new_redirect_id, now_ms, owned, Bind, Changed, ClaimState, ClaimsService, Plan, Retiring,
     ServiceError,
 };
-use crate::claims::model::{Claim, Tenant};
-use crate::edge::identity::{self, DeviceId};
+use crate::device::{self, DeviceId};
+use crate::model::{Claim, Tenant};
 use crate::provision::Job;
 
 impl ClaimsService {
@@ -194,7 +194,7 @@ impl ClaimsService {
         if self.inner.store.cert_pem(id).await?.is_none() {
             self.inner
                 .store
-                .set_cert_pem(id, &identity::der_to_pem(der))
+                .set_cert_pem(id, &device::der_to_pem(der))
                 .await?;
         }
         self.inner.provisioner.enqueue(Job::Register(*id));

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{reason, End, Session, Step};
 use crate::bridge::{self, filter_within, Busy, Inbound, Outcome, Pool};
 use crate::claims::cache::TenantEntry;
-use crate::claims::model::Tenant;
+use crate::model::Tenant;
 use crate::mqtt::codec::{Protocol, Publish, QoS};
 use crate::mqtt::topic::filter_matches;
 use crate::route::Route;

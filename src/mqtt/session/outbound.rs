@@ -7,7 +7,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::reason;
 use super::Session;
-use crate::claims::model::ClaimState;
+use crate::model::ClaimState;
 use crate::mqtt::codec::{self, Packet, Protocol, QoS};
 use crate::route::{self, Redirect};
 

@@ -12,8 +12,8 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use super::{pg, PostgresStore, CHANNEL, NODE_GONE_AFTER_SECS};
-use crate::claims::model::now_ms;
-use crate::edge::identity::DeviceId;
+use crate::device::DeviceId;
+use crate::model::now_ms;
 use crate::store::{StoreError, Takeover};
 
 /// The notification channel of connect announcements: `<device_id> <stamp> <origin>`,

@@ -12,6 +12,7 @@
 //! [`fill_template`], which only ever inserts such names).
 
 use std::fmt;
+use std::hash::{BuildHasher, Hasher};
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
@@ -244,9 +245,51 @@ pub fn der_to_pem(der: &[u8]) -> String {
     out
 }
 
+/// Hasher for [`DeviceId`] keys: the first 8 bytes of the digest. Device ids are SHA-256
+/// digests already, so this replaces SipHash in every map keyed by them: an attacker cannot
+/// choose a device id without a certificate signed by a trusted CA.
+#[derive(Default, Clone, Copy, Debug)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // `[u8; 32]` hashes as one `write` of its bytes (no length prefix for arrays).
+        for chunk in bytes.chunks(8).take(1) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(b);
+        }
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.0 ^= n as u64;
+    }
+}
+
+/// Builds [`IdHasher`]s.
+#[derive(Default, Clone, Copy, Debug)]
+pub struct IdHashBuilder;
+
+impl BuildHasher for IdHashBuilder {
+    type Hasher = IdHasher;
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher(0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn id_hasher_uses_digest_prefix() {
+        let a = IdHashBuilder.hash_one(DeviceId([1; 32]));
+        let b = IdHashBuilder.hash_one(DeviceId([2; 32]));
+        assert_ne!(a, b);
+        assert_eq!(a, IdHashBuilder.hash_one(DeviceId([1; 32])));
+    }
     use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
 
     fn cert_with_cn(cn: Option<&str>) -> Vec<u8> {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::edge::identity::DeviceId;
+use crate::device::DeviceId;
 
 /// How a tenant's claimed devices reach it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -197,6 +197,28 @@ impl Claim {
     pub fn unnamed(&self) -> bool {
         self.thing_name.is_none() && self.tenant.is_some() && self.state != ClaimState::Revoked
     }
+}
+
+/// A registered certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertRef {
+    pub id: String,
+    pub arn: String,
+}
+
+/// What the lobby created in a tenant's account for one device: enough to remove it later,
+/// even after the tenant changed its settings or was deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    pub device_id: DeviceId,
+    pub tenant: String,
+    /// The backend settings the registration was made with.
+    pub backend: AwsIotBackend,
+    pub thing_name: String,
+    /// Set once RegisterCertificateWithoutCA answered.
+    pub cert: Option<CertRef>,
+    /// Set when the device was unclaimed or moved away: the clean-up queue.
+    pub removing: bool,
 }
 
 /// Milliseconds since the Unix epoch, the store's time unit.
