@@ -40,7 +40,7 @@ FLOORS = [
     # The control plane's outside.
     {"api"},
     # Assembly, and the tools the binary offers (the dev PKI).
-    {"server", "reload", "pki", "main", "lib"},
+    {"server", "pki", "main", "lib"},
 ]
 
 # Modules that are rooms of their own inside another room's folder (none: a room is a

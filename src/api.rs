@@ -38,7 +38,16 @@ pub struct ApiState {
     /// `cluster.node_name`, shown as a connected device's `node`.
     pub node: Arc<str>,
     /// Hot reload (`POST /v1/admin/reload`) and the API's rate limiter.
-    pub reloader: Arc<crate::reload::Reloader>,
+    pub reloader: Arc<dyn ReloadHandle>,
+}
+
+/// What the API may ask of hot reload (the assembly behind it is the server's).
+pub trait ReloadHandle: Send + Sync {
+    /// Reads the config file again and applies it, as SIGHUP does: the new trust generation,
+    /// or why nothing changed.
+    fn reload_file(&self) -> Result<u64, String>;
+    /// The API's requests-per-address limiter now (`api.rate_limit`, reloadable).
+    fn api_limiter(&self) -> Arc<crate::ratelimit::AddressLimiter>;
 }
 
 /// All routes.
@@ -89,7 +98,7 @@ async fn rate_limit(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if req.uri().path().starts_with("/v1/") && !s.reloader.api_limiter.load().allow(peer.ip()) {
+    if req.uri().path().starts_with("/v1/") && !s.reloader.api_limiter().allow(peer.ip()) {
         return ApiError::RateLimited.into_response();
     }
     next.run(req).await

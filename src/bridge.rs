@@ -14,8 +14,6 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -41,41 +39,17 @@ pub const DEVICE_QUEUE: usize = 256;
 /// Why a tenant's bridge cannot be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
-    #[error("bridge.{field} {path}: {message}")]
-    File {
-        field: &'static str,
-        path: String,
-        message: String,
-    },
+    #[error("bridge.{0}")]
+    File(crate::pem::ClientConfigError),
     #[error("bridge: {0}")]
     Config(String),
 }
 
 /// The upstream TLS client configuration of a tenant's `bridge` settings.
 pub fn client_tls(b: &BridgeSettings) -> Result<Arc<rustls::ClientConfig>, BridgeError> {
-    let file = |field, path: &str, e: &dyn std::fmt::Display| BridgeError::File {
-        field,
-        path: path.to_owned(),
-        message: e.to_string(),
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(&b.ca).map_err(|e| file("ca", &b.ca, &e))? {
-        let c = c.map_err(|e| file("ca", &b.ca, &e))?;
-        roots.add(c).map_err(|e| file("ca", &b.ca, &e))?;
-    }
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&b.cert)
-        .map_err(|e| file("cert", &b.cert, &e))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| file("cert", &b.cert, &e))?;
-    let key = PrivateKeyDer::from_pem_file(&b.key).map_err(|e| file("key", &b.key, &e))?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| BridgeError::Config(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .map_err(|e| file("key", &b.key, &e))?;
-    Ok(Arc::new(config))
+    use std::path::Path;
+    crate::pem::client_config(Path::new(&b.ca), Path::new(&b.cert), Path::new(&b.key))
+        .map_err(BridgeError::File)
 }
 
 /// The tenant's `topics` for one device: `{thing_name}` (and `{cn}`, the same) and

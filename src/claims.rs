@@ -1,7 +1,9 @@
-//! Claims: who owns which device. The model, the lock-free map the device path reads, claim
-//! codes, tenant input validation, and the service through which every change goes.
+//! Claims: who owns which device. The lock-free map the device path reads, claim codes, tenant
+//! input validation, and the service through which every change goes (the nouns themselves
+//! are [`crate::model`]'s).
 
 pub mod cache;
 pub mod codes;
+pub mod error;
 pub mod service;
 pub mod tenant_input;

@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::claims::cache::ClaimsCache;
-use crate::claims::service::Activity;
 use crate::config::LimitsConfig;
+use crate::waiting::Activity;
 use crate::waiting::WaitingRoom;
 
 /// Shared state of the device path.

@@ -1,7 +1,6 @@
-//! Device-facing MQTT 3.1.1 and 5.0: the codec (decode/encode/packet), topic syntax, the
-//! lobby's topic rules, and the session that runs one device's connection.
+//! Device-facing MQTT 3.1.1 and 5.0 as a protocol: the codec (decode/encode/packet) and topic
+//! syntax. What the lobby does with it (one device's session, its topic rules) is
+//! [`crate::session`].
 
-pub mod acl;
 pub mod codec;
-pub mod session;
 pub mod topic;

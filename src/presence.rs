@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::device::DeviceId;
 use crate::store::{Presence, Store, StoreError, Takeover};
-use crate::waiting::WaitingRoom;
+use crate::waiting::{PresenceEvent, WaitingRoom};
 
 /// How often batched events are written.
 pub const FLUSH: Duration = Duration::from_millis(500);
@@ -31,37 +31,19 @@ pub const HEARTBEAT: Duration = Duration::from_secs(5);
 /// waits is one entry per device), so this fills only if the writer gets no CPU at all.
 pub const QUEUE: usize = 16_384;
 
-/// A connect or disconnect, as the waiting room reports it.
-#[derive(Debug, Clone)]
-pub struct Event {
-    pub device_id: DeviceId,
-    pub thing_name: Arc<str>,
-    pub protocol: &'static str,
-    pub connected: bool,
-    /// Unix ms.
-    pub at: i64,
-    /// The connection's connect stamp (`SessionHandle::stamp`).
-    pub stamp: i64,
-}
-
-/// Counts an event dropped because the writer's queue was full.
-pub fn dropped() {
-    ::metrics::counter!(crate::metrics::CLUSTER_PRESENCE_DROPPED_TOTAL).increment(1);
-}
-
 /// What waits to be written, one entry per device, the latest winning, except that a
 /// disconnect never hides a connect not yet written: the connect is written (and announced)
 /// first, the disconnect in the next batch. A clone that connects and leaves within one
 /// batch still takes over.
 #[derive(Default)]
 struct Pending {
-    next: HashMap<DeviceId, Event>,
+    next: HashMap<DeviceId, PresenceEvent>,
     /// Disconnects that follow a connect in `next`.
-    after: HashMap<DeviceId, Event>,
+    after: HashMap<DeviceId, PresenceEvent>,
 }
 
 impl Pending {
-    fn add(&mut self, e: Event) {
+    fn add(&mut self, e: PresenceEvent) {
         let id = e.device_id;
         if let Some(later) = self.after.get_mut(&id) {
             if e.connected {
@@ -87,13 +69,13 @@ impl Pending {
     }
 
     /// The batch to write now; the disconnects that must follow it wait for the next one.
-    fn take_batch(&mut self) -> Vec<Event> {
+    fn take_batch(&mut self) -> Vec<PresenceEvent> {
         let batch = std::mem::replace(&mut self.next, std::mem::take(&mut self.after));
         batch.into_values().collect()
     }
 
     /// Puts back a batch that failed to write, older than everything pending now.
-    fn restore(&mut self, failed: Vec<Event>) {
+    fn restore(&mut self, failed: Vec<PresenceEvent>) {
         let newer = std::mem::take(self);
         for e in failed
             .into_iter()
@@ -108,7 +90,7 @@ impl Pending {
 type Write = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
 /// One `put_presence` of `batch` from `node`, as a future that owns what it needs.
-fn write(store: &Arc<dyn Store>, node: &str, batch: &[Event]) -> Write {
+fn write(store: &Arc<dyn Store>, node: &str, batch: &[PresenceEvent]) -> Write {
     let rows: Vec<Presence> = batch
         .iter()
         .map(|e| Presence {
@@ -126,7 +108,7 @@ fn write(store: &Arc<dyn Store>, node: &str, batch: &[Event]) -> Write {
 }
 
 /// Waits for the write in flight, if any (never resolves without one).
-async fn finished(w: &mut Option<(Write, Vec<Event>)>) -> Result<(), StoreError> {
+async fn finished(w: &mut Option<(Write, Vec<PresenceEvent>)>) -> Result<(), StoreError> {
     match w {
         Some((f, _)) => f.await,
         None => std::future::pending().await,
@@ -138,14 +120,14 @@ async fn finished(w: &mut Option<(Write, Vec<Event>)>) -> Result<(), StoreError>
 pub async fn run(
     store: Arc<dyn Store>,
     node: String,
-    mut events: mpsc::Receiver<Event>,
+    mut events: mpsc::Receiver<PresenceEvent>,
     cancel: CancellationToken,
 ) {
     let mut pending = Pending::default();
     let mut tick = tokio::time::interval(FLUSH);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut beaten: Option<Instant> = None;
-    let mut writing: Option<(Write, Vec<Event>)> = None;
+    let mut writing: Option<(Write, Vec<PresenceEvent>)> = None;
     loop {
         tokio::select! {
             e = events.recv() => match e {
@@ -211,8 +193,8 @@ pub async fn take_over(
 mod tests {
     use super::*;
 
-    fn event(n: u8, connected: bool, stamp: i64) -> Event {
-        Event {
+    fn event(n: u8, connected: bool, stamp: i64) -> PresenceEvent {
+        PresenceEvent {
             device_id: DeviceId([n; 32]),
             thing_name: "d".into(),
             protocol: "mqtt5",
@@ -222,7 +204,7 @@ mod tests {
         }
     }
 
-    fn states(batch: &[Event]) -> Vec<(u8, bool, i64)> {
+    fn states(batch: &[PresenceEvent]) -> Vec<(u8, bool, i64)> {
         let mut v: Vec<_> = batch
             .iter()
             .map(|e| (e.device_id.0[0], e.connected, e.stamp))

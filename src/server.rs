@@ -3,6 +3,8 @@
 //!
 //! Tests start a whole lobby with `Lobby::start` on 127.0.0.1:0 and read the bound addresses.
 
+pub mod reload;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +19,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::{self, ApiState};
 use crate::claims::codes::{ClaimKey, ClaimKeys, CodeError};
-use crate::claims::service::{token_hash, ClaimsService, ServiceError};
+use crate::claims::error::ServiceError;
+use crate::claims::service::{token_hash, ClaimsService};
 use crate::config::{Config, ConfigError};
 use crate::edge::tls::TlsError;
 use crate::edge::{self, EdgeContext};
@@ -26,9 +29,9 @@ use crate::provision::aws_iot::AwsIotFactory;
 use crate::provision::worker::{Backoff, Worker};
 use crate::provision::{IotApiFactory, Provisioner};
 use crate::ratelimit::AddressLimiter;
-use crate::reload::Reloader;
 use crate::store::{self, StoreError};
 use crate::waiting::WaitingRoom;
+use reload::Reloader;
 
 /// Why the lobby could not start.
 #[derive(Debug, thiserror::Error)]
@@ -47,8 +50,8 @@ pub enum ServerError {
     Pki(#[from] PkiError),
     #[error("api.admin_token_file {path}: {message}")]
     AdminToken { path: String, message: String },
-    #[error("the lobby was started without a config file: nothing to reload")]
-    NoConfigFile,
+    #[error(transparent)]
+    Reload(#[from] reload::ReloadError),
     #[error("cannot listen on {addr} ({key}): {source}")]
     Bind {
         key: &'static str,
@@ -222,13 +225,13 @@ impl Lobby {
     /// new connections get it at once, and every live device is re-checked against it; those
     /// no longer trusted are disconnected. On error the old trust stays.
     pub fn reload_tls(&self, config: &Config) -> Result<(), ServerError> {
-        self.reloader.reload_tls(config).map(drop)
+        Ok(self.reloader.reload_tls(config).map(drop)?)
     }
 
     /// Applies everything reloadable of `config` (`[tls]`, `[limits]`, the API rate limit);
     /// see [`Reloader`]. On error nothing changes.
     pub fn reload(&self, config: &Config) -> Result<(), ServerError> {
-        self.reloader.apply(config).map(drop)
+        Ok(self.reloader.apply(config).map(drop)?)
     }
 
     /// Names the config file that SIGHUP and `POST /v1/admin/reload` read again.

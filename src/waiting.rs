@@ -22,10 +22,12 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use tokio::sync::{mpsc, Notify};
 
+mod messages;
+pub use messages::{Activity, PresenceEvent};
+
 use crate::device::DeviceId;
 use crate::device::IdHashBuilder;
 use crate::model::now_ms;
-use crate::presence;
 
 /// How long the lobby remembers a device that left (its `last_seen`, thing name and protocol
 /// in the device list): 30 days.
@@ -79,7 +81,7 @@ struct Inner {
     /// connect racing an announcement is either seen by it or stamped after it.
     clock: Mutex<i64>,
     /// In a fleet: where connects and disconnects are reported (`presence`).
-    presence: OnceLock<mpsc::Sender<presence::Event>>,
+    presence: OnceLock<mpsc::Sender<PresenceEvent>>,
     /// When `seen` is swept next.
     seen_sweep: SeenSweep,
 }
@@ -106,7 +108,7 @@ impl std::fmt::Debug for WaitingRoom {
 
 impl WaitingRoom {
     /// Reports every later connect and disconnect to `tx` (a fleet's presence). Once.
-    pub fn report_presence(&self, tx: mpsc::Sender<presence::Event>) {
+    pub fn report_presence(&self, tx: mpsc::Sender<PresenceEvent>) {
         let _ = self.inner.presence.set(tx);
     }
 
@@ -119,7 +121,7 @@ impl WaitingRoom {
             return;
         };
         if let Some(s) = self.inner.seen.pin().get(&id) {
-            let event = presence::Event {
+            let event = PresenceEvent {
                 device_id: id,
                 thing_name: s.thing_name.clone(),
                 protocol: s.protocol,
@@ -128,7 +130,7 @@ impl WaitingRoom {
                 stamp,
             };
             if tx.try_send(event).is_err() {
-                presence::dropped();
+                ::metrics::counter!(crate::metrics::CLUSTER_PRESENCE_DROPPED_TOTAL).increment(1);
             }
         }
     }

@@ -14,7 +14,7 @@ use serde_json::json;
 use super::claims::{claim_summary, parse_device_id};
 use super::error::parse_json;
 use super::{ApiError, ApiState, Caller};
-use crate::claims::service::ServiceError;
+use crate::claims::error::ServiceError;
 use crate::device::DeviceId;
 use crate::model::{rfc3339, Claim, ClaimState};
 use crate::store::Presence;

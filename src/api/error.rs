@@ -4,7 +4,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use crate::claims::service::ServiceError;
+use crate::claims::error::ServiceError;
 use crate::store::StoreError;
 
 /// Every error the API answers with: its own (authentication, parsing) or the claims

@@ -34,45 +34,9 @@ use crate::store::{
     ClaimWrite, Expect, Retire, Store, StoreError, StoredTenant, TenantDeleted, TenantUpdated,
     Written,
 };
-use crate::waiting::WaitingRoom;
+use crate::waiting::{Activity, WaitingRoom};
 
-/// Why a control-plane request failed; the API maps each to a SPEC §6 error code.
-#[derive(Debug, thiserror::Error)]
-pub enum ServiceError {
-    #[error("not found")]
-    NotFound,
-    #[error("invalid claim code")]
-    InvalidCode,
-    #[error("device is claimed by another tenant")]
-    AlreadyClaimed,
-    #[error("{0}")]
-    Conflict(String),
-    #[error("tenant has reached max_devices")]
-    QuotaExceeded,
-    #[error("{0}")]
-    Invalid(String),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-/// A device activity reported by the device path, applied to the store in the background.
-#[derive(Debug)]
-pub enum Activity {
-    /// A redirect reached the device.
-    Redirected {
-        device_id: DeviceId,
-        redirect_id: String,
-        at: i64,
-    },
-    /// A device whose registration waits, or whose claim has no thing name yet, connected:
-    /// its certificate, from the handshake. `named` is answered once the claim is named (or
-    /// needed no name); the session waits for it at connect, so it routes by the claim's name.
-    CertSeen {
-        device_id: DeviceId,
-        cert_der: Vec<u8>,
-        named: Option<tokio::sync::oneshot::Sender<()>>,
-    },
-}
+use super::error::ServiceError;
 
 /// The result of a claim request.
 #[derive(Debug)]
@@ -855,7 +819,9 @@ fn tenant_entry(t: StoredTenant) -> Result<TenantEntry, StoreError> {
 fn check_supported(t: &Tenant) -> Result<(), ServiceError> {
     if let (Mode::Bridge, Some(b)) = (t.mode, &t.bridge) {
         // Load the upstream TLS files now, so a typo is a 400 rather than devices that wait.
-        crate::bridge::client_tls(b).map_err(|e| ServiceError::Invalid(e.to_string()))?;
+        let path = std::path::Path::new;
+        crate::pem::client_config(path(&b.ca), path(&b.cert), path(&b.key))
+            .map_err(|e| ServiceError::Invalid(format!("bridge.{e}")))?;
     }
     Ok(())
 }

@@ -2,7 +2,7 @@
 
 use serde::Deserialize;
 
-use super::service::ServiceError;
+use super::error::ServiceError;
 use crate::device::{self, DeviceId};
 use crate::model::{Backend, BridgeSettings, Mode, Tenant};
 use crate::mqtt::topic::valid_topic_filter;

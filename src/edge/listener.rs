@@ -24,7 +24,7 @@ use super::handshakes::Handshakes;
 use super::EdgeContext;
 use crate::device::Identity;
 use crate::metrics;
-use crate::mqtt::session;
+use crate::session;
 
 /// TCP keepalive on device sockets: the first probe after this much silence…
 const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(300);

@@ -11,8 +11,7 @@ use std::sync::Arc;
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::aws_lc_rs;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{
@@ -23,6 +22,7 @@ use rustls::{
 use crate::claims::cache::ClaimsCache;
 use crate::config::TlsConfig;
 use crate::device::{DeviceId, Identity};
+use crate::pem::{self, PemError};
 
 /// Errors building the TLS configuration; each names the file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +31,15 @@ pub enum TlsError {
     File { path: PathBuf, message: String },
     #[error("tls: {0}")]
     Config(String),
+}
+
+impl From<PemError> for TlsError {
+    fn from(e: PemError) -> Self {
+        TlsError::File {
+            path: e.path,
+            message: e.message,
+        }
+    }
 }
 
 fn file_err(path: &Path, e: impl std::fmt::Display) -> TlsError {
@@ -78,14 +87,8 @@ fn server_config(
     cache: ClaimsCache,
 ) -> Result<(Arc<ServerConfig>, Arc<dyn ClientCertVerifier>), TlsError> {
     let provider = Arc::new(aws_lc_rs::default_provider());
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert)
-        .map_err(|e| file_err(&tls.cert, e))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| file_err(&tls.cert, e))?;
-    if chain.is_empty() {
-        return Err(file_err(&tls.cert, "no CERTIFICATE in file"));
-    }
-    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| file_err(&tls.key, e))?;
+    let chain = pem::certs(&tls.cert)?;
+    let key = pem::private_key(&tls.key)?;
 
     let cas = ClientCas::load(&tls.client_cas)?;
     let mut roots = RootCertStore::empty();
@@ -148,17 +151,12 @@ impl ClientCas {
         // (certificate, its file, subject DER, issuer DER)
         let mut all = Vec::new();
         for path in paths {
-            let before = all.len();
-            for cert in CertificateDer::pem_file_iter(path).map_err(|e| file_err(path, e))? {
-                let cert = cert.map_err(|e| file_err(path, e))?;
+            for cert in pem::certs(path)? {
                 let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref())
                     .map_err(|e| file_err(path, format!("not an X.509 certificate: {e}")))?;
                 let subject = x509.subject().as_raw().to_vec();
                 let issuer = x509.issuer().as_raw().to_vec();
                 all.push((cert, path.clone(), subject, issuer));
-            }
-            if all.len() == before {
-                return Err(file_err(path, "no CERTIFICATE in file"));
             }
         }
         let issued_by_configured = |subject: &[u8], issuer: &[u8]| {
@@ -201,13 +199,7 @@ fn load_crls(dir: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, T
     for entry in entries {
         let path = entry.map_err(|e| file_err(dir, e))?.path();
         match path.extension().and_then(|e| e.to_str()) {
-            Some("pem") => {
-                for crl in CertificateRevocationListDer::pem_file_iter(&path)
-                    .map_err(|e| file_err(&path, e))?
-                {
-                    out.push(crl.map_err(|e| file_err(&path, e))?);
-                }
-            }
+            Some("pem") => out.extend(pem::crls(&path)?),
             Some("crl" | "der") => {
                 let der = std::fs::read(&path).map_err(|e| file_err(&path, e))?;
                 out.push(CertificateRevocationListDer::from(der));

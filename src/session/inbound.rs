@@ -3,8 +3,8 @@
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::acl::Refusal;
 use super::{codec_topic_match, reason, End, Session, Step};
-use crate::mqtt::acl::Refusal;
 use crate::mqtt::codec::{self, Packet, Protocol, Publish, QoS};
 use crate::route::Route;
 

@@ -11,10 +11,21 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 
 use crate::claims::cache::ClaimsCache;
-use crate::config::{Config, LimitsConfig};
+use crate::config::{Config, ConfigError, LimitsConfig};
+use crate::edge::tls::TlsError;
 use crate::edge::{self, EdgeContext};
 use crate::ratelimit::AddressLimiter;
-use crate::server::ServerError;
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("the lobby was started without a config file: nothing to reload")]
+    NoConfigFile,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
 
 /// Applies a new config to a running lobby. Shared by the lobby and its API.
 #[derive(Debug)]
@@ -46,19 +57,19 @@ impl Reloader {
     }
 
     /// Reads the config file again and applies it; returns the new trust generation.
-    pub fn reload_file(&self) -> Result<u64, ServerError> {
+    pub fn reload_file(&self) -> Result<u64, ReloadError> {
         let path = self
             .path
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-            .ok_or(ServerError::NoConfigFile)?;
+            .ok_or(ReloadError::NoConfigFile)?;
         let config = Config::load(&path)?;
         self.apply(&config)
     }
 
     /// Applies `config`'s reloadable parts; all or nothing. Returns the new trust generation.
-    pub fn apply(&self, config: &Config) -> Result<u64, ServerError> {
+    pub fn apply(&self, config: &Config) -> Result<u64, ReloadError> {
         config.validate()?;
         let generation = self.reload_tls(config)?;
         self.reload_limits(&config.limits);
@@ -72,7 +83,7 @@ impl Reloader {
 
     /// Applies `[tls]` only: new connections get it at once; every live device is re-checked
     /// against it, and those no longer trusted are disconnected. On error the old trust stays.
-    pub fn reload_tls(&self, config: &Config) -> Result<u64, ServerError> {
+    pub fn reload_tls(&self, config: &Config) -> Result<u64, ReloadError> {
         let generation = self.edge.trust.load().generation + 1;
         let trust = edge::tls::trust(&config.tls, self.cache.clone(), generation)?;
         self.edge.trust.store(Arc::new(trust));
@@ -104,5 +115,15 @@ impl Reloader {
                 new.connect_rate_per_address,
                 new.connect_burst_per_address,
             )));
+    }
+}
+
+impl crate::api::ReloadHandle for Reloader {
+    fn reload_file(&self) -> Result<u64, String> {
+        Reloader::reload_file(self).map_err(|e| e.to_string())
+    }
+
+    fn api_limiter(&self) -> Arc<AddressLimiter> {
+        self.api_limiter.load_full()
     }
 }

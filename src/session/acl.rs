@@ -2,8 +2,8 @@
 //! `$lobby/devices/<device_id>/` (plus the AWS device-lobby sample topics in compat mode), and
 //! the subscriptions a session holds, to decide what it is sent.
 
-use super::codec::QoS;
-use super::topic::{filter_matches, valid_topic_filter, valid_topic_name};
+use crate::mqtt::codec::QoS;
+use crate::mqtt::topic::{filter_matches, valid_topic_filter, valid_topic_name};
 
 /// The AWS device-lobby sample firmware publishes its heartbeats here.
 pub const AWS_LOBBY_HEARTBEAT: &str = "$aws/rules/lobby";

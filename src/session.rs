@@ -5,6 +5,7 @@
 //! The session never touches the store: it reads the claims map, and reports redirects through
 //! the bounded activity channel. Control-plane changes arrive as wake-ups from the waiting room.
 
+pub mod acl;
 mod bridged;
 mod inbound;
 mod outbound;
@@ -16,15 +17,15 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{sleep_until, timeout, Instant};
 
-use super::acl::{Acl, Subscriptions};
-use super::codec::{self, CodecError, Connect, Packet, Protocol};
 use crate::config::LimitsConfig;
 use crate::device::Identity;
 use crate::edge::EdgeContext;
 use crate::model::ClaimState;
+use crate::mqtt::codec::{self, CodecError, Connect, Packet, Protocol};
 use crate::ratelimit::Pace;
 use crate::route::{self, Redirect, Route};
 use crate::waiting::SessionHandle;
+use acl::{Acl, Subscriptions};
 
 /// v5 reason codes the session sends.
 pub mod reason {
@@ -621,7 +622,7 @@ where
     fn send_cert(&self, named: Option<tokio::sync::oneshot::Sender<()>>) -> bool {
         self.ctx
             .activity
-            .try_send(crate::claims::service::Activity::CertSeen {
+            .try_send(crate::waiting::Activity::CertSeen {
                 device_id: self.identity.device_id,
                 cert_der: self.identity.cert_der.clone(),
                 named,
@@ -688,7 +689,7 @@ where
         let _ = self
             .ctx
             .activity
-            .try_send(crate::claims::service::Activity::Redirected {
+            .try_send(crate::waiting::Activity::Redirected {
                 device_id: self.identity.device_id,
                 redirect_id: r.redirect_id.clone(),
                 at: now,
@@ -729,7 +730,7 @@ fn status_key(route: &Route) -> (ClaimState, Option<Arc<str>>) {
 }
 
 fn codec_topic_match(filter: &str, topic: &str) -> bool {
-    super::topic::filter_matches(filter, topic)
+    crate::mqtt::topic::filter_matches(filter, topic)
 }
 
 fn far_future() -> Instant {
