@@ -20,11 +20,11 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::Parser;
 use lobby::claims::codes::ClaimKey;
+use lobby::claims::events::ClaimEvents;
 use lobby::claims::service::ClaimsService;
 use lobby::config::StoreUrl;
 use lobby::device::DeviceId;
 use lobby::model::{Claim, ClaimState};
-use lobby::provision::Provisioner;
 use lobby::store::{self, StoreError, StoredTenant};
 use lobby::waiting::WaitingRoom;
 use rand::{Rng, RngCore};
@@ -95,14 +95,9 @@ async fn main() -> anyhow::Result<()> {
     let rss_before_map = rss_kib("VmRSS");
 
     let started = Instant::now();
-    let (provisioner, _jobs) = Provisioner::channel();
-    let service = ClaimsService::load(
-        store,
-        ClaimKey::generate(),
-        WaitingRoom::default(),
-        provisioner,
-    )
-    .await?;
+    let (events, _jobs) = ClaimEvents::channel();
+    let service =
+        ClaimsService::load(store, ClaimKey::generate(), WaitingRoom::default(), events).await?;
     let mapped = started.elapsed();
     let rss_after_map = rss_kib("VmRSS");
     println!("store: {}", lobby::config::redacted(&args.url));

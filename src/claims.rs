@@ -5,5 +5,6 @@
 pub mod cache;
 pub mod codes;
 pub mod error;
+pub mod events;
 pub mod service;
 pub mod tenant_input;

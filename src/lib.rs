@@ -2,17 +2,18 @@
 //! on to its tenant once claimed.
 //!
 //! # Layout: the data flow
-//! The device path, one connection:
+//! The rooms stand on floors, each using only its own floor and those beneath
+//! (ARCHITECTURE.md; `scripts/arch-figures.py` checks it). The device path, one connection:
 //! 1. [`edge::listener`] accepts (a connection permit first) and spawns the connection task,
 //!    which takes a place in the handshake budget ([`edge::handshakes`]);
-//! 2. [`edge::tls`] runs the mTLS handshake against the manufacturing CAs; [`edge::identity`]
-//!    turns the leaf certificate into the `device_id`;
-//! 3. [`mqtt::session`] reads CONNECT ([`mqtt::codec`]) and looks the claim up in
-//!    [`claims::cache`] (one lock-free read, never the store);
+//! 2. [`edge::tls`] runs the mTLS handshake against the manufacturing CAs (files read by
+//!    [`pem`]); [`device`] turns the leaf certificate into the `device_id`;
+//! 3. [`session`] reads CONNECT ([`mqtt::codec`]) and looks the claim up in [`claims::cache`]
+//!    (one lock-free read, never the store);
 //! 4. [`route`] decides, purely: wait, redirect (v5 CONNACK 0x9D / redirect publish), bridge
-//!    (later) or refuse;
+//!    ([`bridge`]) or refuse;
 //! 5. a waiting session registers in [`waiting`], keeps alive and follows its own topics
-//!    ([`mqtt::acl`]).
+//!    ([`session::acl`]); what it reports back ([`waiting::Activity`]) is defined there.
 //!
 //! The control plane:
 //! 1. [`api`] (axum) authenticates operator and tenant tokens;
@@ -20,10 +21,12 @@
 //!    the device's session through [`waiting`], which re-reads the map and redirects;
 //! 3. [`provision`] registers claims in `registering` with the tenant's backend (AWS IoT:
 //!    [`provision::aws_iot`], the only module that knows the SDK) and removes registrations
-//!    marked `removing`; both queues are stored state, so a restart resumes them.
+//!    marked `removing`, nudged by [`claims::events`]; both queues are stored state, so a
+//!    restart resumes them.
 //!
-//! Around them: [`config`], [`server`] (assembly, start, shutdown), [`metrics`], [`pki`] (dev
-//! PKI), [`qr`] (claim-code labels).
+//! Beneath both: [`model`] (the persisted nouns), [`config`], [`metrics`]. Around them:
+//! [`server`] (assembly, start, shutdown, [`server::reload`]), [`presence`] (a fleet's
+//! connection reports), [`pki`] (dev PKI), [`qr`] (claim-code labels).
 
 #![forbid(unsafe_code)]
 

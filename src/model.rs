@@ -15,7 +15,7 @@ pub enum Mode {
     /// Send the device to the tenant's endpoint (redirect message / v5 Server Reference).
     #[default]
     Redirect,
-    /// Keep the device on the lobby and relay its traffic (a later issue; see `provision`).
+    /// Keep the device on the lobby and relay its traffic to the tenant's broker (`bridge`).
     Bridge,
 }
 

@@ -3,7 +3,7 @@
 //!
 //! Driven by stored state, not called from the claims service: claims in `registering` are the
 //! registration queue, registrations marked `removing` the clean-up queue. The service only
-//! nudges the worker ([`Provisioner::enqueue`]); a restart re-reads both queues, so work left
+//! nudges the worker (a [`ClaimEvent`]); a restart re-reads both queues, so work left
 //! half-done is resumed. Every backend call is idempotent, so a resumed job never duplicates.
 //!
 //! The AWS SDK lives in [`aws_iot`] alone, behind [`IotApi`], so the worker is tested with a
@@ -15,8 +15,8 @@ pub mod worker;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use tokio::sync::mpsc;
 
+use crate::claims::events::ClaimEvent;
 use crate::device::{self, DeviceId};
 use crate::model::{AwsIotBackend, CertRef, Registration};
 
@@ -158,24 +158,12 @@ impl Job {
     }
 }
 
-/// The service's handle on the worker: a nudge, never the work itself.
-#[derive(Debug, Clone)]
-pub struct Provisioner {
-    tx: mpsc::UnboundedSender<Job>,
-}
-
-impl Provisioner {
-    /// A handle and the queue the worker drains.
-    pub fn channel() -> (Self, mpsc::UnboundedReceiver<Job>) {
-        // Unbounded on purpose: jobs are tiny, deduplicated by the worker, and bounded by the
-        // number of claims; blocking the claims service on a full queue would be worse.
-        let (tx, rx) = mpsc::unbounded_channel();
-        (Self { tx }, rx)
-    }
-
-    /// Asks the worker to look at this job (it re-reads the stored state first).
-    pub fn enqueue(&self, job: Job) {
-        let _ = self.tx.send(job);
+impl From<ClaimEvent> for Job {
+    fn from(e: ClaimEvent) -> Self {
+        match e {
+            ClaimEvent::Registering(id) => Job::Register(id),
+            ClaimEvent::Retiring(id, tenant) => Job::Remove(id, tenant),
+        }
     }
 }
 

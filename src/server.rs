@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::api::{self, ApiState};
 use crate::claims::codes::{ClaimKey, ClaimKeys, CodeError};
 use crate::claims::error::ServiceError;
+use crate::claims::events::ClaimEvents;
 use crate::claims::service::{token_hash, ClaimsService};
 use crate::config::{Config, ConfigError};
 use crate::edge::tls::TlsError;
@@ -27,7 +28,7 @@ use crate::edge::{self, EdgeContext};
 use crate::pki::{self, PkiError};
 use crate::provision::aws_iot::AwsIotFactory;
 use crate::provision::worker::{Backoff, Worker};
-use crate::provision::{IotApiFactory, Provisioner};
+use crate::provision::IotApiFactory;
 use crate::ratelimit::AddressLimiter;
 use crate::store::{self, StoreError};
 use crate::waiting::WaitingRoom;
@@ -99,15 +100,14 @@ impl Lobby {
         let admin = read_admin_token(&config.api.admin_token_file)?;
         let store = store::open(&config.store.url).await?;
         let waiting = WaitingRoom::default();
-        let (provisioner, jobs) = Provisioner::channel();
+        let (events, jobs) = ClaimEvents::channel();
         let keys = ClaimKeys {
             current: key,
             previous: (config.claims.previous_code_keys.iter())
                 .map(|p| ClaimKey::load(p))
                 .collect::<Result<_, _>>()?,
         };
-        let service =
-            ClaimsService::load(store.clone(), keys, waiting.clone(), provisioner).await?;
+        let service = ClaimsService::load(store.clone(), keys, waiting.clone(), events).await?;
         let trust = edge::tls::trust(&config.tls, service.cache().clone(), 0)?;
 
         let mqtt = bind(config.listener.mqtt, MQTT_BACKLOG, "listener.mqtt")?;

@@ -582,8 +582,6 @@ where
         self.flush().await
     }
 
-    /// v3.1.1: the device has `limits.redirect_grace` to take a due redirect; a new redirect
-    /// (migration) starts a new grace, a re-subscribe does not extend it.
     /// After a trust reload: is this device's certificate still accepted (CA still configured,
     /// not on a new CRL, still valid)? Checked once per reload.
     fn still_trusted(&mut self) -> bool {
@@ -595,6 +593,8 @@ where
         trust.still_trusts(&self.identity)
     }
 
+    /// v3.1.1: the device has `limits.redirect_grace` to take a due redirect; a new redirect
+    /// (migration) starts a new grace, a re-subscribe does not extend it.
     fn arm_redirect_grace(&mut self) {
         if self.protocol == Protocol::V311 && self.redirect_deadline.is_none() {
             self.redirect_deadline = Some(Instant::now() + self.limits.redirect_grace);

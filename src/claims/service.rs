@@ -28,8 +28,8 @@ use crate::model::{now_ms, Backend, Claim, ClaimState, Mode, Tenant};
 mod cluster;
 mod names;
 mod registrations;
+use super::events::{ClaimEvent, ClaimEvents};
 use crate::device::DeviceId;
-use crate::provision::{Job, Provisioner};
 use crate::store::{
     ClaimWrite, Expect, Retire, Store, StoreError, StoredTenant, TenantDeleted, TenantUpdated,
     Written,
@@ -57,7 +57,7 @@ struct Inner {
     cache: ClaimsCache,
     key: ClaimKeys,
     waiting: WaitingRoom,
-    provisioner: Provisioner,
+    events: ClaimEvents,
     /// One device's writes on this node take turns (stripe by device id): the map then sees
     /// them in the store's order. Different devices rarely share a stripe.
     stripes: Box<[Mutex<()>]>,
@@ -149,7 +149,7 @@ impl ClaimsService {
         store: Arc<dyn Store>,
         key: impl Into<ClaimKeys>,
         waiting: WaitingRoom,
-        provisioner: Provisioner,
+        events: ClaimEvents,
     ) -> Result<Self, ServiceError> {
         let cache = ClaimsCache::default();
         // Read before loading: a change committed meanwhile is applied again, never missed.
@@ -167,7 +167,7 @@ impl ClaimsService {
                 cache,
                 key: key.into(),
                 waiting,
-                provisioner,
+                events,
                 stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
                 tenant_writes: Mutex::new(()),
                 applied: Mutex::new(applied),
@@ -593,7 +593,7 @@ impl ClaimsService {
                     let after = plan.claim.map(|c| Claim { version, ..c });
                     let after = self.put_in_map(id, after);
                     for tenant in retiring {
-                        self.inner.provisioner.enqueue(Job::Remove(*id, tenant));
+                        self.inner.events.emit(ClaimEvent::Retiring(*id, tenant));
                     }
                     return Ok(Changed::Written(after));
                 }

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{thing_name, CertRef, IotApiFactory, IotError, Job, Registration};
+use crate::claims::events::ClaimEvent;
 use crate::claims::service::ClaimsService;
 use crate::device::{self, DeviceId};
 use crate::model::{AwsIotBackend, Backend, ClaimState};
@@ -130,7 +131,7 @@ impl Worker {
     /// Resumes what the store says is pending, then runs jobs until cancelled. With a shared
     /// store it also sweeps the stored queues every lease period, so work a lost node held
     /// (its lease ran out) is taken over; the lease decides which node runs a job.
-    pub async fn run(self, mut rx: mpsc::UnboundedReceiver<Job>, tracker: TaskTracker) {
+    pub async fn run(self, mut rx: mpsc::UnboundedReceiver<ClaimEvent>, tracker: TaskTracker) {
         let permits = Arc::new(Semaphore::new(MAX_JOBS));
         self.retire_orphans().await;
         let pending = self.pending().await;
@@ -147,7 +148,7 @@ impl Worker {
         loop {
             tokio::select! {
                 j = rx.recv() => match j {
-                    Some(job) => self.start(job, &permits, &tracker),
+                    Some(event) => self.start(Job::from(event), &permits, &tracker),
                     None => return,
                 },
                 _ = sweep.tick(), if shared => {

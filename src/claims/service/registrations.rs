@@ -7,9 +7,9 @@ use super::{
     new_redirect_id, now_ms, owned, Bind, Changed, ClaimState, ClaimsService, Plan, Retiring,
     ServiceError,
 };
+use crate::claims::events::ClaimEvent;
 use crate::device::{self, DeviceId};
 use crate::model::{Claim, Tenant};
-use crate::provision::Job;
 
 impl ClaimsService {
     /// After a claim or migration: queue its registration (a claim ready at once retired the
@@ -17,8 +17,8 @@ impl ClaimsService {
     pub(super) fn after_binding(&self, claim: &Claim) {
         if claim.state == ClaimState::Registering {
             self.inner
-                .provisioner
-                .enqueue(Job::Register(claim.device_id));
+                .events
+                .emit(ClaimEvent::Registering(claim.device_id));
         }
     }
 
@@ -37,7 +37,9 @@ impl ClaimsService {
                 reg.removing = true;
                 self.inner.store.put_registration(&reg).await?;
             }
-            self.inner.provisioner.enqueue(Job::Remove(*id, reg.tenant));
+            self.inner
+                .events
+                .emit(ClaimEvent::Retiring(*id, reg.tenant));
         }
         Ok(())
     }
@@ -197,7 +199,7 @@ impl ClaimsService {
                 .set_cert_pem(id, &device::der_to_pem(der))
                 .await?;
         }
-        self.inner.provisioner.enqueue(Job::Register(*id));
+        self.inner.events.emit(ClaimEvent::Registering(*id));
         Ok(())
     }
 }
