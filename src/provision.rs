@@ -18,7 +18,7 @@ use async_trait::async_trait;
 
 use crate::claims::events::ClaimEvent;
 use crate::device::{self, DeviceId};
-use crate::model::{AwsIotBackend, CertRef, Registration};
+use crate::model::{AwsIotBackend, CertRef};
 
 /// How a backend call failed, as the worker needs to know it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

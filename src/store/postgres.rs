@@ -12,7 +12,7 @@
 //! missing ones in one transaction holding `pg_advisory_xact_lock(MIGRATION_LOCK)`, so nodes
 //! starting at once apply each step exactly once; `lobby_schema_migrations` records them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,7 +35,12 @@ use crate::device::DeviceId;
 use crate::model::Registration;
 use crate::model::{Claim, ClaimState, Tenant};
 
+mod schema;
+mod sql;
 mod watch;
+
+pub use schema::{MIGRATION_LOCK, SCHEMA_VERSION};
+use sql::*;
 
 /// Connections in the pool: concurrent writes (claim bursts), API reads and the provisioning
 /// worker. The server flushes the commits of concurrent transactions together.
@@ -49,206 +54,6 @@ pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a store call waits for a free connection before it fails.
 const POOL_WAIT: Duration = Duration::from_secs(30);
-
-/// The advisory lock held while migrating. Fixed, so every lobby node takes the same one
-/// (the bytes spell "lobbymig"); advisory locks are per database.
-pub const MIGRATION_LOCK: i64 = 0x6c6f_6262_796d_6967;
-
-/// The schema, step by step: step `i` is version `i + 1`. Append; never edit a released step.
-/// `device_id` is the 64-char lowercase hex text of the SQLite schema, compared bytewise.
-const MIGRATIONS: &[&str] = &[
-    "
-CREATE TABLE tenants (
-    id TEXT PRIMARY KEY,
-    body TEXT NOT NULL,
-    token_hash TEXT NOT NULL UNIQUE
-);
-CREATE TABLE claims (
-    device_id TEXT COLLATE \"C\" PRIMARY KEY CHECK (device_id ~ '^[0-9a-f]{64}$'),
-    tenant TEXT,
-    state TEXT NOT NULL,
-    thing_name TEXT,
-    redirect_id TEXT,
-    claimed_at BIGINT,
-    ready_at BIGINT,
-    redirected_at BIGINT,
-    error TEXT,
-    cert_pem TEXT
-);
-CREATE INDEX claims_tenant ON claims (tenant);
-CREATE TABLE registrations (
-    device_id TEXT COLLATE \"C\" NOT NULL,
-    tenant TEXT NOT NULL,
-    body TEXT NOT NULL,
-    removing BOOLEAN NOT NULL DEFAULT FALSE,
-    PRIMARY KEY (device_id, tenant)
-);
-CREATE INDEX registrations_removing ON registrations (removing) WHERE removing;
-",
-    "
-CREATE TABLE lobby_changes (
-    seq BIGSERIAL PRIMARY KEY,
-    kind TEXT NOT NULL CHECK (kind IN ('claim', 'tenant')),
-    key TEXT NOT NULL,
-    origin TEXT NOT NULL,
-    at TIMESTAMPTZ NOT NULL DEFAULT now()
-);
-",
-    "
-CREATE TABLE lobby_jobs (
-    key TEXT PRIMARY KEY,
-    node TEXT NOT NULL,
-    until TIMESTAMPTZ NOT NULL
-);
-",
-    "
-CREATE TABLE lobby_presence (
-    device_id TEXT COLLATE \"C\" PRIMARY KEY,
-    node TEXT NOT NULL,
-    thing_name TEXT NOT NULL,
-    protocol TEXT NOT NULL,
-    connected BOOLEAN NOT NULL,
-    last_seen BIGINT NOT NULL
-);
-CREATE TABLE lobby_nodes (
-    name TEXT PRIMARY KEY,
-    heartbeat TIMESTAMPTZ NOT NULL
-);
-",
-    // Which of two connects of a device on two nodes is the newer (takeover across nodes).
-    "
-ALTER TABLE lobby_presence
-    ADD COLUMN stamp BIGINT NOT NULL DEFAULT 0,
-    ADD COLUMN origin TEXT COLLATE \"C\" NOT NULL DEFAULT '';
-",
-    // Thing names are unique per tenant (migration 7 makes this index unique).
-    "
-CREATE INDEX claims_tenant_thing ON claims (tenant, thing_name);
-",
-    // No fleet write lock: claims carry a version for conditional writes, thing names are
-    // unique in the index, and the change log records its writer's transaction id so a reader
-    // never passes a change that commits late (`changes_after`).
-    "
-ALTER TABLE claims ADD COLUMN version BIGINT NOT NULL DEFAULT 0;
-DROP INDEX claims_tenant_thing;
-CREATE UNIQUE INDEX claims_tenant_thing_unique ON claims (tenant, thing_name)
-    WHERE tenant IS NOT NULL AND thing_name IS NOT NULL;
-ALTER TABLE lobby_changes ADD COLUMN xid xid8 NOT NULL DEFAULT pg_current_xact_id();
-CREATE INDEX lobby_changes_xid ON lobby_changes (xid);
-",
-    // A registration that keeps failing shows how often it was tried and when it is next.
-    "
-ALTER TABLE claims
-    ADD COLUMN attempts BIGINT NOT NULL DEFAULT 0,
-    ADD COLUMN next_attempt_at BIGINT;
-",
-    // AWS calls paced per account and region across the fleet (`pace_slot`).
-    "
-CREATE TABLE lobby_pace (
-    key TEXT PRIMARY KEY,
-    next_at TIMESTAMPTZ NOT NULL
-);
-",
-];
-
-/// Takes a slot of the call bucket `$1`, calls `$2` seconds apart: the bucket's row holds
-/// the next free slot, never earlier than a second minus one interval ago (the unused calls
-/// of a quiet second may be spent at once). The row lock orders nodes racing for slots; the
-/// database's clock is the fleet's, so node clocks do not matter. Answers the time from now
-/// to the slot's end, in microseconds (the slot itself is one interval before).
-const PACE_SLOT: &str = "WITH t AS (SELECT clock_timestamp() AS now), \
-     r AS (INSERT INTO lobby_pace AS p (key, next_at) \
-     SELECT $1, t.now - interval '1 second' + 2 * make_interval(secs => $2) FROM t \
-     ON CONFLICT (key) DO UPDATE \
-     SET next_at = GREATEST(p.next_at + make_interval(secs => $2), EXCLUDED.next_at) \
-     RETURNING next_at) \
-     SELECT (EXTRACT(EPOCH FROM (r.next_at - t.now)) * 1000000)::bigint FROM r, t";
-
-/// The unique index that keeps thing names unique per tenant.
-const THING_NAME_INDEX: &str = "claims_tenant_thing_unique";
-
-/// A node that has not reported for this long is taken for gone: its devices show as not
-/// connected. Nodes report at least every [`crate::presence::HEARTBEAT`].
-const NODE_GONE_AFTER_SECS: f64 = 15.0;
-
-/// The notification channel of the change log.
-const CHANNEL: &str = "lobby_changes";
-/// Appends to the change log inside the writing transaction; the entry's number. The other
-/// nodes are told after the commit ([`Notifier`]): a NOTIFY inside the transaction would take
-/// the database's notification lock until the commit is flushed, one writer at a time.
-const LOG_CHANGE: &str =
-    "INSERT INTO lobby_changes (kind, key, origin) VALUES ($1, $2, $3) RETURNING seq";
-/// The changes at or after a cursor, with the next cursor: the oldest transaction still in
-/// progress (`pg_snapshot_xmin`). Every transaction older than it has ended, so its entries
-/// are all visible now; a younger one may still commit entries with smaller `seq`s, and is
-/// read next time. One statement, one snapshot.
-const CHANGES_AFTER: &str = "SELECT h.x::text::bigint, c.seq, c.kind, c.key, c.origin \
-     FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS x) h \
-     LEFT JOIN lobby_changes c ON c.xid >= $1::text::xid8 ORDER BY c.xid, c.seq";
-/// The tenant a claim binds to, locked against deletion (not against body updates), and its
-/// `max_devices`.
-const TENANT_ROOM: &str = "SELECT (body::jsonb ->> 'max_devices')::bigint FROM tenants \
-     WHERE id = $1 FOR KEY SHARE";
-/// Serialises the claims of one tenant that has `max_devices`, so the count is exact.
-const TENANT_QUOTA_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 1819239010))";
-const TENANT_COUNT: &str = "SELECT count(*) FROM claims WHERE tenant = $1 AND device_id <> $2";
-const CLAIM_INSERT: &str = "INSERT INTO claims (device_id, tenant, state, thing_name, \
-     redirect_id, claimed_at, ready_at, redirected_at, error, cert_pem, attempts, \
-     next_attempt_at, version) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
-const CLAIM_UPSERT_SET: &str = " ON CONFLICT (device_id) DO UPDATE SET tenant = EXCLUDED.tenant, \
-     state = EXCLUDED.state, thing_name = EXCLUDED.thing_name, \
-     redirect_id = EXCLUDED.redirect_id, claimed_at = EXCLUDED.claimed_at, \
-     ready_at = EXCLUDED.ready_at, redirected_at = EXCLUDED.redirected_at, \
-     error = EXCLUDED.error, cert_pem = COALESCE(EXCLUDED.cert_pem, claims.cert_pem), \
-     attempts = EXCLUDED.attempts, next_attempt_at = EXCLUDED.next_attempt_at, \
-     version = EXCLUDED.version";
-const CLAIM_UPDATE: &str = "UPDATE claims SET tenant = $2, state = $3, thing_name = $4, \
-     redirect_id = $5, claimed_at = $6, ready_at = $7, redirected_at = $8, error = $9, \
-     cert_pem = COALESCE($10, cert_pem), attempts = $11, next_attempt_at = $12, version = $13 \
-     WHERE device_id = $1 AND version = $14";
-/// Marks the device's registrations but `$2`'s (`NULL`: all) for removal.
-const RETIRE: &str = "UPDATE registrations SET removing = TRUE WHERE device_id = $1 \
-     AND ($2::text IS NULL OR tenant <> $2) RETURNING tenant";
-
-/// Beats for a node (`$1`).
-const NODE_BEAT: &str = "INSERT INTO lobby_nodes (name, heartbeat) VALUES ($1, now()) \
-     ON CONFLICT (name) DO UPDATE SET heartbeat = EXCLUDED.heartbeat";
-/// What a presence read selects (conditions appended): a device whose node stopped its
-/// heartbeat shows as not connected.
-fn presence_select() -> String {
-    format!(
-        "SELECT p.device_id, p.node, p.thing_name, p.protocol, p.connected AND \
-         COALESCE(n.heartbeat > now() - make_interval(secs => {NODE_GONE_AFTER_SECS}), false), \
-         p.last_seen, p.stamp FROM lobby_presence p LEFT JOIN lobby_nodes n ON n.name = p.node"
-    )
-}
-
-/// Writes a presence batch from node `$6` (origin `$8`). A disconnect reported by one node
-/// never hides a connection on another, and a connect from another node replaces the row only
-/// when it is newer (stamp, then origin): the connection that the takeover keeps, even when
-/// written late.
-const PRESENCE_UPSERT: &str = "INSERT INTO lobby_presence \
-     (device_id, node, thing_name, protocol, connected, last_seen, stamp, origin) \
-     SELECT u.d, $6, u.t, u.p, u.c, u.l, u.s, $8 FROM UNNEST($1::text[], $2::text[], \
-     $3::text[], $4::bool[], $5::bigint[], $7::bigint[]) AS u(d, t, p, c, l, s) \
-     ON CONFLICT (device_id) DO UPDATE SET node = EXCLUDED.node, \
-     thing_name = EXCLUDED.thing_name, protocol = EXCLUDED.protocol, \
-     connected = EXCLUDED.connected, last_seen = EXCLUDED.last_seen, \
-     stamp = EXCLUDED.stamp, origin = EXCLUDED.origin \
-     WHERE lobby_presence.node = EXCLUDED.node \
-     OR NOT (EXCLUDED.connected OR lobby_presence.connected) \
-     OR (EXCLUDED.connected AND (EXCLUDED.stamp > lobby_presence.stamp \
-     OR (EXCLUDED.stamp = lobby_presence.stamp AND EXCLUDED.origin > lobby_presence.origin)))";
-/// Announces connects (`<device_id> <stamp> <origin>` each) to every node's watch, at commit.
-const ANNOUNCE: &str = "SELECT pg_notify('lobby_takeover', a) FROM UNNEST($1::text[]) AS a";
-
-/// The newest schema version this build knows.
-pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
-const _: () = assert!(SCHEMA_VERSION >= 1 && SCHEMA_VERSION as usize == MIGRATIONS.len());
-
-const CLAIM_COLUMNS: &str = "SELECT device_id, tenant, state, thing_name, redirect_id, \
-     claimed_at, ready_at, redirected_at, error, version, attempts, next_attempt_at FROM claims";
-const REGISTRATION_COLUMNS: &str = "SELECT device_id, tenant, body, removing FROM registrations";
 
 /// PostgreSQL-backed [`Store`]. Cheap to clone (the pool is a handle).
 #[derive(Clone)]
@@ -458,55 +263,6 @@ impl PostgresStore {
             tracing::info!(applied, version = SCHEMA_VERSION, "store schema migrated");
         }
         Ok(store)
-    }
-
-    /// Applies the missing migrations; returns how many.
-    async fn migrate(&self) -> Result<usize, StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg)?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-            .await
-            .map_err(pg)?;
-        tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS lobby_schema_migrations (
-                version INT PRIMARY KEY,
-                applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
-            )",
-        )
-        .await
-        .map_err(pg)?;
-        let done: HashSet<i32> = tx
-            .query("SELECT version FROM lobby_schema_migrations", &[])
-            .await
-            .map_err(pg)?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        if let Some(newer) = done.iter().copied().filter(|v| *v > SCHEMA_VERSION).max() {
-            tracing::warn!(
-                database = newer,
-                known = SCHEMA_VERSION,
-                "store schema is newer than this lobby knows; a newer lobby migrated it"
-            );
-        }
-        let mut applied = 0;
-        for (version, sql) in (1..).zip(MIGRATIONS) {
-            if done.contains(&version) {
-                continue;
-            }
-            tx.batch_execute(sql).await.map_err(|e| {
-                StoreError::Backend(format!("migration {version}: {}", describe(&e)))
-            })?;
-            tx.execute(
-                "INSERT INTO lobby_schema_migrations (version, applied_at) VALUES ($1, now())",
-                &[&version],
-            )
-            .await
-            .map_err(pg)?;
-            applied += 1;
-        }
-        tx.commit().await.map_err(pg)?;
-        Ok(applied)
     }
 
     /// A pooled connection.
