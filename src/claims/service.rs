@@ -22,21 +22,23 @@ use tokio::sync::{mpsc, Mutex};
 
 use super::cache::{ClaimsCache, TenantEntry};
 use super::codes::ClaimKeys;
-use super::tenant_input::TenantInput;
-use crate::model::{now_ms, Backend, Claim, ClaimState, Mode, Tenant};
-
-mod cluster;
-mod names;
-mod registrations;
+use super::error::ServiceError;
 use super::events::{ClaimEvent, ClaimEvents};
+use super::tenant_input::TenantInput;
 use crate::device::DeviceId;
+use crate::model::{now_ms, Backend, Claim, ClaimState, Mode, Tenant};
 use crate::store::{
     ClaimWrite, Expect, Retire, Store, StoreError, StoredTenant, TenantDeleted, TenantUpdated,
     Written,
 };
 use crate::waiting::{Activity, WaitingRoom};
+use tenants::tenant_entry;
 
-use super::error::ServiceError;
+mod activity;
+mod cluster;
+mod names;
+mod registrations;
+mod tenants;
 
 /// The result of a claim request.
 #[derive(Debug)]
@@ -209,117 +211,6 @@ impl ClaimsService {
                 "a control-plane task failed: {e}"
             ))))
         })
-    }
-
-    /// Creates a tenant; returns it with its token (shown once, stored hashed).
-    pub async fn create_tenant(
-        &self,
-        input: TenantInput,
-    ) -> Result<(Tenant, String), ServiceError> {
-        let id = input
-            .id
-            .clone()
-            .unwrap_or_else(|| format!("t-{}", random_hex(6)));
-        let tenant = input.into_tenant(id)?;
-        check_supported(&tenant)?;
-        let token = format!("lobby_t_{}", random_hex(32));
-        let svc = self.clone();
-        self.detached(async move {
-            let hash = token_hash(&token);
-            let _t = svc.inner.tenant_writes.lock().await;
-            let stored = StoredTenant {
-                tenant: tenant.clone(),
-                token_hash: hex::encode(hash),
-            };
-            match svc.inner.store.insert_tenant(&stored).await {
-                Err(StoreError::Conflict) => {
-                    return Err(ServiceError::Conflict(format!(
-                        "tenant {:?} exists",
-                        tenant.id
-                    )))
-                }
-                other => other?,
-            }
-            svc.inner.cache.put_tenant(TenantEntry {
-                tenant: tenant.clone(),
-                token_hash: hash,
-            });
-            Ok((tenant, token))
-        })
-        .await
-    }
-
-    /// Applies a PATCH to a tenant (to the stored one, under its lock in the store). Devices
-    /// see the change when they next connect or are woken.
-    pub async fn update_tenant(
-        &self,
-        id: &str,
-        patch: TenantInput,
-    ) -> Result<Tenant, ServiceError> {
-        let (svc, id) = (self.clone(), id.to_owned());
-        self.detached(async move {
-            let apply = move |t: Tenant| {
-                let t = patch.clone().apply_to(t).map_err(refusal)?;
-                check_supported(&t).map_err(refusal)?;
-                Ok(t)
-            };
-            svc.patch_tenant(&id, &apply)
-                .await?
-                .ok_or(ServiceError::NotFound)
-        })
-        .await
-    }
-
-    /// Stores `patch` of tenant `id` and puts the result in the map; `None`: no such tenant.
-    pub(super) async fn patch_tenant(
-        &self,
-        id: &str,
-        patch: crate::store::TenantPatch<'_>,
-    ) -> Result<Option<Tenant>, ServiceError> {
-        let _t = self.inner.tenant_writes.lock().await;
-        let tenant = match self.inner.store.update_tenant(id, patch).await? {
-            TenantUpdated::Updated(t) => *t,
-            TenantUpdated::NotFound => {
-                self.inner.cache.remove_tenant(id);
-                return Ok(None);
-            }
-            TenantUpdated::Refused(why) => return Err(ServiceError::Invalid(why)),
-        };
-        match self.inner.cache.tenant(id) {
-            Some(entry) => self.inner.cache.put_tenant(TenantEntry {
-                tenant: tenant.clone(),
-                token_hash: entry.token_hash,
-            }),
-            // Created on another node a moment ago: the store has its token hash.
-            None => self.apply_tenant(id).await?,
-        }
-        // Ready devices waiting on this tenant may now have somewhere to go.
-        self.wake_tenant(id);
-        Ok(Some(tenant))
-    }
-
-    /// Deletes a tenant that no claim names (the store checks, in the same transaction).
-    pub async fn delete_tenant(&self, id: &str) -> Result<(), ServiceError> {
-        let (svc, id) = (self.clone(), id.to_owned());
-        self.detached(async move {
-            let _t = svc.inner.tenant_writes.lock().await;
-            // The store decides: a tenant another node created a moment ago is deleted too,
-            // and one already gone leaves the map as well.
-            match svc.inner.store.delete_tenant(&id).await? {
-                TenantDeleted::Deleted => {
-                    svc.inner.cache.remove_tenant(&id);
-                    Ok(())
-                }
-                TenantDeleted::NotFound => {
-                    svc.inner.cache.remove_tenant(&id);
-                    Err(ServiceError::NotFound)
-                }
-                TenantDeleted::HasClaims => Err(ServiceError::Conflict(format!(
-                    "tenant {id:?} still has devices"
-                ))),
-            }
-        })
-        .await
     }
 
     /// Claims a device for `tenant_id` with its claim code (SPEC §3).
@@ -640,89 +531,6 @@ impl ClaimsService {
         cache.claim(id)
     }
 
-    /// Applies device-path activity until the channel closes or `cancel` fires (then what is
-    /// already queued). Each activity is applied in its own task, up to [`ACTIVITY_IN_FLIGHT`]
-    /// at once: a burst of redirects is written together, not one commit after another.
-    pub async fn run_activity(
-        self,
-        mut rx: mpsc::Receiver<Activity>,
-        cancel: tokio_util::sync::CancellationToken,
-    ) {
-        let slots = Arc::new(tokio::sync::Semaphore::new(ACTIVITY_IN_FLIGHT));
-        let mut tasks = tokio::task::JoinSet::new();
-        loop {
-            let activity = tokio::select! {
-                a = rx.recv() => a,
-                // Stopping: what is queued still gets stored, then the task ends (the edge's
-                // sender lives as long as the lobby, so the channel would never close).
-                () = cancel.cancelled() => rx.try_recv().ok(),
-            };
-            let Some(activity) = activity else {
-                break;
-            };
-            while tasks.try_join_next().is_some() {}
-            let Ok(slot) = slots.clone().acquire_owned().await else {
-                break;
-            };
-            let svc = self.clone();
-            tasks.spawn(async move {
-                svc.apply_activity(activity).await;
-                drop(slot);
-            });
-        }
-        while tasks.join_next().await.is_some() {}
-    }
-
-    async fn apply_activity(&self, activity: Activity) {
-        match activity {
-            Activity::Redirected {
-                device_id,
-                redirect_id,
-                at,
-            } => {
-                let recorded = self
-                    .change_claim(&device_id, None, false, |current, _| {
-                        // Superseded by a migration or unclaim meanwhile, or already recorded:
-                        // a v3.1.1 device that reconnects before leaving is redirected again,
-                        // but one store write per redirect is enough.
-                        let Some(c) = current.filter(|c| {
-                            c.redirect_id.as_deref() == Some(&redirect_id)
-                                && c.redirected_at.is_none()
-                        }) else {
-                            return Ok(None);
-                        };
-                        Ok(Some(Plan {
-                            claim: Some(Claim {
-                                redirected_at: Some(at),
-                                ..(**c).clone()
-                            }),
-                            bind: Bind::No,
-                            retire: Retiring::Nothing,
-                        }))
-                    })
-                    .await;
-                if let Err(e) = recorded {
-                    tracing::warn!(error = %e, "recording a redirect failed");
-                }
-            }
-            Activity::CertSeen {
-                device_id,
-                cert_der,
-                named,
-            } => {
-                if let Err(e) = self.name_claim(&device_id, &cert_der).await {
-                    tracing::warn!(error = %e, "naming a claim failed");
-                }
-                if let Some(named) = named {
-                    let _ = named.send(());
-                }
-                if let Err(e) = self.cert_seen(&device_id, &cert_der).await {
-                    tracing::warn!(error = %e, "storing a device certificate failed");
-                }
-            }
-        }
-    }
-
     /// The claim of `id` as seen by `by_tenant` (`None`: operator): another tenant's is NotFound.
     pub fn owned_claim(
         &self,
@@ -761,14 +569,6 @@ impl ClaimsService {
             version: 0,
         }
     }
-
-    fn wake_tenant(&self, tenant: &str) {
-        self.inner.cache.for_each_claim(|c| {
-            if c.tenant_id() == Some(tenant) {
-                self.inner.waiting.wake(&c.device_id);
-            }
-        });
-    }
 }
 
 /// Activities applied at once by [`ClaimsService::run_activity`].
@@ -801,29 +601,6 @@ fn refusal(e: ServiceError) -> String {
         ServiceError::Invalid(why) => why,
         other => other.to_string(),
     }
-}
-
-/// A stored tenant as the map holds it (its token hash decoded).
-fn tenant_entry(t: StoredTenant) -> Result<TenantEntry, StoreError> {
-    let mut token_hash = [0u8; 32];
-    hex::decode_to_slice(&t.token_hash, &mut token_hash)
-        .map_err(|_| StoreError::Corrupt(format!("token hash of {}", t.tenant.id)))?;
-    Ok(TenantEntry {
-        tenant: t.tenant,
-        token_hash,
-    })
-}
-
-/// Rejects what this build cannot serve yet, rather than accepting a tenant whose devices would
-/// wait forever.
-fn check_supported(t: &Tenant) -> Result<(), ServiceError> {
-    if let (Mode::Bridge, Some(b)) = (t.mode, &t.bridge) {
-        // Load the upstream TLS files now, so a typo is a 400 rather than devices that wait.
-        let path = std::path::Path::new;
-        crate::pem::client_config(path(&b.ca), path(&b.cert), path(&b.key))
-            .map_err(|e| ServiceError::Invalid(format!("bridge.{e}")))?;
-    }
-    Ok(())
 }
 
 fn gauge_state(state: ClaimState, delta: f64) {
