@@ -219,12 +219,20 @@ impl SqliteStore {
     }
 }
 
-fn claim_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, Claim)> {
+/// What a claim read selects, in [`claim_from_row`]'s order.
+const CLAIM_SELECT: &str = "SELECT device_id, tenant, state, thing_name, redirect_id, \
+     claimed_at, ready_at, redirected_at, error, version, attempts, next_attempt_at FROM claims";
+
+/// One claims row ([`CLAIM_SELECT`]); a device id that is not 64 hex characters is corrupt.
+fn claim_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Claim, StoreError>> {
     let id: String = row.get(0)?;
+    let Some(device_id) = DeviceId::parse_hex(&id) else {
+        return Ok(Err(StoreError::Corrupt(format!("device_id {id:?}"))));
+    };
     let tenant: Option<String> = row.get(1)?;
     let state: String = row.get(2)?;
-    let claim = Claim {
-        device_id: DeviceId([0; 32]),
+    Ok(Ok(Claim {
+        device_id,
         tenant: tenant.map(Arc::from),
         state: ClaimState::parse(&state).unwrap_or(ClaimState::Failed),
         thing_name: row.get(3)?,
@@ -236,8 +244,7 @@ fn claim_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, Claim)> 
         version: row.get(9)?,
         attempts: row.get(10)?,
         next_attempt_at: row.get(11)?,
-    };
-    Ok((id, claim))
+    }))
 }
 
 fn registration_from_row(
@@ -573,19 +580,11 @@ impl Store for SqliteStore {
 
     async fn claims(&self) -> Result<Vec<Claim>, StoreError> {
         self.with("load_claims", |c| {
-            let mut stmt = c
-                .prepare(
-                    "SELECT device_id, tenant, state, thing_name, redirect_id, claimed_at, \
-                     ready_at, redirected_at, error, version, attempts, next_attempt_at FROM claims",
-                )
-                .map_err(backend)?;
+            let mut stmt = c.prepare(CLAIM_SELECT).map_err(backend)?;
             let rows = stmt.query_map([], claim_from_row).map_err(backend)?;
             let mut out = Vec::new();
             for row in rows {
-                let (id, mut claim) = row.map_err(backend)?;
-                claim.device_id = DeviceId::parse_hex(&id)
-                    .ok_or_else(|| StoreError::Corrupt(format!("device_id {id:?}")))?;
-                out.push(claim);
+                out.push(row.map_err(backend)??);
             }
             Ok(out)
         })
@@ -608,24 +607,18 @@ impl Store for SqliteStore {
     }
 
     async fn claim(&self, id: &DeviceId) -> Result<Option<Claim>, StoreError> {
-        let (device_id, hex) = (*id, id.to_hex());
+        let hex = id.to_hex();
         self.with("claim", move |c| {
             c.query_row(
-                "SELECT device_id, tenant, state, thing_name, redirect_id, claimed_at, \
-                 ready_at, redirected_at, error, version, attempts, next_attempt_at FROM claims WHERE device_id = ?1",
+                &format!("{CLAIM_SELECT} WHERE device_id = ?1"),
                 params![hex],
                 claim_from_row,
             )
             .optional()
-            .map_err(backend)
+            .map_err(backend)?
+            .transpose()
         })
         .await
-        .map(|row| {
-            row.map(|(_, mut claim)| {
-                claim.device_id = device_id;
-                claim
-            })
-        })
     }
 
     async fn tenant(&self, id: &str) -> Result<Option<StoredTenant>, StoreError> {
