@@ -192,6 +192,12 @@ impl Claim {
         self.tenant.as_deref()
     }
 
+    /// Registering with `tenant` (the provisioner's verdicts and name reservations apply to
+    /// this claim only while it is).
+    pub fn registering_with(&self, tenant: &str) -> bool {
+        self.state == ClaimState::Registering && self.tenant_id() == Some(tenant)
+    }
+
     /// Claimed (and not revoked) without a thing name yet: claimed before its device was ever
     /// seen, without its certificate. The device's first connection names it.
     pub fn unnamed(&self) -> bool {

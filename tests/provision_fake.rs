@@ -223,11 +223,19 @@ impl IotApiFactory for FakeFactory {
 
 /// A test lobby whose AWS backend is `account`.
 async fn lobby_with(account: &Arc<Account>) -> TestLobby {
-    let mut t = TestLobby::start_with(|c| {
+    lobby_tweaked(account, |c| {
         c.aws.retry_base = Duration::from_millis(10);
         c.aws.retry_max = Duration::from_millis(50);
     })
-    .await;
+    .await
+}
+
+/// A test lobby whose AWS backend is `account`, its config adjusted by `tweak`.
+async fn lobby_tweaked(
+    account: &Arc<Account>,
+    tweak: impl FnOnce(&mut lobby::config::Config),
+) -> TestLobby {
+    let mut t = TestLobby::start_with(tweak).await;
     restart_with(&mut t, account).await;
     t
 }
@@ -328,12 +336,11 @@ async fn throttled_twice_then_registered() {
 async fn a_retrying_registration_shows_its_error_attempts_and_next_attempt() {
     let account = Arc::new(Account::default());
     account.fail("create_thing", vec![throttled(), throttled(), throttled()]);
-    let mut t = TestLobby::start_with(|c| {
+    let t = lobby_tweaked(&account, |c| {
         c.aws.retry_base = Duration::from_millis(300);
         c.aws.retry_max = Duration::from_millis(300);
     })
     .await;
-    restart_with(&mut t, &account).await;
     let token = aws_tenant(&t).await;
     let dev = t.device("dev-retrying");
     claim_with_cert(&t, &token, &dev).await;
@@ -515,13 +522,12 @@ async fn access_denied_ends_in_failed_with_the_aws_code() {
 async fn retryable_errors_past_retry_give_up_end_in_failed() {
     let account = Arc::new(Account::default());
     account.fail("create_thing", (0..1000).map(|_| throttled()).collect());
-    let mut t = TestLobby::start_with(|c| {
+    let t = lobby_tweaked(&account, |c| {
         c.aws.retry_base = Duration::from_millis(10);
         c.aws.retry_max = Duration::from_millis(20);
         c.aws.retry_give_up = Duration::from_millis(400);
     })
     .await;
-    restart_with(&mut t, &account).await;
     let token = aws_tenant(&t).await;
     let dev = t.device("dev-throttled");
     claim_with_cert(&t, &token, &dev).await;
@@ -799,14 +805,13 @@ async fn a_node_killed_mid_registration_has_it_finished_by_another() {
     let account = Arc::new(Account::default());
     *account.hang_on.lock().unwrap() = Some("attach_thing_principal");
     let url = db.url.clone();
-    let mut b = TestLobby::start_with(|c| {
+    let b = lobby_tweaked(&account, |c| {
         c.store.url = url.clone();
         c.cluster.job_lease = Duration::from_secs(1);
         c.aws.retry_base = Duration::from_millis(10);
         c.aws.retry_max = Duration::from_millis(50);
     })
     .await;
-    restart_with(&mut b, &account).await;
     let a = doomed_node(b.config.clone(), account.clone());
     let token = aws_tenant(&b).await;
     let dev = b.device("dev-orphan");

@@ -396,14 +396,11 @@ impl Worker {
     /// its turn here), else this node's.
     async fn pace(&self, backend: &AwsIotBackend) {
         let (key, rate) = (pace_key(backend), backend.rate());
-        let store = &self.inner.store;
-        if store.shared() {
-            match store.pace_slot(&key, rate).await {
-                Ok(Some(wait)) => return tokio::time::sleep(wait).await,
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(key, error = %e, "cannot take a call slot from the store; pacing on this node")
-                }
+        match self.inner.store.pace_slot(&key, rate).await {
+            Ok(Some(wait)) => return tokio::time::sleep(wait).await,
+            Ok(None) => {} // a store that does not pace: a node alone on it
+            Err(e) => {
+                tracing::warn!(key, error = %e, "cannot take a call slot from the store; pacing on this node")
             }
         }
         self.inner.pacer.wait(&key, rate).await;

@@ -11,7 +11,7 @@
 
 use super::{Bind, Changed, ClaimsService, Plan, Retiring, ServiceError};
 use crate::device::{self, DeviceId};
-use crate::model::{Claim, ClaimState};
+use crate::model::Claim;
 
 impl ClaimsService {
     /// The thing name a claim's `cert_pem` gives its device ([`device::thing_name_for`]).
@@ -100,8 +100,7 @@ impl ClaimsService {
         tenant: &str,
         candidate: &str,
     ) -> Result<Option<String>, ServiceError> {
-        let registering =
-            |c: &Claim| c.state == ClaimState::Registering && c.tenant_id() == Some(tenant);
+        let registering = |c: &Claim| c.registering_with(tenant);
         let changed = self
             .change_claim(id, None, true, |current, taken| {
                 let Some(c) = current.filter(|c| registering(c)) else {

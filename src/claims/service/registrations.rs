@@ -55,9 +55,7 @@ impl ClaimsService {
     ) -> Result<(), ServiceError> {
         let changed = self
             .change_claim(id, None, true, |current, taken| {
-                let Some(c) = current.filter(|c| {
-                    c.state == ClaimState::Registering && c.tenant_id() == Some(tenant)
-                }) else {
+                let Some(c) = current.filter(|c| c.registering_with(tenant)) else {
                     return Ok(None);
                 };
                 let mut c = (**c).clone();
@@ -109,9 +107,7 @@ impl ClaimsService {
         next_at: i64,
     ) -> Result<(), ServiceError> {
         self.change_claim(id, None, false, |current, _| {
-            let Some(c) = current
-                .filter(|c| c.state == ClaimState::Registering && c.tenant_id() == Some(tenant))
-            else {
+            let Some(c) = current.filter(|c| c.registering_with(tenant)) else {
                 return Ok(None);
             };
             Ok(Some(Plan {
