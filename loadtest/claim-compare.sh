@@ -57,15 +57,6 @@ trap cleanup EXIT
 "$BEFORE" certs init --dir "$work/certs" --devices 1 >/dev/null
 c=$work/certs
 
-wait_ready() { # api_port
-  for _ in $(seq 100); do
-    curl -fs "http://127.0.0.1:$1/readyz" >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "no ready lobby on API port $1" >&2
-  return 1
-}
-
 start_lobby() { # bin label conf
   (ulimit -n 20000; exec "$1" serve --config "$3" 2>"$work/$2.log") &
   pids+=($!)

@@ -80,7 +80,7 @@ for side in before after; do
   lobby_conf "$c" "$work" 31883 31080 >"$work/lobby.toml"
   (ulimit -n 20000; exec "$bin" serve --config "$work/lobby.toml" 2>"$work/$side.log") &
   lobby_pid=$!
-  for _ in $(seq 100); do curl -fs http://127.0.0.1:31080/readyz >/dev/null 2>&1 && break; sleep 0.1; done
+  wait_ready 31080
   token=$(curl -fs -H "Authorization: Bearer $(cat "$c/admin.token")" \
     -H 'Content-Type: application/json' -d '{"id":"wrk","name":"wrk","endpoint":"iot.wrk.example"}' \
     http://127.0.0.1:31080/v1/tenants | jq -r .token)

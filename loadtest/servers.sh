@@ -3,6 +3,7 @@
 #
 #   lobby_conf CERTS WORK MQTT_PORT API_PORT [EXTRA_TOML] [TLS_KEYS]   # prints a lobby.toml
 #   mosquitto_conf CERTS PORT [EXTRA_LINES]                 # prints a mosquitto.conf
+#   wait_ready API_PORT                                     # waits for a lobby's /readyz
 #
 # CERTS is a `lobby certs init` directory, WORK where the lobby keeps its SQLite file.
 # EXTRA_TOML is appended as is (e.g. a [limits] table), TLS_KEYS go into [tls]; [log] level
@@ -45,4 +46,13 @@ user root
 log_dest none
 ${3:-}
 CONF
+}
+
+wait_ready() { # api_port
+  for _ in $(seq 100); do
+    curl -fs "http://127.0.0.1:$1/readyz" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "no ready lobby on API port $1" >&2
+  return 1
 }
