@@ -104,7 +104,12 @@ fn write(store: &Arc<dyn Store>, node: &str, batch: &[PresenceEvent]) -> Write {
         })
         .collect();
     let (store, node) = (store.clone(), node.to_owned());
-    Box::pin(async move { store.put_presence(&node, &rows).await })
+    Box::pin(async move {
+        match store.fleet() {
+            Some(fleet) => fleet.put_presence(&node, &rows).await,
+            None => Ok(()),
+        }
+    })
 }
 
 /// Waits for the write in flight, if any (never resolves without one).

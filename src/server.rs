@@ -123,13 +123,13 @@ impl Lobby {
         let tracker = TaskTracker::new();
         let (activity_tx, activity_rx) = mpsc::channel(ACTIVITY_QUEUE);
         tracker.spawn(service.clone().run_activity(activity_rx, cancel.clone()));
-        if let Some(watch) = service.store().watch(cancel.clone()) {
+        if let Some(fleet) = service.store().fleet() {
+            let watch = fleet.watch(cancel.clone());
+            tracker.spawn(watch.listen);
             tracker.spawn(service.clone().run_sync(watch.changes, cancel.clone()));
             let takeovers =
                 crate::presence::take_over(waiting.clone(), watch.takeovers, cancel.clone());
             tracker.spawn(takeovers);
-        }
-        if service.store().shared() {
             let (tx, rx) = mpsc::channel(crate::presence::QUEUE);
             waiting.report_presence(tx);
             let (store, node) = (service.store().clone(), config.cluster.node_name.clone());

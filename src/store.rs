@@ -7,14 +7,15 @@
 //! (`postgres://…` or `postgresql://…`, SPEC §10). Both keep the same tables and columns and
 //! pass the same test suite (`tests/store_suite.rs`).
 
+mod fleet;
 pub mod postgres;
 pub mod sqlite;
+
+pub use fleet::{Change, ChangeBatch, Fleet, Presence, Subject, Takeover, Watch};
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::{redacted, StoreUrl, SUPPORTED_URLS};
 use crate::device::DeviceId;
@@ -120,117 +121,11 @@ pub trait Store: Send + Sync + 'static {
     /// One tenant with its token hash, as stored.
     async fn tenant(&self, id: &str) -> Result<Option<StoredTenant>, StoreError>;
 
-    // Scale-out (SPEC §10). A store that several nodes share records every change of a tenant
-    // or claim in a change log and tells the other nodes. The embedded store has one node: no
-    // log, nothing to watch.
-
-    /// Whether other nodes may share this store (and so the claims, jobs and change log).
-    fn shared(&self) -> bool {
-        false
-    }
-    /// Takes (or renews) this node's lease on the job named `key` for `lease`: true when this
-    /// node holds it now, false when another node's lease on it is still running. A node
-    /// alone on its store always holds every job.
-    async fn take_job(&self, _key: &str, _lease: std::time::Duration) -> Result<bool, StoreError> {
-        Ok(true)
-    }
-    /// Gives up this node's lease on `key` (the job is done).
-    async fn finish_job(&self, _key: &str) -> Result<(), StoreError> {
-        Ok(())
-    }
-    /// Takes the next slot of the fleet's call bucket `key` (one AWS account and region):
-    /// calls spaced `1 s / rate` apart across every node sharing the store, with up to `rate`
-    /// of a quiet second's unused calls spent at once (a token bucket of `rate`, refilled at
-    /// `rate` a second). Returns how long to wait for the slot; `None` when the store does not
-    /// pace (a node alone on its store paces in memory).
-    async fn pace_slot(
-        &self,
-        _key: &str,
-        _rate: u32,
-    ) -> Result<Option<std::time::Duration>, StoreError> {
-        Ok(None)
-    }
-    /// Records where devices are connected (`batch`, from node `node`) and that `node` is alive,
-    /// and announces each connect in `batch` to the other nodes ([`Takeover`]). Of two
-    /// connects of a device on two nodes the newer (by `stamp`) is kept. A store that one node
-    /// uses alone has nothing to share: the node's own waiting room says it all.
-    async fn put_presence(&self, _node: &str, _batch: &[Presence]) -> Result<(), StoreError> {
-        Ok(())
-    }
-    /// What every node reported of `id` (of every device: `None`). A device whose node stopped
-    /// reporting it is alive shows as not connected.
-    async fn presence(&self, _id: Option<&DeviceId>) -> Result<Vec<Presence>, StoreError> {
-        Ok(Vec::new())
-    }
-    /// What every node reported of each of `ids` (a page of the device list).
-    async fn presence_of(&self, _ids: &[DeviceId]) -> Result<Vec<Presence>, StoreError> {
-        Ok(Vec::new())
-    }
-    /// Up to `limit` devices some node reported that have no claim, in id order after `after`
-    /// (the unclaimed part of a device-list page): reads about a page, not the table.
-    async fn unclaimed_presence(
-        &self,
-        _after: Option<&DeviceId>,
-        _limit: usize,
-    ) -> Result<Vec<Presence>, StoreError> {
-        Ok(Vec::new())
-    }
-    /// Where a reader that has seen nothing starts: after every change committed so far.
-    async fn change_cursor(&self) -> Result<i64, StoreError> {
-        Ok(0)
-    }
-    /// The changes committed at or after `cursor` (some seen before may come again), and the
-    /// cursor to ask with next. A change that commits later is never behind the next cursor,
-    /// whatever sequence number it got.
-    async fn changes_after(&self, _cursor: i64) -> Result<ChangeBatch, StoreError> {
-        Ok(ChangeBatch {
-            changes: Vec::new(),
-            next: 0,
-        })
-    }
-    /// Starts watching for other nodes' changes until `cancel`: `changes` gets a poke after
-    /// each change notification and after every (re)connect of the watch, so a node that lost
-    /// its notifications catches up from the change log; `takeovers` gets the connects other
-    /// nodes announced with their presence. `None`: nothing to watch.
-    fn watch(&self, _cancel: CancellationToken) -> Option<Watch> {
+    /// The fleet this store coordinates (SPEC §10): `Some` when other nodes may share it, and
+    /// so the claims, jobs, call pacing and change log; `None` for a store one node uses alone.
+    fn fleet(&self) -> Option<&dyn Fleet> {
         None
     }
-}
-
-/// What a node hears from the other nodes of its fleet ([`Store::watch`]).
-#[derive(Debug)]
-pub struct Watch {
-    /// A poke: apply the change log.
-    pub changes: mpsc::Receiver<()>,
-    /// Devices that connected on another node.
-    pub takeovers: mpsc::Receiver<Takeover>,
-}
-
-/// Another node's announcement that a device connected there (written with its presence):
-/// this node closes its own connection of that device if it is older.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Takeover {
-    pub device_id: DeviceId,
-    /// The connect stamp (`SessionHandle::stamp`).
-    pub stamp: i64,
-    /// At an equal stamp the announcing node's connection is the newer (a fixed order of the
-    /// nodes, the same seen from each).
-    pub wins_tie: bool,
-}
-
-/// Where a device is connected, or was last seen, as a node of a fleet reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Presence {
-    pub device_id: DeviceId,
-    /// `cluster.node_name` of the node that saw it.
-    pub node: String,
-    pub thing_name: String,
-    pub protocol: String,
-    pub connected: bool,
-    /// Unix ms of the connect or disconnect.
-    pub last_seen: i64,
-    /// The connect stamp of the connection this is about (`SessionHandle::stamp`).
-    pub stamp: i64,
 }
 
 /// What a conditional claim write expects to find stored.
@@ -326,31 +221,6 @@ pub enum TenantDeleted {
     NotFound,
     /// Claims (revoked ones too) still name it.
     HasClaims,
-}
-
-/// A read of the change log ([`Store::changes_after`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ChangeBatch {
-    pub changes: Vec<Change>,
-    /// The cursor for the next read.
-    pub next: i64,
-}
-
-/// What a change is about: a claim (by device) or a tenant (by id).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Subject {
-    Claim(DeviceId),
-    Tenant(String),
-}
-
-/// One entry of the change log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Change {
-    /// Its number; a claim written by it has this version.
-    pub seq: i64,
-    pub subject: Subject,
-    /// Made by this process (already in its map).
-    pub own: bool,
 }
 
 /// The stored form of a [`Registration`] beside its key columns (device id, tenant) and its

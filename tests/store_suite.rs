@@ -14,9 +14,14 @@ use lobby::device::DeviceId;
 use lobby::model::{AwsIotBackend, Backend, Claim, ClaimState, Tenant};
 use lobby::model::{CertRef, Registration};
 use lobby::store::{
-    self, ClaimWrite, Expect, Retire, Store, StoreError, StoredTenant, TenantDeleted,
+    self, ClaimWrite, Expect, Fleet, Retire, Store, StoreError, StoredTenant, TenantDeleted,
     TenantUpdated, Written,
 };
+
+/// The fleet of a store several nodes share.
+fn fleet(store: &Arc<dyn Store>) -> &dyn Fleet {
+    store.fleet().expect("a store several nodes share")
+}
 
 /// Where a test's store lives, for as long as the test runs.
 enum Place {
@@ -460,13 +465,13 @@ async fn postgres_change_log_reads_late_commits() {
     use lobby::store::Subject;
     let f = Fixture::postgres().await;
     let (a, b) = (f.open().await, f.open().await);
-    let start = a.change_cursor().await.unwrap();
+    let start = fleet(&a).change_cursor().await.unwrap();
     a.insert_tenant(&tenant("acme", &"a".repeat(64)))
         .await
         .unwrap();
     let version = a.put_claim(&full_claim(1, "acme"), None).await.unwrap();
     b.delete_claim(&device(1)).await.unwrap();
-    let seen_by_a = a.changes_after(start).await.unwrap();
+    let seen_by_a = fleet(&a).changes_after(start).await.unwrap();
     let subjects: Vec<_> = seen_by_a
         .changes
         .iter()
@@ -486,7 +491,7 @@ async fn postgres_change_log_reads_late_commits() {
     );
     // Registrations and certificates are not map changes.
     a.set_cert_pem(&device(1), "PEM").await.unwrap();
-    let after = a.changes_after(seen_by_a.next).await.unwrap();
+    let after = fleet(&a).changes_after(seen_by_a.next).await.unwrap();
     assert!(
         after.changes.iter().all(|c| seen_by_a.changes.contains(c)),
         "nothing new: {after:?}"
@@ -503,13 +508,13 @@ async fn postgres_change_log_reads_late_commits() {
     a.insert_tenant(&tenant("bolt", &"b".repeat(64)))
         .await
         .unwrap();
-    let first = b.changes_after(seen_by_a.next).await.unwrap();
+    let first = fleet(&b).changes_after(seen_by_a.next).await.unwrap();
     let keys = |batch: &lobby::store::ChangeBatch| -> Vec<Subject> {
         batch.changes.iter().map(|c| c.subject.clone()).collect()
     };
     assert!(keys(&first).contains(&Subject::Tenant("bolt".into())));
     slow.batch_execute("COMMIT").await.unwrap();
-    let second = b.changes_after(first.next).await.unwrap();
+    let second = fleet(&b).changes_after(first.next).await.unwrap();
     assert!(
         keys(&second).contains(&Subject::Tenant("slow".into())),
         "the late commit with the smaller number is read: {second:?}"
@@ -519,7 +524,7 @@ async fn postgres_change_log_reads_late_commits() {
     let mut cursor = second.next;
     let passed = tokio::time::timeout(std::time::Duration::from_secs(20), async {
         loop {
-            let next = b.changes_after(cursor).await.unwrap();
+            let next = fleet(&b).changes_after(cursor).await.unwrap();
             if !keys(&next).contains(&Subject::Tenant("slow".into())) {
                 return;
             }
@@ -538,31 +543,30 @@ async fn postgres_job_leases() {
     use std::time::Duration;
     let f = Fixture::postgres().await;
     let (a, b) = (f.open().await, f.open().await);
-    assert!(a.shared() && b.shared());
     let lease = Duration::from_millis(600);
-    assert!(a.take_job("register:x", lease).await.unwrap());
-    assert!(!b.take_job("register:x", lease).await.unwrap());
+    assert!(fleet(&a).take_job("register:x", lease).await.unwrap());
+    assert!(!fleet(&b).take_job("register:x", lease).await.unwrap());
     assert!(
-        b.take_job("register:y", lease).await.unwrap(),
+        fleet(&b).take_job("register:y", lease).await.unwrap(),
         "other jobs are free"
     );
     assert!(
-        a.take_job("register:x", lease).await.unwrap(),
+        fleet(&a).take_job("register:x", lease).await.unwrap(),
         "the holder renews"
     );
-    b.finish_job("register:x").await.unwrap();
+    fleet(&b).finish_job("register:x").await.unwrap();
     assert!(
-        !b.take_job("register:x", lease).await.unwrap(),
+        !fleet(&b).take_job("register:x", lease).await.unwrap(),
         "only the holder finishes"
     );
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(
-        b.take_job("register:x", lease).await.unwrap(),
+        fleet(&b).take_job("register:x", lease).await.unwrap(),
         "an expired lease is free"
     );
-    b.finish_job("register:x").await.unwrap();
+    fleet(&b).finish_job("register:x").await.unwrap();
     assert!(
-        a.take_job("register:x", lease).await.unwrap(),
+        fleet(&a).take_job("register:x", lease).await.unwrap(),
         "a finished job is free"
     );
 }
@@ -584,13 +588,16 @@ async fn postgres_presence_across_nodes() {
         stamp: at,
     };
     let now = |store: Arc<dyn Store>| async move {
-        let got = store.presence(Some(&device(1))).await.unwrap();
+        let got = fleet(&store).presence(Some(&device(1))).await.unwrap();
         assert_eq!(got.len(), 1);
         (got[0].node.clone(), got[0].connected)
     };
-    store.put_presence("n1", &[p("n1", true, 1)]).await.unwrap();
+    fleet(&store)
+        .put_presence("n1", &[p("n1", true, 1)])
+        .await
+        .unwrap();
     assert_eq!(now(store.clone()).await, ("n1".into(), true));
-    store
+    fleet(&store)
         .put_presence("n2", &[p("n2", false, 2)])
         .await
         .unwrap();
@@ -599,8 +606,11 @@ async fn postgres_presence_across_nodes() {
         ("n1".into(), true),
         "n2's disconnect is stale news"
     );
-    store.put_presence("n2", &[p("n2", true, 3)]).await.unwrap();
-    store
+    fleet(&store)
+        .put_presence("n2", &[p("n2", true, 3)])
+        .await
+        .unwrap();
+    fleet(&store)
         .put_presence("n1", &[p("n1", false, 4)])
         .await
         .unwrap();
@@ -610,13 +620,16 @@ async fn postgres_presence_across_nodes() {
         "the device moved to n2"
     );
     // n1's connect stamped before n2's, written late: n2's (newer) connection is the one kept.
-    store.put_presence("n1", &[p("n1", true, 2)]).await.unwrap();
+    fleet(&store)
+        .put_presence("n1", &[p("n1", true, 2)])
+        .await
+        .unwrap();
     assert_eq!(
         now(store.clone()).await,
         ("n2".into(), true),
         "an older connect is stale news"
     );
-    assert_eq!(store.presence(None).await.unwrap().len(), 1);
+    assert_eq!(fleet(&store).presence(None).await.unwrap().len(), 1);
     let Place::Postgres(db) = &f.place else {
         unreachable!()
     };
@@ -631,22 +644,13 @@ async fn postgres_presence_across_nodes() {
     assert_eq!(now(store.clone()).await, ("n2".into(), false), "n2 is gone");
 }
 
+/// The embedded store has no fleet: no change log, leases, pacing or presence to share.
 #[tokio::test]
-async fn sqlite_has_no_change_log() {
+async fn sqlite_has_no_fleet() {
     let f = Fixture::sqlite().await;
     let store = f.open().await;
     store.put_claim(&full_claim(1, "acme"), None).await.unwrap();
-    assert_eq!(store.change_cursor().await.unwrap(), 0);
-    assert!(store.changes_after(0).await.unwrap().changes.is_empty());
-    assert!(!store.shared());
-    let lease = std::time::Duration::from_secs(1);
-    assert!(store.take_job("register:x", lease).await.unwrap());
-    assert!(
-        store.take_job("register:x", lease).await.unwrap(),
-        "one node holds every job"
-    );
-    store.put_presence("n1", &[]).await.unwrap();
-    assert!(store.presence(None).await.unwrap().is_empty());
+    assert!(store.fleet().is_none());
 }
 
 async fn tenants_insert_conflict_update_delete(store: &dyn Store) {

@@ -57,7 +57,7 @@ impl FromRequestParts<ApiState> for Caller {
         // In a fleet the tenant may have been created on another node a moment ago: apply
         // the change log once before saying no (one indexed query; `api.rate_limit` bounds
         // how often a stranger can make this node ask).
-        if state.service.store().shared() {
+        if state.service.store().fleet().is_some() {
             state.service.catch_up().await?;
             if let Some(t) = state.service.cache().tenant_by_token(&hash) {
                 return Ok(Caller::Tenant(t.tenant.id.clone()));

@@ -93,11 +93,10 @@ fn view(
 
 /// What the fleet's store says of `id` (nothing when this node is alone on its store).
 async fn presence_of(s: &ApiState, id: &DeviceId) -> Result<Option<Presence>, ApiError> {
-    let store = s.service.store();
-    if !store.shared() {
+    let Some(fleet) = s.service.store().fleet() else {
         return Ok(None);
-    }
-    let found = store.presence(Some(id)).await.map_err(ServiceError::from)?;
+    };
+    let found = fleet.presence(Some(id)).await.map_err(ServiceError::from)?;
     Ok(found.into_iter().next())
 }
 
@@ -168,7 +167,7 @@ pub async fn list(
     let unclaimed_wanted = caller.tenant().is_none()
         && tenant.is_none()
         && state.is_none_or(|st| st == ClaimState::Unclaimed);
-    let store = s.service.store();
+    let fleet = s.service.store().fleet();
     if unclaimed_wanted {
         let (cache, waiting) = (s.service.cache(), s.service.waiting());
         waiting.for_each_seen(|id, _| {
@@ -177,8 +176,8 @@ pub async fn list(
             }
         });
         // Devices waiting on (or last seen by) other nodes of the fleet.
-        if store.shared() {
-            let remote = store
+        if let Some(fleet) = fleet {
+            let remote = fleet
                 .unclaimed_presence(after.as_ref(), limit + 1)
                 .await
                 .map_err(ServiceError::from)?;
@@ -194,9 +193,9 @@ pub async fn list(
     let more = rows.len() > limit;
     rows.truncate(limit);
     let next = more.then(|| rows.last().map(|r| r.0.to_hex())).flatten();
-    let remote: HashMap<DeviceId, Presence> = if store.shared() {
+    let remote: HashMap<DeviceId, Presence> = if let Some(fleet) = fleet {
         let ids: Vec<DeviceId> = rows.iter().map(|r| r.0).collect();
-        let found = store.presence_of(&ids).await.map_err(ServiceError::from)?;
+        let found = fleet.presence_of(&ids).await.map_err(ServiceError::from)?;
         found.into_iter().map(|p| (p.device_id, p)).collect()
     } else {
         HashMap::new()

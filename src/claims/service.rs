@@ -155,7 +155,10 @@ impl ClaimsService {
     ) -> Result<Self, ServiceError> {
         let cache = ClaimsCache::default();
         // Read before loading: a change committed meanwhile is applied again, never missed.
-        let applied = store.change_cursor().await?;
+        let applied = match store.fleet() {
+            Some(fleet) => fleet.change_cursor().await?,
+            None => 0,
+        };
         for t in store.tenants().await? {
             cache.put_tenant(tenant_entry(t)?);
         }
@@ -405,7 +408,7 @@ impl ClaimsService {
         self.detached(async move {
             let seen = svc.inner.waiting.seen(&id);
             // A fleet's node knows only the devices it has seen; the device may wait on another.
-            let anywhere = svc.inner.store.shared();
+            let anywhere = svc.inner.store.fleet().is_some();
             let changed = svc
                 .change_claim(&id, None, true, |current, _| {
                     let claim = match current {

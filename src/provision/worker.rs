@@ -45,7 +45,7 @@ impl Backoff {
 /// Paces calls per AWS account and region (AWS's limits are per account and region, whichever
 /// tenant calls): a token bucket of `rate` tokens refilled at `rate` per second, so a lone
 /// registration runs at once and a burst is held to `rate` calls per second. This is the
-/// bucket of a node alone on its store; a fleet shares one in the store (`Store::pace_slot`).
+/// bucket of a node alone on its store; a fleet shares one in the store (`Fleet::pace_slot`).
 #[derive(Default)]
 struct Pacer {
     next: Mutex<HashMap<String, Instant>>,
@@ -143,7 +143,7 @@ impl Worker {
         for job in pending {
             self.start(job, &permits, &tracker);
         }
-        let shared = self.inner.store.shared();
+        let shared = self.inner.store.fleet().is_some();
         let mut sweep = tokio::time::interval(self.inner.lease);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         sweep.tick().await;
@@ -202,9 +202,12 @@ impl Worker {
     /// gives the lease up when done. A lease lost meanwhile (this node stalled past it and
     /// another took the job over) stops the work here.
     async fn run_leased(&self, job: &Job) {
-        let (store, lease) = (&self.inner.store, self.inner.lease);
-        let key = job.key();
-        match store.take_job(&key, lease).await {
+        let Some(fleet) = self.inner.store.fleet() else {
+            // A node alone on its store holds every job.
+            return self.run_job(job).await;
+        };
+        let (lease, key) = (self.inner.lease, job.key());
+        match fleet.take_job(&key, lease).await {
             Ok(true) => {}
             Ok(false) => {
                 tracing::debug!(?job, "another node runs this job");
@@ -214,10 +217,6 @@ impl Worker {
                 tracing::warn!(?job, error = %e, "cannot take the job's lease; retried later");
                 return;
             }
-        }
-        if !store.shared() {
-            self.run_job(job).await;
-            return;
         }
         let renew = async {
             let mut tick = tokio::time::interval(lease / 3);
@@ -229,7 +228,7 @@ impl Worker {
                     // another node takes it over if this one does not get to the end.
                     () = self.inner.cancel.cancelled() => std::future::pending::<()>().await,
                 }
-                match store.take_job(&key, lease).await {
+                match fleet.take_job(&key, lease).await {
                     Ok(true) => {}
                     Ok(false) => return,
                     Err(e) => tracing::warn!(?job, error = %e, "renewing the job's lease failed"),
@@ -238,7 +237,7 @@ impl Worker {
         };
         tokio::select! {
             () = self.run_job(job) => {
-                if let Err(e) = store.finish_job(&key).await {
+                if let Err(e) = fleet.finish_job(&key).await {
                     tracing::warn!(?job, error = %e, "releasing the job's lease failed");
                 }
             }
@@ -396,9 +395,11 @@ impl Worker {
     /// its turn here), else this node's.
     async fn pace(&self, backend: &AwsIotBackend) {
         let (key, rate) = (pace_key(backend), backend.rate());
-        match self.inner.store.pace_slot(&key, rate).await {
-            Ok(Some(wait)) => return tokio::time::sleep(wait).await,
-            Ok(None) => {} // a store that does not pace: a node alone on it
+        let Some(fleet) = self.inner.store.fleet() else {
+            return self.inner.pacer.wait(&key, rate).await; // a node alone on its store
+        };
+        match fleet.pace_slot(&key, rate).await {
+            Ok(wait) => return tokio::time::sleep(wait).await,
             Err(e) => {
                 tracing::warn!(key, error = %e, "cannot take a call slot from the store; pacing on this node")
             }

@@ -7,7 +7,7 @@
 //! The log is read by cursor, not by sequence number: concurrent transactions commit out of
 //! order, so a reader that went on after the highest number it saw could miss a smaller one
 //! committed later. The store hands out a cursor behind every transaction still running
-//! ([`crate::store::Store::changes_after`]); entries after it may come again (for as long as
+//! ([`crate::store::Fleet::changes_after`]); entries after it may come again (for as long as
 //! an older transaction runs: a session left idle in one holds every cursor back). A claim
 //! entry whose version the map already holds, or a newer one, is skipped without reading the
 //! store; others are applied (applying reads what is stored now, so it is idempotent).
@@ -43,7 +43,10 @@ impl ClaimsService {
             return Ok(0); // a catch-up that started after this ask has finished
         }
         let covers = inner.catch_ups_asked.load(Ordering::SeqCst);
-        let batch = inner.store.changes_after(*cursor).await?;
+        let Some(fleet) = inner.store.fleet() else {
+            return Ok(0); // one node alone: its map is the store's
+        };
+        let batch = fleet.changes_after(*cursor).await?;
         let mut foreign = 0;
         let mut done: HashSet<&Subject> = HashSet::new();
         for Change { seq, subject, own } in &batch.changes {

@@ -58,10 +58,10 @@ impl ClaimsService {
         if let Some(seen) = self.inner.waiting.seen(id) {
             return Ok(Some(device::thing_name_for(Some(&*seen.thing_name), id)));
         }
-        if !self.inner.store.shared() {
+        let Some(fleet) = self.inner.store.fleet() else {
             return Ok(None);
-        }
-        let presence = self.inner.store.presence(Some(id)).await?;
+        };
+        let presence = fleet.presence(Some(id)).await?;
         Ok(presence
             .first()
             .map(|p| device::thing_name_for(Some(&p.thing_name), id)))
