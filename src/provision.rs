@@ -67,6 +67,9 @@ pub const CREDENTIALS_FAILED: &str = "AssumeRoleFailed";
 /// The code of a retryable failure of the lobby's own store during a registration (its
 /// details, such as the database's address, are the operator's).
 pub const STORE_FAILED: &str = "StoreError";
+/// The error code of a registration the lobby's own control plane refused (not the AWS
+/// account's): a retry would meet the same answer.
+pub const LOBBY_REFUSED: &str = "LobbyRefused";
 
 /// The account field of an ARN (`arn:partition:service:region:account:resource`), empty when
 /// the ARN has none.

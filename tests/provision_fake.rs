@@ -217,6 +217,9 @@ struct FakeFactory(Arc<Account>);
 #[async_trait]
 impl IotApiFactory for FakeFactory {
     async fn client(&self, _t: &str, _b: &AwsIotBackend) -> Result<Arc<dyn IotApi>, IotError> {
+        // Counted, and slowed like any call (`slow_on`), but not an AWS IoT step.
+        self.0.calls.lock().unwrap().push("assume_role".into());
+        self.0.answer("assume_role").await?;
         Ok(Arc::new(FakeIot(self.0.clone())))
     }
 }
@@ -742,6 +745,29 @@ async fn unclaim_removes_the_registration() {
     }
     assert!(account.principals.lock().unwrap().is_empty());
     assert!(account.policies.lock().unwrap().is_empty());
+}
+
+/// Unclaimed after the registration reserved its thing name but before it stored anything:
+/// the unclaim's write finds no registration to retire, the registration then creates the
+/// certificate and thing, and finds the claim gone; provisioning retires what it made.
+#[tokio::test]
+async fn what_a_registration_makes_after_an_unclaim_is_removed() {
+    let account = Arc::new(Account::default());
+    *account.slow_on.lock().unwrap() = Some(("assume_role", Duration::from_millis(1500)));
+    let t = lobby_with(&account).await;
+    let token = aws_tenant(&t).await;
+    let dev = t.device("dev-late");
+    claim_with_cert(&t, &token, &dev).await;
+    // Past the name's reservation: taking the tenant's role.
+    eventually(|| async { (account.count("assume_role") == 1).then_some(()) }).await;
+    let (st, b) = t
+        .call("DELETE", &format!("/v1/claims/{}", dev.hex()), &token, None)
+        .await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(account.count("register_certificate"), 0, "unclaimed before");
+    eventually(|| async { (account.count("create_thing") == 1).then_some(()) }).await;
+    emptied(&account).await;
+    assert_eq!(account.count("delete_thing"), 1);
 }
 
 /// A lobby node on its own runtime and thread, for a test to kill without any shutdown:

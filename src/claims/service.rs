@@ -40,6 +40,8 @@ mod names;
 mod registrations;
 mod tenants;
 
+pub use registrations::Verdict;
+
 /// The result of a claim request.
 #[derive(Debug)]
 pub struct ClaimOutcome {

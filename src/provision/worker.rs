@@ -13,12 +13,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{IotApiFactory, IotError, Job};
+use crate::claims::error::ServiceError;
 use crate::claims::events::ClaimEvent;
 use crate::claims::service::ClaimsService;
 use crate::device::DeviceId;
 use crate::model::{AwsIotBackend, Backend, ClaimState};
 use crate::store::{Store, StoreError};
 
+mod retire;
 mod steps;
 
 /// Jobs running at once (each is paced by its tenant's rate anyway).
@@ -107,6 +109,18 @@ fn store_err(e: StoreError) -> IotError {
     }
 }
 
+/// A claims-service failure during a job, by kind: the store's are retried like an AWS
+/// throttle; a refusal is not (a retry meets the same answer).
+fn service_err(e: ServiceError) -> IotError {
+    match e {
+        ServiceError::Store(e) => store_err(e),
+        other => IotError::Permanent {
+            code: super::LOBBY_REFUSED.into(),
+            message: other.to_string(),
+        },
+    }
+}
+
 impl Worker {
     pub fn new(
         service: ClaimsService,
@@ -159,24 +173,6 @@ impl Worker {
                     }
                 }
                 () = self.inner.cancel.cancelled() => return,
-            }
-        }
-    }
-
-    /// The start-up sweep: registrations of devices whose claim is gone are marked for
-    /// removal (then [`Self::pending`] finds them), so nothing a lost clean-up left behind
-    /// stays registered in a tenant's account.
-    async fn retire_orphans(&self) {
-        let store = &self.inner.store;
-        let orphans = match store.orphaned_registrations().await {
-            Ok(o) => o,
-            Err(e) => return tracing::error!(error = %e, "cannot read orphaned registrations"),
-        };
-        for mut reg in orphans {
-            tracing::info!(device = %reg.device_id, tenant = reg.tenant, "retiring a registration whose claim is gone");
-            reg.removing = true;
-            if let Err(e) = store.put_registration(&reg).await {
-                tracing::error!(error = %e, "cannot mark an orphaned registration for removal");
             }
         }
     }
@@ -349,11 +345,9 @@ impl Worker {
                     tracing::warn!(device = %id, tenant = &*tenant, error = %e, "registration failed");
                     let account = self.tenant_account(&tenant);
                     let shown = e.tenant_facing(account.as_deref());
-                    let _ = self
-                        .inner
-                        .service
-                        .registration_done(id, &tenant, Err(shown))
-                        .await;
+                    if let Err(e) = self.verdict(id, &tenant, Err(shown)).await {
+                        tracing::warn!(device = %id, error = %e, "cannot record a failed registration");
+                    }
                 }
             }
             Job::Remove(_, tenant) => {
@@ -418,6 +412,22 @@ fn registration_metric(outcome: &'static str, started: Instant) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store outage is retried; a refusal of the control plane ends the job (before, every
+    /// service error became a retryable store error, retried until `aws.retry_give_up`).
+    #[test]
+    fn service_errors_keep_their_kind() {
+        let down = service_err(ServiceError::Store(StoreError::Unavailable("gone".into())));
+        assert!(
+            matches!(&down, IotError::Retryable { code, .. } if code == crate::provision::STORE_FAILED),
+            "{down:?}"
+        );
+        let refused = service_err(ServiceError::NotFound);
+        assert!(
+            matches!(&refused, IotError::Permanent { code, .. } if code == crate::provision::LOBBY_REFUSED),
+            "{refused:?}"
+        );
+    }
 
     #[test]
     fn backoff_grows_caps_and_jitters() {

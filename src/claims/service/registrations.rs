@@ -1,5 +1,7 @@
-//! The claims service's side of provisioning: queueing registrations, retiring registrations
-//! with tenants a device left, and taking the provisioner's verdicts.
+//! The claims service's side of provisioning: nudging registrations and taking the
+//! provisioner's verdicts. Provisioning owns its queues: a claim write marks the registrations
+//! it makes obsolete in its own transaction (and says so with a [`ClaimEvent::Retiring`]);
+//! anything else about registrations is the worker's.
 
 use std::sync::Arc;
 
@@ -10,6 +12,17 @@ use super::{
 use crate::claims::events::ClaimEvent;
 use crate::device::{self, DeviceId};
 use crate::model::{Claim, Tenant};
+
+/// What [`ClaimsService::registration_done`] made of a verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The claim shows it.
+    Applied,
+    /// The claim was unclaimed or moved on while the registration ran; `keep` is the tenant
+    /// it is bound to now, if any. The device's registrations with every other tenant (the
+    /// one just made too, perhaps stored after the unclaim marked the others) are left over.
+    MovedOn { keep: Option<Arc<str>> },
+}
 
 impl ClaimsService {
     /// After a claim or migration: queue its registration (a claim ready at once retired the
@@ -22,37 +35,16 @@ impl ClaimsService {
         }
     }
 
-    /// Marks the device's registrations with every tenant but `keep` for removal and queues
-    /// the clean-up (stored first, so a restart resumes it).
-    pub(super) async fn retire_registrations(
-        &self,
-        id: &DeviceId,
-        keep: Option<&str>,
-    ) -> Result<(), ServiceError> {
-        for mut reg in self.inner.store.registrations(id).await? {
-            if Some(reg.tenant.as_str()) == keep {
-                continue;
-            }
-            if !reg.removing {
-                reg.removing = true;
-                self.inner.store.put_registration(&reg).await?;
-            }
-            self.inner
-                .events
-                .emit(ClaimEvent::Retiring(*id, reg.tenant));
-        }
-        Ok(())
-    }
-
     /// The provisioner's verdict on a registration with `tenant`: `Ok(thing_name)` makes the
     /// claim ready (and retires other tenants' registrations, in the same write), `Err(reason)`
-    /// failed. Ignored when the claim moved on meanwhile.
+    /// failed. Ignored when the claim moved on meanwhile, which the answer says: what the
+    /// registration created must then not outlive it.
     pub async fn registration_done(
         &self,
         id: &DeviceId,
         tenant: &str,
         outcome: Result<Option<String>, String>,
-    ) -> Result<(), ServiceError> {
+    ) -> Result<Verdict, ServiceError> {
         let changed = self
             .change_claim(id, None, true, |current, taken| {
                 let Some(c) = current.filter(|c| c.registering_with(tenant)) else {
@@ -87,13 +79,12 @@ impl ClaimsService {
                 }))
             })
             .await?;
-        if let Changed::Unchanged(current) = changed {
-            // Unclaimed or moved on while the registration ran: what it created (perhaps
-            // stored after the unclaim queued the clean-up) must not outlive it.
-            let keep = current.and_then(|c| c.tenant.clone());
-            return self.retire_registrations(id, keep.as_deref()).await;
-        }
-        Ok(())
+        Ok(match changed {
+            Changed::Written(_) => Verdict::Applied,
+            Changed::Unchanged(current) => Verdict::MovedOn {
+                keep: current.and_then(|c| c.tenant.clone()),
+            },
+        })
     }
 
     /// A registration attempt with `tenant` failed for a retryable reason: the device stays

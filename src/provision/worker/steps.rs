@@ -5,11 +5,10 @@
 
 use tokio::time::Instant;
 
-use super::{registration_metric, store_err, Worker};
+use super::{registration_metric, service_err, store_err, Worker};
 use crate::device::{self, DeviceId};
 use crate::model::{AwsIotBackend, Backend, CertRef, ClaimState, Registration};
 use crate::provision::{thing_name, IotApi, IotError};
-use crate::store::StoreError;
 
 impl Worker {
     /// Registers a `registering` device in its tenant's account; each step is idempotent.
@@ -26,8 +25,7 @@ impl Worker {
         };
         let Backend::AwsIot(backend) = &tenant.tenant.backend else {
             // The tenant switched to a backend with nothing to register.
-            let _ = service.registration_done(id, &tenant_id, Ok(None)).await;
-            return Ok(());
+            return self.verdict(id, &tenant_id, Ok(None)).await;
         };
         let Some(pem) = self.inner.store.cert_pem(id).await.map_err(store_err)? else {
             tracing::debug!(device_id = %id, "registration waits for the device's certificate");
@@ -43,7 +41,7 @@ impl Worker {
         let Some(thing) = service
             .reserve_thing_name(id, &tenant_id, &candidate)
             .await
-            .map_err(|e| store_err(StoreError::Backend(e.to_string())))?
+            .map_err(service_err)?
         else {
             return Ok(()); // the claim moved on
         };
@@ -65,14 +63,10 @@ impl Worker {
             service
                 .set_tenant_endpoint(&tenant_id, &endpoint)
                 .await
-                .map_err(|e| store_err(StoreError::Backend(e.to_string())))?;
+                .map_err(service_err)?;
         }
         registration_metric("ready", started);
-        service
-            .registration_done(id, &tenant_id, Ok(Some(thing)))
-            .await
-            .map_err(|e| store_err(StoreError::Backend(e.to_string())))?;
-        Ok(())
+        self.verdict(id, &tenant_id, Ok(Some(thing))).await
     }
 
     /// The certificate registered and ACTIVE: the stored one (re-activated when the
