@@ -15,46 +15,37 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Object, Pool};
 use futures_util::TryStreamExt;
-use tokio_postgres::config::SslMode;
-use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::Row;
 
 use super::{
-    ClaimWrite, Expect, Fleet, RegistrationBody, Retire, Store, StoreError, StoredTenant,
-    TenantDeleted, TenantPatch, TenantUpdated, Written,
+    ClaimWrite, Fleet, RegistrationBody, Store, StoreError, StoredTenant, TenantDeleted,
+    TenantPatch, TenantUpdated, Written,
 };
 use crate::device::DeviceId;
 use crate::model::Registration;
-use crate::model::{Claim, ClaimState, Tenant};
+use crate::model::{Claim, Tenant};
 
+mod claims;
+mod connect;
 mod fleet;
 mod schema;
 mod sql;
 mod watch;
 
+use claims::claim_from_row;
+use connect::{describe, pg, pg_config};
 use fleet::Notifier;
+
+pub use connect::{LOCK_TIMEOUT, STATEMENT_TIMEOUT};
 
 pub use schema::{MIGRATION_LOCK, SCHEMA_VERSION};
 use sql::*;
-
-/// Connections in the pool: concurrent writes (claim bursts), API reads and the provisioning
-/// worker. The server flushes the commits of concurrent transactions together.
-const POOL_SIZE: usize = 16;
-/// How long a statement waits for a row or advisory lock (`lock_timeout`), unless the URL's
-/// `options` set it: a write behind a stuck holder fails as `unavailable` rather than waiting.
-pub const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long one statement may run (`statement_timeout`), unless the URL's `options` set it.
-pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Connecting to the server, unless the URL sets `connect_timeout`.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a store call waits for a free connection before it fails.
-const POOL_WAIT: Duration = Duration::from_secs(30);
 
 /// PostgreSQL-backed [`Store`]. Cheap to clone (the pool is a handle).
 #[derive(Clone)]
@@ -76,114 +67,11 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
-/// The error and its causes on one line (tokio-postgres says only "db error" at the top).
-fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
-
-/// A unique key that already exists is `Conflict`; a lock or statement that timed out, a lost
-/// connection or a server that is going away is `Unavailable`; the rest is `Backend`.
-fn pg(e: tokio_postgres::Error) -> StoreError {
-    let text = || format!("postgres: {}", describe(&e));
-    match e.code() {
-        Some(c) if *c == SqlState::UNIQUE_VIOLATION => StoreError::Conflict,
-        Some(c)
-            if [
-                SqlState::LOCK_NOT_AVAILABLE,
-                SqlState::QUERY_CANCELED,
-                SqlState::ADMIN_SHUTDOWN,
-                SqlState::CRASH_SHUTDOWN,
-                SqlState::CANNOT_CONNECT_NOW,
-                SqlState::TOO_MANY_CONNECTIONS,
-                SqlState::T_R_SERIALIZATION_FAILURE,
-                SqlState::T_R_DEADLOCK_DETECTED,
-            ]
-            .contains(c)
-                || c.code().starts_with("08") =>
-        {
-            StoreError::Unavailable(text())
-        }
-        Some(_) => StoreError::Backend(text()),
-        // No SQLSTATE: the connection failed or closed.
-        None => StoreError::Unavailable(text()),
-    }
-}
-
-/// Whether `e` is a violation of the thing-name index.
-fn name_taken(e: &tokio_postgres::Error) -> bool {
-    e.as_db_error()
-        .and_then(|d| d.constraint())
-        .is_some_and(|c| c == THING_NAME_INDEX)
-}
-
-/// The connection settings of `url`, refusing what this store cannot honour.
-fn pg_config(url: &str) -> Result<tokio_postgres::Config, StoreError> {
-    let query = url.split_once('?').map_or("", |(_, q)| q);
-    for (key, value) in query.split('&').filter_map(|kv| kv.split_once('=')) {
-        if key == "sslmode" && !matches!(value, "disable" | "prefer") {
-            return Err(StoreError::Backend(format!(
-                "store.url asks for sslmode={value}, but TLS to PostgreSQL is not supported \
-                 yet; use sslmode=disable (or leave it out) on a trusted network"
-            )));
-        }
-    }
-    let mut config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
-        StoreError::Backend(format!(
-            "store.url {:?} is not a PostgreSQL URL: {}",
-            crate::config::redacted(url),
-            describe(&e)
-        ))
-    })?;
-    config.ssl_mode(SslMode::Disable);
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(CONNECT_TIMEOUT);
-    }
-    if config.get_application_name().is_none() {
-        config.application_name("lobby");
-    }
-    // Bound every wait on a lock or statement, unless the URL chose its own.
-    let mut options = config.get_options().unwrap_or("").to_owned();
-    for (key, value) in [
-        ("lock_timeout", LOCK_TIMEOUT),
-        ("statement_timeout", STATEMENT_TIMEOUT),
-        ("idle_in_transaction_session_timeout", STATEMENT_TIMEOUT),
-    ] {
-        if !options.contains(key) {
-            options.push_str(&format!(" -c {key}={}", value.as_millis()));
-        }
-    }
-    config.options(options.trim());
-    Ok(config)
-}
-
 impl PostgresStore {
     /// Connects to `url` (`postgres://…` or `postgresql://…`) and brings the schema up to date.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         let config = pg_config(url)?;
-        let manager = Manager::from_config(
-            config.clone(),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(POOL_SIZE)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(POOL_WAIT))
-            .create_timeout(Some(CONNECT_TIMEOUT))
-            .build()
-            .map_err(|e| StoreError::Backend(format!("postgres pool: {e}")))?;
+        let pool = connect::pool(&config)?;
         let mut origin = [0u8; 8];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut origin);
         let store = Self {
@@ -273,121 +161,6 @@ impl PostgresStore {
         .await
     }
 
-    /// [`Store::write_claim`]'s transaction. `Stale(None)` when the condition failed (the
-    /// caller reads what is there); every early return rolls back.
-    async fn write_claim_tx(&self, w: &ClaimWrite<'_>) -> Result<Written, StoreError> {
-        let hex = w.id.to_hex();
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg)?;
-        if w.bind {
-            let tenant = w.claim.and_then(Claim::tenant_id).ok_or_else(|| {
-                StoreError::Backend("a binding claim write without a tenant".into())
-            })?;
-            let room = tx.prepare_cached(TENANT_ROOM).await.map_err(pg)?;
-            let rows = tx.query(&room, &[&tenant]).await.map_err(pg)?;
-            let Some(row) = rows.first() else {
-                return Ok(Written::NoTenant);
-            };
-            if let Some(max) = row.try_get::<_, Option<i64>>(0).map_err(pg)? {
-                tx.execute(TENANT_QUOTA_LOCK, &[&tenant])
-                    .await
-                    .map_err(pg)?;
-                let count = tx.prepare_cached(TENANT_COUNT).await.map_err(pg)?;
-                let n: i64 = tx
-                    .query_one(&count, &[&tenant, &hex])
-                    .await
-                    .map_err(pg)?
-                    .get(0);
-                if n >= max {
-                    return Ok(Written::Full);
-                }
-            }
-        }
-        let log = tx.prepare_cached(LOG_CHANGE).await.map_err(pg)?;
-        let seq: i64 = tx
-            .query_one(&log, &[&"claim", &hex, &&*self.origin])
-            .await
-            .map_err(pg)?
-            .get(0);
-        let changed = match (w.claim, w.expect) {
-            (Some(c), expect) => {
-                let (state, tenant) = (c.state.as_str(), c.tenant_id());
-                let attempts = i64::from(c.attempts);
-                let mut params: Vec<&(dyn ToSql + Sync)> = vec![
-                    &hex,
-                    &tenant,
-                    &state,
-                    &c.thing_name,
-                    &c.redirect_id,
-                    &c.claimed_at,
-                    &c.ready_at,
-                    &c.redirected_at,
-                    &c.error,
-                    &w.cert_pem,
-                    &attempts,
-                    &c.next_attempt_at,
-                    &seq,
-                ];
-                let sql = match &expect {
-                    Expect::Absent => format!("{CLAIM_INSERT} ON CONFLICT (device_id) DO NOTHING"),
-                    Expect::Any => format!("{CLAIM_INSERT}{CLAIM_UPSERT_SET}"),
-                    Expect::Version(v) => {
-                        params.push(v);
-                        CLAIM_UPDATE.to_owned()
-                    }
-                };
-                let stmt = tx.prepare_cached(&sql).await.map_err(pg)?;
-                match tx.execute(&stmt, &params).await {
-                    Err(e) if name_taken(&e) => return Ok(Written::NameTaken),
-                    other => other.map_err(pg)?,
-                }
-            }
-            (None, Expect::Any) => tx
-                .execute("DELETE FROM claims WHERE device_id = $1", &[&hex])
-                .await
-                .map_err(pg)?
-                .max(1),
-            (None, Expect::Version(v)) => tx
-                .execute(
-                    "DELETE FROM claims WHERE device_id = $1 AND version = $2",
-                    &[&hex, &v],
-                )
-                .await
-                .map_err(pg)?,
-            (None, Expect::Absent) => {
-                let absent: bool = tx
-                    .query_one(
-                        "SELECT NOT EXISTS (SELECT 1 FROM claims WHERE device_id = $1)",
-                        &[&hex],
-                    )
-                    .await
-                    .map_err(pg)?
-                    .get(0);
-                u64::from(absent)
-            }
-        };
-        if changed == 0 {
-            return Ok(Written::Stale(None));
-        }
-        let keep = match w.retire {
-            Retire::Nothing => None,
-            Retire::All => Some(None),
-            Retire::AllBut(t) => Some(Some(t)),
-        };
-        let mut retiring = Vec::new();
-        if let Some(keep) = keep {
-            let retire = tx.prepare_cached(RETIRE).await.map_err(pg)?;
-            for r in tx.query(&retire, &[&hex, &keep]).await.map_err(pg)? {
-                retiring.push(r.try_get(0).map_err(pg)?);
-            }
-        }
-        tx.commit().await.map_err(pg)?;
-        Ok(Written::Done {
-            version: seq,
-            retiring,
-        })
-    }
-
     async fn registrations_where(
         &self,
         op: &'static str,
@@ -408,40 +181,6 @@ impl PostgresStore {
             })
             .collect()
     }
-}
-
-/// Decodes one claims row. Tenant names repeat across many claims: `tenants` hands out one
-/// shared `Arc<str>` per name.
-fn claim_from_row(row: &Row, tenants: &mut HashMap<String, Arc<str>>) -> Result<Claim, StoreError> {
-    let id: &str = row.try_get(0).map_err(pg)?;
-    let device_id =
-        DeviceId::parse_hex(id).ok_or_else(|| StoreError::Corrupt(format!("device_id {id:?}")))?;
-    let tenant = row
-        .try_get::<_, Option<&str>>(1)
-        .map_err(pg)?
-        .map(|t| match tenants.get(t) {
-            Some(shared) => shared.clone(),
-            None => tenants
-                .entry(t.to_owned())
-                .or_insert_with(|| t.into())
-                .clone(),
-        });
-    let state: &str = row.try_get(2).map_err(pg)?;
-    Ok(Claim {
-        device_id,
-        tenant,
-        // As the SQLite store: an unknown state loads as failed rather than stopping the lobby.
-        state: ClaimState::parse(state).unwrap_or(ClaimState::Failed),
-        thing_name: row.try_get(3).map_err(pg)?,
-        redirect_id: row.try_get(4).map_err(pg)?,
-        claimed_at: row.try_get(5).map_err(pg)?,
-        ready_at: row.try_get(6).map_err(pg)?,
-        redirected_at: row.try_get(7).map_err(pg)?,
-        error: row.try_get(8).map_err(pg)?,
-        version: row.try_get(9).map_err(pg)?,
-        attempts: u32::try_from(row.try_get::<_, i64>(10).map_err(pg)?).unwrap_or(u32::MAX),
-        next_attempt_at: row.try_get(11).map_err(pg)?,
-    })
 }
 
 #[async_trait]
@@ -702,40 +441,4 @@ fn tenant_from_row(r: &Row) -> Result<StoredTenant, StoreError> {
         tenant,
         token_hash: r.try_get(1).map_err(pg)?,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tls_urls_are_refused_not_downgraded() {
-        for mode in ["require", "verify-ca", "verify-full"] {
-            let url = format!("postgres://u@127.0.0.1/db?application_name=x&sslmode={mode}");
-            let err = pg_config(&url).unwrap_err().to_string();
-            assert!(
-                err.contains("TLS to PostgreSQL is not supported yet"),
-                "{err}"
-            );
-        }
-        for url in [
-            "postgres://u@127.0.0.1/db",
-            "postgresql://u@127.0.0.1:5433/db?sslmode=disable",
-            "postgres://u@127.0.0.1/db?sslmode=prefer",
-        ] {
-            let config = pg_config(url).unwrap();
-            assert_eq!(config.get_ssl_mode(), SslMode::Disable, "{url}");
-        }
-    }
-
-    #[test]
-    fn a_bad_url_is_named_without_its_password() {
-        let err = pg_config("postgres://u:hunter2@127.0.0.1:notaport/db")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("not a PostgreSQL URL") && !err.contains("hunter2"),
-            "{err}"
-        );
-    }
 }
