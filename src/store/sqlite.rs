@@ -5,64 +5,29 @@
 //! anyway. A claim write is conditional on the version it read, like the networked store's, so
 //! the claims service's tasks need no lock between them either.
 //!
-//! Claim writes are group-committed: they queue for one writer thread, which takes everything
-//! queued, runs each write in its own savepoint of one transaction and commits once, then
-//! answers each. Concurrent claims share one fsync instead of waiting for one each; a write is
-//! still answered only after the commit that made it durable.
+//! Claim writes are group-committed by one writer thread ([`writer`]): concurrent claims share
+//! one fsync, and a write is answered only after the commit that made it durable. The schema
+//! and its upgrades are [`schema`]'s.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    ClaimWrite, Expect, RegistrationBody, Retire, Store, StoreError, StoredTenant, TenantDeleted,
-    TenantPatch, TenantUpdated, Written,
+    ClaimWrite, RegistrationBody, Store, StoreError, StoredTenant, TenantDeleted, TenantPatch,
+    TenantUpdated, Written,
 };
 use crate::config::StoreUrl;
 use crate::device::DeviceId;
 use crate::model::Registration;
 use crate::model::{Claim, ClaimState, Tenant};
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS tenants (
-    id TEXT PRIMARY KEY,
-    body TEXT NOT NULL,
-    token_hash TEXT NOT NULL UNIQUE
-);
-CREATE TABLE IF NOT EXISTS claims (
-    device_id TEXT PRIMARY KEY,
-    tenant TEXT,
-    state TEXT NOT NULL,
-    thing_name TEXT,
-    redirect_id TEXT,
-    claimed_at INTEGER,
-    ready_at INTEGER,
-    redirected_at INTEGER,
-    error TEXT,
-    cert_pem TEXT
-);
-CREATE INDEX IF NOT EXISTS claims_tenant ON claims(tenant);
-DROP INDEX IF EXISTS claims_tenant_thing;
-CREATE UNIQUE INDEX IF NOT EXISTS claims_tenant_thing_unique ON claims(tenant, thing_name)
-    WHERE tenant IS NOT NULL AND thing_name IS NOT NULL;
-CREATE TABLE IF NOT EXISTS registrations (
-    device_id TEXT NOT NULL,
-    tenant TEXT NOT NULL,
-    body TEXT NOT NULL,
-    removing INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (device_id, tenant)
-);
-CREATE INDEX IF NOT EXISTS registrations_removing ON registrations(removing);
-";
+mod schema;
+mod writer;
 
-/// `claims` columns added after the first schema, in order: (name, declaration).
-const ADDED_CLAIM_COLUMNS: [(&str, &str); 3] = [
-    ("version", "INTEGER NOT NULL DEFAULT 0"),
-    ("attempts", "INTEGER NOT NULL DEFAULT 0"),
-    ("next_attempt_at", "INTEGER"),
-];
+use writer::{run_writer, OwnedWrite, Queued};
 
 /// SQLite-backed [`Store`].
 #[derive(Clone)]
@@ -72,16 +37,6 @@ pub struct SqliteStore {
     /// versions only grow, deleted claims' too).
     writes: std::sync::mpsc::Sender<Queued>,
 }
-
-/// A claim write waiting for the writer, with where its answer goes.
-type Queued = (
-    OwnedWrite,
-    tokio::sync::oneshot::Sender<Result<Written, StoreError>>,
-);
-
-/// The most writes one commit takes (the rest wait for the next; a bound on how long the
-/// connection is held from readers).
-const GROUP_MAX: usize = 1024;
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -143,27 +98,7 @@ impl SqliteStore {
             conn.pragma_update(None, "synchronous", "FULL")
                 .map_err(backend)?;
             conn.busy_timeout(BUSY_TIMEOUT).map_err(backend)?;
-            conn.execute_batch(SCHEMA).map_err(backend)?;
-            // Columns added since the first release, for stores made before them.
-            for (column, decl) in ADDED_CLAIM_COLUMNS {
-                let has: bool = conn
-                    .query_row(
-                        "SELECT count(*) FROM pragma_table_info('claims') WHERE name = ?1",
-                        [column],
-                        |r| r.get::<_, i64>(0),
-                    )
-                    .map_err(backend)?
-                    > 0;
-                if !has {
-                    conn.execute_batch(&format!("ALTER TABLE claims ADD COLUMN {column} {decl}"))
-                        .map_err(backend)?;
-                }
-            }
-            let newest: i64 = conn
-                .query_row("SELECT COALESCE(MAX(version), 0) FROM claims", [], |r| {
-                    r.get(0)
-                })
-                .map_err(backend)?;
+            let newest = schema::migrate(&conn)?;
             Ok((conn, newest))
         })
         .await
@@ -267,207 +202,6 @@ fn registrations_from(
 }
 
 const REGISTRATION_COLUMNS: &str = "SELECT device_id, tenant, body, removing FROM registrations";
-
-/// A [`ClaimWrite`] that can cross into `spawn_blocking`.
-struct OwnedWrite {
-    id: DeviceId,
-    expect: Expect,
-    claim: Option<Claim>,
-    cert_pem: Option<String>,
-    bind: bool,
-    /// `None`: retire nothing; `Some(None)`: all; `Some(Some(t))`: all but `t`'s.
-    retire: Option<Option<String>>,
-}
-
-impl From<&ClaimWrite<'_>> for OwnedWrite {
-    fn from(w: &ClaimWrite<'_>) -> Self {
-        Self {
-            id: w.id,
-            expect: w.expect,
-            claim: w.claim.cloned(),
-            cert_pem: w.cert_pem.map(str::to_owned),
-            bind: w.bind,
-            retire: match w.retire {
-                Retire::Nothing => None,
-                Retire::All => Some(None),
-                Retire::AllBut(t) => Some(Some(t.to_owned())),
-            },
-        }
-    }
-}
-
-/// Writes a whole claim row (`?10`, the certificate, only when given).
-const CLAIM_UPSERT: &str = "INSERT INTO claims (device_id, tenant, state, thing_name, \
-     redirect_id, claimed_at, ready_at, redirected_at, error, cert_pem, version, attempts, \
-     next_attempt_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
-     ON CONFLICT(device_id) DO UPDATE SET tenant = ?2, state = ?3, thing_name = ?4, \
-     redirect_id = ?5, claimed_at = ?6, ready_at = ?7, redirected_at = ?8, error = ?9, \
-     cert_pem = COALESCE(?10, cert_pem), version = ?11, attempts = ?12, next_attempt_at = ?13";
-
-/// One claim write inside the transaction (or savepoint) `tx`; the caller commits on `Done`.
-/// `Stale(None)` when the stored claim is not the expected one.
-fn write_claim_in(
-    tx: &Connection,
-    w: &OwnedWrite,
-    version: &AtomicI64,
-) -> Result<Written, StoreError> {
-    let hex = w.id.to_hex();
-    if w.bind {
-        let tenant = w
-            .claim
-            .as_ref()
-            .and_then(Claim::tenant_id)
-            .ok_or_else(|| backend("a binding claim write without a tenant"))?;
-        let room: Option<Option<i64>> = tx
-            .prepare_cached("SELECT CAST(json_extract(body, '$.max_devices') AS INTEGER) FROM tenants WHERE id = ?1")
-            .and_then(|mut s| s.query_row(params![tenant], |r| r.get(0)).optional())
-            .map_err(backend)?;
-        let Some(max) = room else {
-            return Ok(Written::NoTenant);
-        };
-        if let Some(max) = max.map(|m| u64::try_from(m).unwrap_or(0)) {
-            let n: i64 = tx
-                .prepare_cached("SELECT count(*) FROM claims WHERE tenant = ?1 AND device_id <> ?2")
-                .and_then(|mut s| s.query_row(params![tenant, hex], |r| r.get(0)))
-                .map_err(backend)?;
-            if u64::try_from(n).unwrap_or(0) >= max {
-                return Ok(Written::Full);
-            }
-        }
-    }
-    let stored: Option<i64> = tx
-        .prepare_cached("SELECT version FROM claims WHERE device_id = ?1")
-        .and_then(|mut s| s.query_row(params![hex], |r| r.get(0)).optional())
-        .map_err(backend)?;
-    let as_expected = match w.expect {
-        Expect::Any => true,
-        Expect::Absent => stored.is_none(),
-        Expect::Version(v) => stored == Some(v),
-    };
-    if !as_expected {
-        return Ok(Written::Stale(None));
-    }
-    let next = version.fetch_add(1, Ordering::Relaxed) + 1;
-    match &w.claim {
-        Some(cl) => {
-            let put = tx.prepare_cached(CLAIM_UPSERT).and_then(|mut s| {
-                s.execute(params![
-                    hex,
-                    cl.tenant.as_deref(),
-                    cl.state.as_str(),
-                    cl.thing_name,
-                    cl.redirect_id,
-                    cl.claimed_at,
-                    cl.ready_at,
-                    cl.redirected_at,
-                    cl.error,
-                    w.cert_pem,
-                    next,
-                    cl.attempts,
-                    cl.next_attempt_at,
-                ])
-            });
-            match put {
-                Err(rusqlite::Error::SqliteFailure(e, Some(msg)))
-                    if e.code == rusqlite::ErrorCode::ConstraintViolation
-                        && msg.contains("thing_name") =>
-                {
-                    return Ok(Written::NameTaken)
-                }
-                other => other.map_err(backend)?,
-            };
-        }
-        None => {
-            tx.prepare_cached("DELETE FROM claims WHERE device_id = ?1")
-                .and_then(|mut s| s.execute(params![hex]))
-                .map_err(backend)?;
-        }
-    }
-    let mut retiring = Vec::new();
-    if let Some(keep) = &w.retire {
-        let mut stmt = tx
-            .prepare_cached(
-                "UPDATE registrations SET removing = 1 WHERE device_id = ?1 \
-                 AND (?2 IS NULL OR tenant <> ?2) RETURNING tenant",
-            )
-            .map_err(backend)?;
-        let rows = stmt
-            .query_map(params![hex, keep], |r| r.get::<_, String>(0))
-            .map_err(backend)?;
-        for r in rows {
-            retiring.push(r.map_err(backend)?);
-        }
-    }
-    Ok(Written::Done {
-        version: next,
-        retiring,
-    })
-}
-
-/// The group-commit writer: until every sender is gone, takes what is queued (at least one
-/// write, at most [`GROUP_MAX`]), writes each in a savepoint of one transaction (a write that
-/// is refused or fails leaves nothing behind, the others stand), commits, answers.
-fn run_writer(
-    conn: &Mutex<Connection>,
-    version: &AtomicI64,
-    queue: &std::sync::mpsc::Receiver<Queued>,
-) {
-    while let Ok(first) = queue.recv() {
-        let mut group = vec![first];
-        while group.len() < GROUP_MAX {
-            match queue.try_recv() {
-                Ok(q) => group.push(q),
-                Err(_) => break,
-            }
-        }
-        let answers = match conn.lock() {
-            Ok(mut c) => write_group(&mut c, version, &group),
-            Err(_) => Err(backend("connection mutex poisoned")),
-        };
-        match answers {
-            Ok(answers) => {
-                for ((_, to), answer) in group.into_iter().zip(answers) {
-                    let _ = to.send(answer);
-                }
-            }
-            Err(e) => {
-                for (_, to) in group {
-                    let _ = to.send(Err(e.clone()));
-                }
-            }
-        }
-    }
-}
-
-/// One transaction for `group`, one answer per write; `Err` when the commit itself failed
-/// (then nothing of the group was written).
-fn write_group(
-    c: &mut Connection,
-    version: &AtomicI64,
-    group: &[Queued],
-) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
-    let tx = write_transaction(c)?;
-    // Every statement of the writer is prepared once and cached, the savepoint's too: parsing
-    // SQL was a fifth of the writer's time when each write parsed its own.
-    let run = |sql: &str| {
-        tx.prepare_cached(sql)
-            .and_then(|mut s| s.execute([]))
-            .map_err(backend)
-    };
-    let mut answers = Vec::with_capacity(group.len());
-    for (w, _) in group {
-        run("SAVEPOINT claim_write")?;
-        let answer = write_claim_in(&tx, w, version);
-        if !matches!(answer, Ok(Written::Done { .. })) {
-            // Refused or failed: nothing of this write stays.
-            run("ROLLBACK TO claim_write")?;
-        }
-        run("RELEASE claim_write")?;
-        answers.push(answer);
-    }
-    tx.commit().map_err(backend)?;
-    Ok(answers)
-}
 
 #[async_trait]
 impl Store for SqliteStore {
