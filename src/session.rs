@@ -7,8 +7,14 @@
 
 pub mod acl;
 mod bridged;
+mod connect;
+mod end;
 mod inbound;
 mod outbound;
+mod redirect;
+
+use connect::{read_connect, refuse_connect, ConnectInfo};
+pub use end::End;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,86 +27,12 @@ use crate::config::LimitsConfig;
 use crate::device::Identity;
 use crate::edge::EdgeContext;
 use crate::model::ClaimState;
-use crate::mqtt::codec::{self, CodecError, Connect, Packet, Protocol};
+use crate::mqtt::codec::{self, Packet, Protocol};
+use crate::mqtt::reason;
 use crate::ratelimit::Pace;
-use crate::route::{self, Redirect, Route};
+use crate::route::{self, Route};
 use crate::waiting::SessionHandle;
 use acl::{Acl, Subscriptions};
-
-/// v5 reason codes the session sends.
-pub mod reason {
-    pub const SUCCESS: u8 = 0x00;
-    pub const NO_SUBSCRIPTION_EXISTED: u8 = 0x11;
-    pub const UNSPECIFIED: u8 = 0x80;
-    pub const PROTOCOL_ERROR: u8 = 0x82;
-    pub const BAD_AUTH_METHOD: u8 = 0x8C;
-    pub const NOT_AUTHORIZED: u8 = 0x87;
-    pub const SERVER_SHUTTING_DOWN: u8 = 0x8B;
-    pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
-    pub const SESSION_TAKEN_OVER: u8 = 0x8E;
-    pub const TOPIC_FILTER_INVALID: u8 = 0x8F;
-    pub const TOPIC_NAME_INVALID: u8 = 0x90;
-    pub const TOPIC_ALIAS_INVALID: u8 = 0x94;
-    pub const QUOTA_EXCEEDED: u8 = 0x97;
-    pub const SERVER_BUSY: u8 = 0x89;
-    pub const CONNECTION_RATE_EXCEEDED: u8 = 0x9F;
-    /// v3.1.1 CONNACK return code 3.
-    pub const V3_SERVER_UNAVAILABLE: u8 = 0x03;
-    pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
-    pub const USE_ANOTHER_SERVER: u8 = 0x9C;
-    pub const SERVER_MOVED: u8 = 0x9D;
-    /// v3.1.1 CONNACK return code 5.
-    pub const V3_NOT_AUTHORIZED: u8 = 0x05;
-}
-
-/// Why a session ended (the `outcome` label of `lobby_connections_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum End {
-    Closed,
-    Redirected,
-    TakenOver,
-    Revoked,
-    KeepAliveTimeout,
-    ConnectTimeout,
-    ProtocolError,
-    Forbidden,
-    Shutdown,
-    /// Bridge mode: more un-acknowledged publishes than the device may have in flight.
-    QuotaExceeded,
-    /// Bridge mode: the tenant's upstream queue is full.
-    ServerBusy,
-    /// Bridge mode, v3.1.1: a publish the tenant's broker never took (it closed the
-    /// connection on each of `limits.bridge_max_redeliveries` re-sends).
-    BridgeRejected,
-    /// The device reconnects faster than `limits.reconnect_*` allow.
-    RateLimited,
-    /// Nothing received for `limits.max_idle`.
-    IdleTimeout,
-    Io,
-}
-
-impl End {
-    /// The metric label.
-    pub fn label(self) -> &'static str {
-        match self {
-            End::Closed => "closed",
-            End::Redirected => "redirected",
-            End::TakenOver => "taken_over",
-            End::Revoked => "revoked",
-            End::KeepAliveTimeout => "keepalive_timeout",
-            End::ConnectTimeout => "connect_timeout",
-            End::ProtocolError => "protocol_error",
-            End::Forbidden => "forbidden",
-            End::Shutdown => "shutdown",
-            End::QuotaExceeded => "quota_exceeded",
-            End::ServerBusy => "server_busy",
-            End::BridgeRejected => "bridge_rejected",
-            End::RateLimited => "rate_limited",
-            End::IdleTimeout => "idle_timeout",
-            End::Io => "io_error",
-        }
-    }
-}
 
 /// How the connection got in: when its handshake finished, under which trust and limits.
 #[derive(Debug, Clone)]
@@ -151,43 +83,7 @@ where
         proto_label,
         limits.reconnect_burst,
     );
-    let compat_topic = ctx
-        .compat_aws_device_lobby
-        .then(|| format!("lobby/{}", identity.thing_name));
-    let max_idle = (!limits.max_idle.is_zero()).then_some(limits.max_idle);
-    let (publish_pace, publish_bytes_pace) = (
-        Pace::new(limits.publish_rate),
-        Pace::new(limits.publish_bytes_rate),
-    );
-    let mut s = Session {
-        io,
-        rbuf,
-        wbuf: BytesMut::new(),
-        protocol,
-        acl: Acl::new(route::device_prefix(&identity.device_id), compat_topic),
-        identity,
-        ctx,
-        limits,
-        handle,
-        subs: Subscriptions::default(),
-        keep_alive: keep_alive_window(connect.keep_alive),
-        max_idle,
-        last_rx: Instant::now(),
-        publish_pace,
-        publish_bytes_pace,
-        paused_until: None,
-        next_pkid: 0,
-        redirect_pkid: None,
-        redirect_sent: None,
-        redirect_deadline: None,
-        due_redirect: None,
-        cert_reported: false,
-        name_reported: false,
-        trust_generation: accepted.trust_generation,
-        bridge: None,
-        last_status: None,
-        client_max_packet: connect.client_max_packet,
-    };
+    let mut s = Session::new(io, rbuf, identity, ctx, &accepted, handle, &connect);
     metrics::gauge!(crate::metrics::CONNECTIONS_ACTIVE, "protocol" => proto_label).increment(1.0);
     let end = match s.start(connect, accepted.tls_done).await {
         Ok(()) => {
@@ -203,93 +99,6 @@ where
         .deregister(&s.identity.device_id, s.handle.conn_id);
     let _ = timeout(Duration::from_secs(1), s.io.shutdown()).await;
     end
-}
-
-/// What the session keeps of CONNECT: no byte field of the packet (see [`run`]).
-#[derive(Debug, Clone, Copy)]
-struct ConnectInfo {
-    protocol: Protocol,
-    keep_alive: u16,
-    client_id_empty: bool,
-    has_auth_method: bool,
-    client_max_packet: Option<u32>,
-}
-
-impl From<Connect> for ConnectInfo {
-    fn from(c: Connect) -> Self {
-        Self {
-            protocol: c.protocol,
-            keep_alive: c.keep_alive,
-            client_id_empty: c.client_id.is_empty(),
-            has_auth_method: c.properties.authentication_method.is_some(),
-            client_max_packet: c.properties.maximum_packet_size,
-        }
-    }
-}
-
-/// MQTT allows 1.5 × keep-alive of silence; 0 turns the check off.
-fn keep_alive_window(keep_alive: u16) -> Option<Duration> {
-    (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500))
-}
-
-/// Reads the first packet, which must be CONNECT, under `limits.connect_timeout`.
-async fn read_connect<S>(
-    io: &mut S,
-    rbuf: &mut BytesMut,
-    limits: &LimitsConfig,
-) -> Result<Connect, End>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let max = limits.max_packet_size;
-    let read = async {
-        loop {
-            match codec::decode(rbuf, None, max) {
-                Ok(Some(Packet::Connect(c))) => return Ok(c),
-                Ok(Some(_)) => return Err(End::ProtocolError),
-                Ok(None) => {}
-                Err(e) => {
-                    connect_refused(io, e).await;
-                    return Err(End::ProtocolError);
-                }
-            }
-            match io.read_buf(rbuf).await {
-                Ok(0) => return Err(End::Closed),
-                Ok(_) => {}
-                Err(_) => return Err(End::Io),
-            }
-        }
-    };
-    timeout(limits.connect_timeout, read)
-        .await
-        .unwrap_or(Err(End::ConnectTimeout))
-}
-
-/// Refuses a CONNECT with `v5_code` (v3.1.1: "server unavailable"), then the caller closes.
-async fn refuse_connect<S: AsyncWrite + Unpin>(io: &mut S, protocol: Protocol, v5_code: u8) {
-    let code = match protocol {
-        Protocol::V311 => reason::V3_SERVER_UNAVAILABLE,
-        Protocol::V5 => v5_code,
-    };
-    let connack = Packet::ConnAck(codec::ConnAck {
-        session_present: false,
-        code,
-        properties: Default::default(),
-    });
-    let mut out = BytesMut::new();
-    if codec::encode(&connack, protocol, &mut out).is_ok() {
-        let _ = io.write_all(&out).await;
-        let _ = io.flush().await;
-    }
-}
-
-/// Answers an unusable CONNECT: v3.1.1 return code 1 for an unknown protocol level (the one
-/// refusal both versions understand), nothing otherwise (the connection just closes).
-async fn connect_refused<S: AsyncWrite + Unpin>(io: &mut S, e: CodecError) {
-    if let CodecError::UnsupportedProtocol(_) = e {
-        let _ = io.write_all(&[0x20, 0x02, 0x00, 0x01]).await;
-        let _ = io.flush().await;
-    }
 }
 
 struct Session<S> {
@@ -338,51 +147,6 @@ impl<S> Session<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    /// Answers CONNECT: a v5 device with a due redirect gets CONNACK 0x9D and leaves.
-    async fn start(&mut self, connect: ConnectInfo, tls_done: Instant) -> Step {
-        if self.protocol == Protocol::V5 && connect.has_auth_method {
-            self.send_connack(reason::BAD_AUTH_METHOD, None, None);
-            self.flush().await?;
-            return Err(End::ProtocolError);
-        }
-        self.name_claim_if_unnamed(true).await;
-        let route = self.route();
-        match (&route, self.protocol) {
-            (Route::Refuse, _) => {
-                let code = match self.protocol {
-                    Protocol::V311 => reason::V3_NOT_AUTHORIZED,
-                    Protocol::V5 => reason::NOT_AUTHORIZED,
-                };
-                self.send_connack(code, None, None);
-                self.flush().await?;
-                Err(End::Revoked)
-            }
-            (Route::Redirect(r), Protocol::V5) => {
-                self.send_connack(reason::SERVER_MOVED, Some(r), None);
-                self.flush().await?;
-                self.redirected(r, "connack");
-                Err(End::Redirected)
-            }
-            _ => {
-                let _no_link_yet = self.follow_bridge(&route);
-                let assigned = (self.protocol == Protocol::V5 && connect.client_id_empty)
-                    .then(|| self.identity.device_id.to_hex());
-                self.send_connack(reason::SUCCESS, None, assigned);
-                self.flush().await?;
-                if let Route::Redirect(r) = &route {
-                    // v3.1.1 with a due redirect: it comes on subscribe, within the grace.
-                    self.due_redirect = Some(r.redirect_id.clone());
-                    self.arm_redirect_grace();
-                }
-                metrics::histogram!(crate::metrics::CONNECT_DURATION_SECONDS)
-                    .record(tls_done.elapsed().as_secs_f64());
-                self.last_status = Some(status_key(&route));
-                self.report_cert_if_registering(&route);
-                Ok(())
-            }
-        }
-    }
-
     async fn run_loop(&mut self) -> End {
         let cancel = self.ctx.cancel.clone();
         let wake = self.handle.wake.clone();
@@ -593,14 +357,6 @@ where
         trust.still_trusts(&self.identity)
     }
 
-    /// v3.1.1: the device has `limits.redirect_grace` to take a due redirect; a new redirect
-    /// (migration) starts a new grace, a re-subscribe does not extend it.
-    fn arm_redirect_grace(&mut self) {
-        if self.protocol == Protocol::V311 && self.redirect_deadline.is_none() {
-            self.redirect_deadline = Some(Instant::now() + self.limits.redirect_grace);
-        }
-    }
-
     /// A registration may be waiting for this device's certificate: hand it over, once.
     fn report_cert_if_registering(&mut self, route: &Route) {
         let registering = matches!(
@@ -655,13 +411,6 @@ where
         }
     }
 
-    fn withdraw_redirect(&mut self) {
-        self.due_redirect = None;
-        self.redirect_sent = None;
-        self.redirect_pkid = None;
-        self.redirect_deadline = None;
-    }
-
     fn route(&self) -> Route {
         let id = &self.identity.device_id;
         let claim = self.ctx.cache.claim(id);
@@ -674,26 +423,6 @@ where
             tenant.as_ref().map(|t| &t.tenant),
             &self.identity.thing_name,
         )
-    }
-
-    /// Records a delivered redirect: metrics and the claim's `redirected_at`.
-    fn redirected(&mut self, r: &Redirect, kind: &'static str) {
-        crate::metrics::redirect(kind);
-        if self.redirect_sent.as_deref() == Some(r.redirect_id.as_str()) && kind == "disconnect" {
-            return; // the publish already counted this redirect
-        }
-        self.redirect_sent = Some(r.redirect_id.clone());
-        let now = crate::model::now_ms();
-        let waited = (now - r.issued_at).max(0) as f64 / 1000.0;
-        metrics::histogram!(crate::metrics::CLAIM_TO_REDIRECT_SECONDS).record(waited);
-        let _ = self
-            .ctx
-            .activity
-            .try_send(crate::waiting::Activity::Redirected {
-                device_id: self.identity.device_id,
-                redirect_id: r.redirect_id.clone(),
-                at: now,
-            });
     }
 
     /// An empty read buffer holds no memory while the device is quiet (most of its life); the

@@ -276,6 +276,34 @@ async fn packets_before_connect_are_closed_without_connack() {
     still_serving(&lobby, "after-no-connect").await;
 }
 
+/// An MQTT 3.1 client (protocol name `MQIsdp`, level 3) and a level the lobby does not know
+/// both get the 3.1.1 CONNACK "unacceptable protocol version" (return code 1), then the close.
+#[tokio::test]
+async fn an_unknown_protocol_level_gets_connack_1() {
+    let lobby = patient_lobby().await;
+    let dev = lobby.device("old-mqtt");
+    let connect = |name: &[u8], level: u8| {
+        let mut body = vec![0x00, name.len() as u8];
+        body.extend_from_slice(name);
+        body.extend_from_slice(&[level, 0x02, 0x00, 0x3C, 0x00, 0x01, b'a']);
+        let mut packet = vec![0x10, body.len() as u8];
+        packet.extend(body);
+        packet
+    };
+    for (what, bytes) in [
+        ("MQTT 3.1", connect(b"MQIsdp", 3)),
+        ("level 6", connect(b"MQTT", 6)),
+    ] {
+        let mut c = RawClient::connect(&lobby, &dev, Protocol::V311).await;
+        write_raw(&mut c, &bytes).await;
+        let got = c.expect_closed().await;
+        let refused =
+            matches!(got.as_slice(), [Packet::ConnAck(a)] if a.code == 1 && !a.session_present);
+        assert!(refused, "{what}: {got:?}");
+    }
+    still_serving(&lobby, "after-old-mqtt").await;
+}
+
 // ---- 5. wildcard and `$` abuse -------------------------------------------------------------
 
 /// Filters `topic_rules.rs` does not try: `$SYS`, another device through a wildcard level,

@@ -17,11 +17,12 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{reason, End, Session, Step};
+use super::{End, Session, Step};
 use crate::bridge::{self, filter_within, Busy, Inbound, Outcome, Pool};
 use crate::claims::cache::TenantEntry;
 use crate::model::Tenant;
 use crate::mqtt::codec::{Protocol, Publish, QoS};
+use crate::mqtt::reason;
 use crate::mqtt::topic::filter_matches;
 use crate::route::Route;
 

@@ -4,8 +4,9 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::acl::Refusal;
-use super::{codec_topic_match, reason, End, Session, Step};
+use super::{codec_topic_match, End, Session, Step};
 use crate::mqtt::codec::{self, Packet, Protocol, Publish, QoS};
+use crate::mqtt::reason;
 use crate::route::Route;
 
 impl<S> Session<S>
@@ -133,12 +134,9 @@ where
         Ok(())
     }
 
-    /// v3.1.1 has one failure code for SUBACK; v5 says why.
+    /// A SUBACK refusal: v5 says why, 3.1.1 has one failure code.
     pub(super) fn refusal_code(&self, v5: u8) -> u8 {
-        match self.protocol {
-            Protocol::V311 => 0x80,
-            Protocol::V5 => v5,
-        }
+        reason::suback(self.protocol, v5)
     }
 
     pub(super) fn on_unsubscribe(&mut self, unsub: codec::Unsubscribe) {

@@ -5,10 +5,10 @@
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::reason;
 use super::Session;
 use crate::model::ClaimState;
 use crate::mqtt::codec::{self, Packet, Protocol, QoS};
+use crate::mqtt::reason;
 use crate::route::{self, Redirect};
 
 impl<S> Session<S>
@@ -37,13 +37,7 @@ where
         redirect: Option<&Redirect>,
         assigned_client_id: Option<String>,
     ) {
-        let code = match (self.protocol, code) {
-            (Protocol::V311, reason::SUCCESS) => 0,
-            (Protocol::V311, reason::V3_NOT_AUTHORIZED) => reason::V3_NOT_AUTHORIZED,
-            // 3.1.1 has no "bad authentication method" or "moved": refuse as unauthorised.
-            (Protocol::V311, _) => reason::V3_NOT_AUTHORIZED,
-            (Protocol::V5, c) => c,
-        };
+        let code = reason::connack(self.protocol, code);
         let mut props = codec::ConnAckProperties::default();
         if self.protocol == Protocol::V5 {
             if code == reason::SUCCESS {
