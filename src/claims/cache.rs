@@ -33,6 +33,11 @@ struct Inner {
     per_tenant: std::sync::Mutex<std::collections::HashMap<Arc<str>, usize>>,
 }
 
+/// `lobby_claims{state}`: the claims this map holds, by state.
+fn gauge_state(state: ClaimState, delta: f64) {
+    metrics::gauge!(crate::metrics::CLAIMS, "state" => state.as_str()).increment(delta);
+}
+
 impl std::fmt::Debug for ClaimsCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClaimsCache")
@@ -57,21 +62,26 @@ impl ClaimsCache {
             .is_some_and(|c| c.state == ClaimState::Revoked)
     }
 
-    /// Inserts or replaces a claim.
+    /// Inserts or replaces a claim (and counts it in `lobby_claims`).
     pub fn put_claim(&self, claim: Claim) {
-        let new_tenant = claim.tenant.clone();
+        let (new_tenant, new_state) = (claim.tenant.clone(), claim.state);
         let claims = self.inner.claims.pin();
-        let old_tenant = claims
-            .insert(claim.device_id, Arc::new(claim))
-            .and_then(|old| old.tenant.clone());
-        self.count(old_tenant, new_tenant);
+        let old = claims.insert(claim.device_id, Arc::new(claim));
+        gauge_state(new_state, 1.0);
+        if let Some(old) = old {
+            gauge_state(old.state, -1.0);
+        }
+        self.count(old.and_then(|o| o.tenant.clone()), new_tenant);
     }
 
     /// Removes a claim.
     pub fn remove_claim(&self, id: &DeviceId) {
         let claims = self.inner.claims.pin();
-        let old_tenant = claims.remove(id).and_then(|old| old.tenant.clone());
-        self.count(old_tenant, None);
+        let old = claims.remove(id);
+        if let Some(old) = old {
+            gauge_state(old.state, -1.0);
+        }
+        self.count(old.and_then(|o| o.tenant.clone()), None);
     }
 
     /// Claims (in any state) held by a tenant.
