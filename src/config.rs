@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod store_url;
+mod validate;
 pub use store_url::{redacted, StoreUrl, SUPPORTED_URLS};
 
 /// Errors from loading or validating the configuration.
@@ -392,24 +393,6 @@ pub const MAX_PACE_WAIT: Duration = Duration::from_secs(86_400);
 pub const MAX_PERMITS: usize = tokio::sync::Semaphore::MAX_PERMITS;
 
 impl Config {
-    /// Every duration key with its value, for the bounds every duration shares.
-    fn durations(&self) -> Vec<(&'static str, Duration)> {
-        vec![
-            ("limits.handshake_timeout", self.limits.handshake_timeout),
-            ("limits.connect_timeout", self.limits.connect_timeout),
-            ("limits.redirect_grace", self.limits.redirect_grace),
-            ("limits.reconnect_interval", self.limits.reconnect_interval),
-            ("limits.max_idle", self.limits.max_idle),
-            ("shutdown.grace", self.shutdown.grace),
-            ("cluster.job_lease", self.cluster.job_lease),
-            ("aws.retry_base", self.aws.retry_base),
-            ("aws.retry_max", self.aws.retry_max),
-            ("aws.retry_give_up", self.aws.retry_give_up),
-            ("api.header_timeout", self.api.header_timeout),
-            ("api.idle_timeout", self.api.idle_timeout),
-        ]
-    }
-
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -422,135 +405,6 @@ impl Config {
         })?;
         config.validate()?;
         Ok(config)
-    }
-
-    /// Checks what the types alone do not.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, message: &str| ConfigError::Invalid {
-            key,
-            message: message.into(),
-        };
-        if self.limits.max_connections == 0 || self.limits.max_connections > MAX_PERMITS {
-            return Err(invalid(
-                "limits.max_connections",
-                &format!("must be between 1 and {MAX_PERMITS}"),
-            ));
-        }
-        if self.api.max_connections == 0 || self.api.max_connections > MAX_PERMITS {
-            return Err(invalid(
-                "api.max_connections",
-                &format!("must be between 1 and {MAX_PERMITS}"),
-            ));
-        }
-        if self.limits.max_handshakes == 0 {
-            return Err(invalid("limits.max_handshakes", "must be at least 1"));
-        }
-        if self.limits.max_packet_size < 128 || self.limits.max_packet_size > 268_435_460 {
-            return Err(invalid(
-                "limits.max_packet_size",
-                "must be between 128 and 268435460 bytes",
-            ));
-        }
-        for (key, d) in [
-            ("limits.handshake_timeout", self.limits.handshake_timeout),
-            ("limits.connect_timeout", self.limits.connect_timeout),
-            ("cluster.job_lease", self.cluster.job_lease),
-            ("api.header_timeout", self.api.header_timeout),
-            ("api.idle_timeout", self.api.idle_timeout),
-            ("aws.retry_give_up", self.aws.retry_give_up),
-        ] {
-            if d.is_zero() {
-                return Err(invalid(key, "must be longer than 0s"));
-            }
-        }
-        // Every duration is added to a clock somewhere: bound them all, so no value overflows
-        // an instant (a panic in the connection path) or a millisecond count.
-        for (key, d) in self.durations() {
-            if d > MAX_DURATION {
-                return Err(invalid(key, "must be at most 365d"));
-            }
-        }
-        if self.limits.reconnect_burst == 0 {
-            return Err(invalid(
-                "limits.reconnect_burst",
-                "must be at least 1 (0 would refuse every reconnect)",
-            ));
-        }
-        for (key, rate, burst) in [
-            (
-                "limits.connect_burst_per_address",
-                self.limits.connect_rate_per_address,
-                self.limits.connect_burst_per_address,
-            ),
-            ("api.rate_burst", self.api.rate_limit, self.api.rate_burst),
-        ] {
-            if rate > 0.0 && burst == 0 {
-                return Err(invalid(
-                    key,
-                    "must be at least 1 when its rate is on (0 would refuse everyone)",
-                ));
-            }
-        }
-        if self.limits.max_subscriptions == 0 {
-            return Err(invalid("limits.max_subscriptions", "must be at least 1"));
-        }
-        if self.limits.max_inflight == 0 {
-            return Err(invalid("limits.max_inflight", "must be at least 1"));
-        }
-        if self.limits.bridge_max_redeliveries == 0 {
-            return Err(invalid(
-                "limits.bridge_max_redeliveries",
-                "must be at least 1",
-            ));
-        }
-        for (key, rate) in [
-            (
-                "limits.connect_rate_per_address",
-                self.limits.connect_rate_per_address,
-            ),
-            ("api.rate_limit", self.api.rate_limit),
-            ("limits.publish_rate", self.limits.publish_rate),
-            ("limits.publish_bytes_rate", self.limits.publish_bytes_rate),
-        ] {
-            if !rate.is_finite() || rate < 0.0 {
-                return Err(invalid(
-                    key,
-                    "must be 0 (off) or a positive rate per second",
-                ));
-            }
-        }
-        if self.cluster.node_name.is_empty() {
-            return Err(invalid("cluster.node_name", "must not be empty"));
-        }
-        if self.tls.client_cas.is_empty() {
-            return Err(invalid("tls.client_cas", "at least one CA is required"));
-        }
-        if StoreUrl::parse(&self.store.url).is_none() {
-            let expected = format!("expected {}", SUPPORTED_URLS);
-            return Err(invalid("store.url", &expected));
-        }
-        let session = &self.aws.session_name;
-        if session.len() < 2
-            || session.len() > 64
-            || !session
-                .bytes()
-                .all(|c| c.is_ascii_alphanumeric() || b"+=,.@_-".contains(&c))
-        {
-            return Err(invalid(
-                "aws.session_name",
-                "2-64 characters of letters, digits and +=,.@_-",
-            ));
-        }
-        if self.aws.retry_base.is_zero() || self.aws.retry_max < self.aws.retry_base {
-            return Err(invalid(
-                "aws.retry_base",
-                "must be above 0 and at most aws.retry_max",
-            ));
-        }
-        if !matches!(self.log.format.as_str(), "human" | "json") {
-            return Err(invalid("log.format", "expected \"human\" or \"json\""));
-        }
-        Ok(())
     }
 }
 
