@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::api::{self, ApiState};
 use crate::claims::codes::{ClaimKey, ClaimKeys, CodeError};
 use crate::claims::error::ServiceError;
-use crate::claims::events::ClaimEvents;
+use crate::claims::events::{ClaimEvent, ClaimEvents};
 use crate::claims::service::{token_hash, ClaimsService};
 use crate::config::{Config, ConfigError};
 use crate::edge::tls::TlsError;
@@ -31,7 +31,7 @@ use crate::provision::worker::{Backoff, Worker};
 use crate::provision::IotApiFactory;
 use crate::ratelimit::AddressLimiter;
 use crate::store::{self, StoreError};
-use crate::waiting::WaitingRoom;
+use crate::waiting::{Activity, WaitingRoom};
 use reload::Reloader;
 
 /// Why the lobby could not start.
@@ -96,77 +96,16 @@ impl Lobby {
     ) -> Result<Self, ServerError> {
         config.validate()?;
         let metrics = crate::metrics::install();
-        let key = ClaimKey::load(&config.claims.code_key)?;
         let admin = read_admin_token(&config.api.admin_token_file)?;
-        let store = store::open(&config.store.url).await?;
-        let waiting = WaitingRoom::default();
-        let (events, jobs) = ClaimEvents::channel();
-        let keys = ClaimKeys {
-            current: key,
-            previous: (config.claims.previous_code_keys.iter())
-                .map(|p| ClaimKey::load(p))
-                .collect::<Result<_, _>>()?,
-        };
-        let service = ClaimsService::load(store.clone(), keys, waiting.clone(), events).await?;
+        let (service, jobs) = load_service(config).await?;
         let trust = edge::tls::trust(&config.tls, service.cache().clone(), 0)?;
-
-        let mqtt = bind(config.listener.mqtt, MQTT_BACKLOG, "listener.mqtt")?;
-        let api = bind(config.listener.api, 1024, "listener.api")?;
-        let bound = |l: &TcpListener, key, addr| {
-            l.local_addr()
-                .map_err(|source| ServerError::Bind { key, addr, source })
-        };
-        let mqtt_addr = bound(&mqtt, "listener.mqtt", config.listener.mqtt)?;
-        let api_addr = bound(&api, "listener.api", config.listener.api)?;
+        let (mqtt, mqtt_addr) = bind(config.listener.mqtt, MQTT_BACKLOG, "listener.mqtt")?;
+        let (api, api_addr) = bind(config.listener.api, 1024, "listener.api")?;
 
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let (activity_tx, activity_rx) = mpsc::channel(ACTIVITY_QUEUE);
-        tracker.spawn(service.clone().run_activity(activity_rx, cancel.clone()));
-        if let Some(fleet) = service.store().fleet() {
-            let watch = fleet.watch(cancel.clone());
-            tracker.spawn(watch.listen);
-            tracker.spawn(service.clone().run_sync(watch.changes, cancel.clone()));
-            let takeovers =
-                crate::presence::take_over(waiting.clone(), watch.takeovers, cancel.clone());
-            tracker.spawn(takeovers);
-            let (tx, rx) = mpsc::channel(crate::presence::QUEUE);
-            waiting.report_presence(tx);
-            let (store, node) = (service.store().clone(), config.cluster.node_name.clone());
-            tracker.spawn(crate::presence::run(store, node, rx, cancel.clone()));
-        }
-        let worker = Worker::new(
-            service.clone(),
-            store,
-            iot,
-            Backoff {
-                base: config.aws.retry_base,
-                max: config.aws.retry_max,
-                give_up: config.aws.retry_give_up,
-            },
-            config.cluster.job_lease,
-            cancel.clone(),
-        );
-        tracker.spawn(worker.run(jobs, tracker.clone()));
-
-        let ctx = Arc::new(EdgeContext {
-            cache: service.cache().clone(),
-            waiting,
-            activity: activity_tx,
-            limits: arc_swap::ArcSwap::from_pointee(config.limits.clone()),
-            permits: Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections)),
-            connect_limiter: arc_swap::ArcSwap::from_pointee(AddressLimiter::new(
-                config.limits.connect_rate_per_address,
-                config.limits.connect_burst_per_address,
-            )),
-            proxy_protocol: config.listener.proxy_protocol,
-            shutdown_server_reference: Some(config.shutdown.server_reference.clone())
-                .filter(|s| !s.is_empty()),
-            compat_aws_device_lobby: config.compat.aws_device_lobby,
-            cancel: cancel.clone(),
-            bridge: crate::bridge::BridgeHub::new(cancel.clone(), tracker.clone()),
-            trust: ArcSwap::from_pointee(trust),
-        });
+        let activity = spawn_control_plane(&service, config, iot, jobs, &cancel, &tracker);
+        let ctx = edge_context(config, &service, activity, trust, &cancel, &tracker);
         let reloader = Arc::new(Reloader::new(ctx.clone(), service.cache().clone(), config));
         let listeners_up = Arc::new(AtomicBool::new(false));
         let state = ApiState {
@@ -178,7 +117,7 @@ impl Lobby {
             node: config.cluster.node_name.as_str().into(),
             reloader: reloader.clone(),
         };
-        tracker.spawn(edge::listener::serve(mqtt, ctx.clone(), tracker.clone()));
+        tracker.spawn(edge::listener::serve(mqtt, ctx, tracker.clone()));
         let api_stop = CancellationToken::new();
         let api_limits = api::serve::Limits {
             header_timeout: config.api.header_timeout,
@@ -289,7 +228,100 @@ impl Lobby {
     }
 }
 
-fn bind(addr: SocketAddr, backlog: u32, key: &'static str) -> Result<TcpListener, ServerError> {
+/// Opens the store and loads the claims service from it; the queue of its claim events.
+async fn load_service(
+    config: &Config,
+) -> Result<(ClaimsService, mpsc::UnboundedReceiver<ClaimEvent>), ServerError> {
+    let keys = ClaimKeys {
+        current: ClaimKey::load(&config.claims.code_key)?,
+        previous: (config.claims.previous_code_keys.iter())
+            .map(|p| ClaimKey::load(p))
+            .collect::<Result<_, _>>()?,
+    };
+    let store = store::open(&config.store.url).await?;
+    let (events, jobs) = ClaimEvents::channel();
+    let service = ClaimsService::load(store, keys, WaitingRoom::default(), events).await?;
+    Ok((service, jobs))
+}
+
+/// Starts the control plane's background tasks in `tracker`: device activity, the fleet's
+/// change feed, takeovers and presence (in a fleet), the provisioning worker. The sender the
+/// device path reports activity on.
+fn spawn_control_plane(
+    service: &ClaimsService,
+    config: &Config,
+    iot: Arc<dyn IotApiFactory>,
+    jobs: mpsc::UnboundedReceiver<ClaimEvent>,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) -> mpsc::Sender<Activity> {
+    let (activity_tx, activity_rx) = mpsc::channel(ACTIVITY_QUEUE);
+    tracker.spawn(service.clone().run_activity(activity_rx, cancel.clone()));
+    let waiting = service.waiting();
+    if let Some(fleet) = service.store().fleet() {
+        let watch = fleet.watch(cancel.clone());
+        tracker.spawn(watch.listen);
+        tracker.spawn(service.clone().run_sync(watch.changes, cancel.clone()));
+        let takeovers =
+            crate::presence::take_over(waiting.clone(), watch.takeovers, cancel.clone());
+        tracker.spawn(takeovers);
+        let (tx, rx) = mpsc::channel(crate::presence::QUEUE);
+        waiting.report_presence(tx);
+        let (store, node) = (service.store().clone(), config.cluster.node_name.clone());
+        tracker.spawn(crate::presence::run(store, node, rx, cancel.clone()));
+    }
+    let worker = Worker::new(
+        service.clone(),
+        service.store().clone(),
+        iot,
+        Backoff {
+            base: config.aws.retry_base,
+            max: config.aws.retry_max,
+            give_up: config.aws.retry_give_up,
+        },
+        config.cluster.job_lease,
+        cancel.clone(),
+    );
+    tracker.spawn(worker.run(jobs, tracker.clone()));
+    activity_tx
+}
+
+/// What every device connection shares.
+fn edge_context(
+    config: &Config,
+    service: &ClaimsService,
+    activity: mpsc::Sender<Activity>,
+    trust: edge::tls::Trust,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Arc<EdgeContext> {
+    let limits = &config.limits;
+    Arc::new(EdgeContext {
+        cache: service.cache().clone(),
+        waiting: service.waiting().clone(),
+        activity,
+        limits: ArcSwap::from_pointee(limits.clone()),
+        permits: Arc::new(tokio::sync::Semaphore::new(limits.max_connections)),
+        connect_limiter: ArcSwap::from_pointee(AddressLimiter::new(
+            limits.connect_rate_per_address,
+            limits.connect_burst_per_address,
+        )),
+        proxy_protocol: config.listener.proxy_protocol,
+        shutdown_server_reference: Some(config.shutdown.server_reference.clone())
+            .filter(|s| !s.is_empty()),
+        compat_aws_device_lobby: config.compat.aws_device_lobby,
+        cancel: cancel.clone(),
+        bridge: crate::bridge::BridgeHub::new(cancel.clone(), tracker.clone()),
+        trust: ArcSwap::from_pointee(trust),
+    })
+}
+
+/// A listener on `addr` (`key` names it in errors), and the address it is bound to.
+fn bind(
+    addr: SocketAddr,
+    backlog: u32,
+    key: &'static str,
+) -> Result<(TcpListener, SocketAddr), ServerError> {
     let err = |source| ServerError::Bind { key, addr, source };
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
@@ -299,7 +331,9 @@ fn bind(addr: SocketAddr, backlog: u32, key: &'static str) -> Result<TcpListener
     .map_err(err)?;
     socket.set_reuseaddr(true).map_err(err)?;
     socket.bind(addr).map_err(err)?;
-    socket.listen(backlog).map_err(err)
+    let listener = socket.listen(backlog).map_err(err)?;
+    let bound = listener.local_addr().map_err(err)?;
+    Ok((listener, bound))
 }
 
 fn read_admin_token(path: &Path) -> Result<String, ServerError> {
