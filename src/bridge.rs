@@ -11,7 +11,9 @@ pub mod upstream;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
@@ -126,7 +128,7 @@ impl BridgeHub {
             ..settings.clone()
         };
         let key = (host.clone(), tenant.port, connection);
-        let mut pools = self.inner.pools.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pools = self.inner.pools.lock();
         pools.retain(|_, p| p.strong_count() > 0);
         if let Some(pool) = pools.get(&tenant.id).and_then(std::sync::Weak::upgrade) {
             if pool.key == key {
@@ -149,6 +151,8 @@ pub struct Pool {
     /// filter → session id → that session's delivery queue.
     subs: Mutex<HashMap<String, HashMap<u64, mpsc::Sender<Inbound>>>>,
     cancel: CancellationToken,
+    /// The lobby's tasks (a stop waits for them).
+    tracker: TaskTracker,
 }
 
 impl Drop for Pool {
@@ -191,6 +195,7 @@ impl Pool {
             conns,
             subs: Mutex::new(HashMap::new()),
             cancel: cancel.clone(),
+            tracker: tracker.clone(),
         });
         tracker.spawn(fan_out(Arc::downgrade(&pool), in_rx, cancel));
         Ok(pool)
@@ -245,7 +250,7 @@ impl Pool {
     /// Adds `session`'s subscription to `filter`; the first one subscribes upstream.
     pub fn subscribe(&self, session: u64, filter: &str, tx: mpsc::Sender<Inbound>) {
         let first = {
-            let mut subs = self.subs.lock().unwrap_or_else(|p| p.into_inner());
+            let mut subs = self.subs.lock();
             let entry = subs.entry(filter.to_owned()).or_default();
             entry.insert(session, tx);
             entry.len() == 1
@@ -256,8 +261,12 @@ impl Pool {
                 conn.try_send(Command::Subscribe(filter.to_owned()))
             {
                 // A busy upstream queue must not block the device's session: queue it later.
-                tokio::spawn(async move {
-                    let _ = conn.send(cmd).await;
+                let cancel = self.cancel.clone();
+                self.tracker.spawn(async move {
+                    tokio::select! {
+                        _ = conn.send(cmd) => {}
+                        () = cancel.cancelled() => {}
+                    }
                 });
             }
         }
@@ -266,7 +275,7 @@ impl Pool {
     /// Drops `session`'s subscription to `filter`; the last one unsubscribes upstream.
     pub fn unsubscribe(&self, session: u64, filter: &str) {
         let last = {
-            let mut subs = self.subs.lock().unwrap_or_else(|p| p.into_inner());
+            let mut subs = self.subs.lock();
             match subs.get_mut(filter) {
                 Some(entry) => {
                     let removed = entry.remove(&session).is_some();
@@ -289,7 +298,7 @@ impl Pool {
 
     /// Upstream filters held now (tests, metrics).
     pub fn filters(&self) -> Vec<String> {
-        let subs = self.subs.lock().unwrap_or_else(|p| p.into_inner());
+        let subs = self.subs.lock();
         subs.keys().cloned().collect()
     }
 }
@@ -308,7 +317,7 @@ async fn fan_out(
         };
         let Some(pool) = pool.upgrade() else { return };
         let targets: Vec<mpsc::Sender<Inbound>> = {
-            let subs = pool.subs.lock().unwrap_or_else(|p| p.into_inner());
+            let subs = pool.subs.lock();
             let mut seen = HashMap::new();
             for (filter, sessions) in subs.iter() {
                 if filter_matches(filter, &msg.topic) {

@@ -8,8 +8,9 @@
 //!    which takes a place in the handshake budget ([`edge::handshakes`]);
 //! 2. [`edge::tls`] runs the mTLS handshake against the manufacturing CAs (files read by
 //!    [`pem`]); [`device`] turns the leaf certificate into the `device_id`;
-//! 3. [`session`] reads CONNECT ([`mqtt::codec`]) and looks the claim up in [`claims::cache`]
-//!    (one lock-free read, never the store);
+//! 3. [`session`] reads CONNECT ([`mqtt::codec`]; `session/connect.rs`) and looks the claim
+//!    up in [`claims::cache`] (one lock-free read, never the store); it answers with the codes
+//!    of [`mqtt::reason`];
 //! 4. [`route`] decides, purely: wait, redirect (v5 CONNACK 0x9D / redirect publish), bridge
 //!    ([`bridge`]) or refuse;
 //! 5. a waiting session registers in [`waiting`], keeps alive and follows its own topics
@@ -18,7 +19,8 @@
 //! The control plane:
 //! 1. [`api`] (axum) authenticates operator and tenant tokens;
 //! 2. [`claims::service`] validates, writes the [`store`] (durable), updates the map, then wakes
-//!    the device's session through [`waiting`], which re-reads the map and redirects;
+//!    the device's session through [`waiting`], which re-reads the map and redirects; in a
+//!    fleet, the store's [`store::Fleet`] carries the change feed to the other nodes;
 //! 3. [`provision`] registers claims in `registering` with the tenant's backend (AWS IoT:
 //!    [`provision::aws_iot`], the only module that knows the SDK) and removes registrations
 //!    marked `removing`, nudged by [`claims::events`]; both queues are stored state, so a

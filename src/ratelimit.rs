@@ -6,9 +6,9 @@
 //! address forgotten early gets a fresh burst, which bounds what it gains). Also the
 //! per-device publish pace ([`Pace`]).
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
 
 use tokio::time::Instant;
 
@@ -56,7 +56,7 @@ impl AddressLimiter {
             return true;
         }
         let now = Instant::now();
-        let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut b = self.buckets.lock();
         if b.map.len() >= b.sweep_at && !b.map.contains_key(&addr) {
             self.sweep(&mut b, now);
         }
@@ -89,11 +89,7 @@ impl AddressLimiter {
 
     #[cfg(test)]
     fn tracked(&self) -> usize {
-        self.buckets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .map
-            .len()
+        self.buckets.lock().map.len()
     }
 }
 

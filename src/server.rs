@@ -106,7 +106,12 @@ impl Lobby {
         let tracker = TaskTracker::new();
         let activity = spawn_control_plane(&service, config, iot, jobs, &cancel, &tracker);
         let ctx = edge_context(config, &service, activity, trust, &cancel, &tracker);
-        let reloader = Arc::new(Reloader::new(ctx.clone(), service.cache().clone(), config));
+        let reloader = Arc::new(Reloader::new(
+            ctx.clone(),
+            service.cache().clone(),
+            config,
+            tracker.clone(),
+        ));
         let listeners_up = Arc::new(AtomicBool::new(false));
         let state = ApiState {
             service: service.clone(),

@@ -53,6 +53,25 @@ pub struct StoredTenant {
     pub token_hash: String,
 }
 
+impl StoredTenant {
+    /// Rebuilds a stored tenant from its columns (`body`: the tenant as JSON), the same in
+    /// every backend.
+    pub(crate) fn decode(body: &str, token_hash: String) -> Result<Self, StoreError> {
+        let tenant = serde_json::from_str(body)
+            .map_err(|e| StoreError::Corrupt(format!("tenant body: {e}")))?;
+        Ok(Self { tenant, token_hash })
+    }
+}
+
+/// The columns a claim read selects, in the order both backends decode them.
+macro_rules! claim_columns {
+    () => {
+        "device_id, tenant, state, thing_name, redirect_id, claimed_at, ready_at, \
+         redirected_at, error, version, attempts, next_attempt_at"
+    };
+}
+pub(crate) use claim_columns;
+
 /// What the lobby persists. Every write is durable when the future resolves.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {

@@ -18,7 +18,9 @@
 //! once per [`SEEN_SWEEP_EVERY`] or when the map has grown past the cap.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::{Mutex, MutexGuard};
 
 use tokio::sync::{mpsc, Notify};
 
@@ -184,11 +186,8 @@ impl WaitingRoom {
         removed.map(|old| old.wake.notify_one()).is_some()
     }
 
-    fn clock(&self) -> std::sync::MutexGuard<'_, i64> {
-        self.inner
-            .clock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+    fn clock(&self) -> MutexGuard<'_, i64> {
+        self.inner.clock.lock()
     }
 
     /// May this device connect again now? A token bucket per device: `burst` connects at once,

@@ -8,7 +8,9 @@ mod common;
 mod pg;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -53,34 +55,26 @@ const REMOVE_STEPS: [&str; 5] = [
 
 impl Account {
     fn fail(&self, op: &'static str, errors: Vec<IotError>) {
-        self.failures.lock().unwrap().insert(op, errors.into());
+        self.failures.lock().insert(op, errors.into());
     }
 
     fn count(&self, op: &str) -> usize {
-        self.calls
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|c| *c == op)
-            .count()
+        self.calls.lock().iter().filter(|c| *c == op).count()
     }
 
     async fn call(&self, op: &'static str) -> Result<(), IotError> {
-        self.calls.lock().unwrap().push(op.to_owned());
-        self.times.lock().unwrap().push(std::time::Instant::now());
+        self.calls.lock().push(op.to_owned());
+        self.times.lock().push(std::time::Instant::now());
         {
-            let mut busy = self.busy.lock().unwrap();
+            let mut busy = self.busy.lock();
             let removing = REMOVE_STEPS.contains(&op);
             if let Some(other) = busy.iter().find(|b| REMOVE_STEPS.contains(b) != removing) {
-                self.overlaps
-                    .lock()
-                    .unwrap()
-                    .push(format!("{op} during {other}"));
+                self.overlaps.lock().push(format!("{op} during {other}"));
             }
             busy.push(op);
         }
         let result = self.answer(op).await;
-        let mut busy = self.busy.lock().unwrap();
+        let mut busy = self.busy.lock();
         if let Some(at) = busy.iter().position(|b| *b == op) {
             busy.remove(at);
         }
@@ -91,7 +85,7 @@ impl Account {
     /// calls `t` seconds apart there were at most `rate · t + rate` calls (one of slack for the
     /// timer); the worst pair otherwise.
     fn paced_at(&self, rate: f64) -> Result<(), String> {
-        let times = self.times.lock().unwrap().clone();
+        let times = self.times.lock().clone();
         for (i, a) in times.iter().enumerate() {
             for (j, b) in times.iter().enumerate().skip(i + 1) {
                 let span = b.duration_since(*a).as_secs_f64();
@@ -108,17 +102,16 @@ impl Account {
     }
 
     async fn answer(&self, op: &'static str) -> Result<(), IotError> {
-        if *self.hang_on.lock().unwrap() == Some(op) {
+        if *self.hang_on.lock() == Some(op) {
             Notify::new().notified().await; // never
         }
-        let slow = *self.slow_on.lock().unwrap();
+        let slow = *self.slow_on.lock();
         if let Some((_, delay)) = slow.filter(|(o, _)| *o == op) {
             tokio::time::sleep(delay).await;
         }
         let next = self
             .failures
             .lock()
-            .unwrap()
             .get_mut(op)
             .and_then(VecDeque::pop_front);
         match next {
@@ -134,7 +127,7 @@ struct FakeIot(Arc<Account>);
 impl IotApi for FakeIot {
     async fn register_certificate(&self, cert_pem: &str) -> Result<CertRef, IotError> {
         self.0.call("register_certificate").await?;
-        let mut certs = self.0.certs.lock().unwrap();
+        let mut certs = self.0.certs.lock();
         if let Some(c) = certs.get(cert_pem) {
             return Err(IotError::AlreadyExists {
                 id: Some(c.id.clone()),
@@ -154,25 +147,17 @@ impl IotApi for FakeIot {
     }
     async fn create_thing(&self, thing_name: &str) -> Result<(), IotError> {
         self.0.call("create_thing").await?;
-        self.0.things.lock().unwrap().insert(thing_name.to_owned());
+        self.0.things.lock().insert(thing_name.to_owned());
         Ok(())
     }
     async fn attach_thing_principal(&self, thing: &str, arn: &str) -> Result<(), IotError> {
         self.0.call("attach_thing_principal").await?;
-        self.0
-            .principals
-            .lock()
-            .unwrap()
-            .insert((thing.into(), arn.into()));
+        self.0.principals.lock().insert((thing.into(), arn.into()));
         Ok(())
     }
     async fn attach_policy(&self, policy: &str, arn: &str) -> Result<(), IotError> {
         self.0.call("attach_policy").await?;
-        self.0
-            .policies
-            .lock()
-            .unwrap()
-            .insert((policy.into(), arn.into()));
+        self.0.policies.lock().insert((policy.into(), arn.into()));
         Ok(())
     }
     async fn describe_endpoint(&self) -> Result<String, IotError> {
@@ -184,30 +169,22 @@ impl IotApi for FakeIot {
     }
     async fn detach_thing_principal(&self, thing: &str, arn: &str) -> Result<(), IotError> {
         self.0.call("detach_thing_principal").await?;
-        self.0
-            .principals
-            .lock()
-            .unwrap()
-            .remove(&(thing.into(), arn.into()));
+        self.0.principals.lock().remove(&(thing.into(), arn.into()));
         Ok(())
     }
     async fn detach_policy(&self, policy: &str, arn: &str) -> Result<(), IotError> {
         self.0.call("detach_policy").await?;
-        self.0
-            .policies
-            .lock()
-            .unwrap()
-            .remove(&(policy.into(), arn.into()));
+        self.0.policies.lock().remove(&(policy.into(), arn.into()));
         Ok(())
     }
     async fn delete_certificate(&self, cert_id: &str) -> Result<(), IotError> {
         self.0.call("delete_certificate").await?;
-        self.0.certs.lock().unwrap().retain(|_, c| c.id != cert_id);
+        self.0.certs.lock().retain(|_, c| c.id != cert_id);
         Ok(())
     }
     async fn delete_thing(&self, thing: &str) -> Result<(), IotError> {
         self.0.call("delete_thing").await?;
-        self.0.things.lock().unwrap().remove(thing);
+        self.0.things.lock().remove(thing);
         Ok(())
     }
 }
@@ -218,7 +195,7 @@ struct FakeFactory(Arc<Account>);
 impl IotApiFactory for FakeFactory {
     async fn client(&self, _t: &str, _b: &AwsIotBackend) -> Result<Arc<dyn IotApi>, IotError> {
         // Counted, and slowed like any call (`slow_on`), but not an AWS IoT step.
-        self.0.calls.lock().unwrap().push("assume_role".into());
+        self.0.calls.lock().push("assume_role".into());
         self.0.answer("assume_role").await?;
         Ok(Arc::new(FakeIot(self.0.clone())))
     }
@@ -294,8 +271,7 @@ fn denied_once(message: &str) -> Arc<Account> {
 /// Waits until the account holds no certificate and no thing.
 async fn emptied(account: &Account) {
     eventually(|| async {
-        let empty =
-            account.certs.lock().unwrap().is_empty() && account.things.lock().unwrap().is_empty();
+        let empty = account.certs.lock().is_empty() && account.things.lock().is_empty();
         empty.then_some(())
     })
     .await;
@@ -326,7 +302,7 @@ async fn throttled_twice_then_registered() {
     assert_eq!(account.count("create_thing"), 3);
     // Retries redo the idempotent steps, never the certificate already recorded.
     assert_eq!(account.count("register_certificate"), 1);
-    assert_eq!(account.certs.lock().unwrap().len(), 1);
+    assert_eq!(account.certs.lock().len(), 1);
     // The endpoint was looked up once and stored on the tenant.
     let (_, tenant) = t.call("GET", "/v1/tenants/acme", &t.admin, None).await;
     assert_eq!(tenant["endpoint"], "fake-ats.iot.eu-west-1.amazonaws.com");
@@ -474,8 +450,8 @@ async fn hostile_and_duplicate_cns_make_valid_distinct_things() {
         }
     }
     // Each thing exists and holds exactly one certificate: its own device's.
-    let things = account.things.lock().unwrap().clone();
-    let principals = account.principals.lock().unwrap().clone();
+    let things = account.things.lock().clone();
+    let principals = account.principals.lock().clone();
     for (name, _) in &named {
         assert!(things.contains(name), "{name} was not created");
         let certs = principals.iter().filter(|(thing, _)| thing == name).count();
@@ -625,27 +601,27 @@ async fn a_failed_registration_is_retried_on_request() {
 #[tokio::test]
 async fn crash_between_steps_resumes_without_duplicates() {
     let account = Arc::new(Account::default());
-    *account.hang_on.lock().unwrap() = Some("attach_thing_principal");
+    *account.hang_on.lock() = Some("attach_thing_principal");
     let mut t = lobby_with(&account).await;
     let token = aws_tenant(&t).await;
     let dev = t.device("dev-crash");
     claim_with_cert(&t, &token, &dev).await;
     eventually(|| async { (account.count("attach_thing_principal") == 1).then_some(()) }).await;
     // The lobby dies mid-registration; the next one resumes from the store.
-    *account.hang_on.lock().unwrap() = None;
+    *account.hang_on.lock() = None;
     restart_with(&mut t, &account).await;
     wait_state(&t, &dev, "ready").await;
-    assert_eq!(account.certs.lock().unwrap().len(), 1);
-    assert_eq!(account.things.lock().unwrap().len(), 1);
+    assert_eq!(account.certs.lock().len(), 1);
+    assert_eq!(account.things.lock().len(), 1);
     assert_eq!(account.count("register_certificate"), 1);
-    assert_eq!(account.principals.lock().unwrap().len(), 1);
-    assert_eq!(account.policies.lock().unwrap().len(), 1);
+    assert_eq!(account.principals.lock().len(), 1);
+    assert_eq!(account.policies.lock().len(), 1);
 }
 
 #[tokio::test]
 async fn a_stop_lets_a_registration_in_flight_finish() {
     let account = Arc::new(Account::default());
-    *account.slow_on.lock().unwrap() = Some(("create_thing", Duration::from_millis(800)));
+    *account.slow_on.lock() = Some(("create_thing", Duration::from_millis(800)));
     let mut t = lobby_with(&account).await;
     let token = aws_tenant(&t).await;
     let dev = t.device("dev-draining");
@@ -653,7 +629,7 @@ async fn a_stop_lets_a_registration_in_flight_finish() {
     eventually(|| async { (account.count("create_thing") == 1).then_some(()) }).await;
     // Stop while CreateThing is in flight (the test lobby's grace is 2 s).
     t.lobby.take().unwrap().stop().await;
-    *account.slow_on.lock().unwrap() = None;
+    *account.slow_on.lock() = None;
     // The registration finished before the lobby stopped: the next one finds it ready and
     // calls AWS for nothing.
     restart_with(&mut t, &account).await;
@@ -678,7 +654,7 @@ async fn the_start_up_sweep_retires_registrations_whose_claim_is_gone() {
     let store = lobby::store::open(&t.config.store.url).await.unwrap();
     store.delete_claim(&dev.id).await.unwrap();
     drop(store);
-    assert_eq!(account.things.lock().unwrap().len(), 1);
+    assert_eq!(account.things.lock().len(), 1);
 
     restart_with(&mut t, &account).await;
     emptied(&account).await;
@@ -716,7 +692,7 @@ async fn unclaiming_a_revoked_device_removes_its_registration() {
         .await
         .unwrap();
     drop(store);
-    assert_eq!(account.things.lock().unwrap().len(), 1);
+    assert_eq!(account.things.lock().len(), 1);
     restart_with(&mut t, &account).await;
     emptied(&account).await;
 }
@@ -743,8 +719,8 @@ async fn unclaim_removes_the_registration() {
     ] {
         assert_eq!(account.count(op), 1, "{op}");
     }
-    assert!(account.principals.lock().unwrap().is_empty());
-    assert!(account.policies.lock().unwrap().is_empty());
+    assert!(account.principals.lock().is_empty());
+    assert!(account.policies.lock().is_empty());
 }
 
 /// Unclaimed after the registration reserved its thing name but before it stored anything:
@@ -753,7 +729,7 @@ async fn unclaim_removes_the_registration() {
 #[tokio::test]
 async fn what_a_registration_makes_after_an_unclaim_is_removed() {
     let account = Arc::new(Account::default());
-    *account.slow_on.lock().unwrap() = Some(("assume_role", Duration::from_millis(1500)));
+    *account.slow_on.lock() = Some(("assume_role", Duration::from_millis(1500)));
     let t = lobby_with(&account).await;
     let token = aws_tenant(&t).await;
     let dev = t.device("dev-late");
@@ -807,7 +783,7 @@ fn doomed_node(config: lobby::config::Config, account: Arc<Account>) -> DoomedNo
 async fn register_and_remove_of_one_device_never_overlap_across_nodes() {
     let db = pg::TestDb::create().await;
     let account = Arc::new(Account::default());
-    *account.slow_on.lock().unwrap() = Some(("create_thing", Duration::from_millis(1500)));
+    *account.slow_on.lock() = Some(("create_thing", Duration::from_millis(1500)));
     let (mut a, mut b) = common::fleet::two_nodes(&db.url).await;
     restart_with(&mut a, &account).await;
     restart_with(&mut b, &account).await;
@@ -821,7 +797,7 @@ async fn register_and_remove_of_one_device_never_overlap_across_nodes() {
         .await;
     assert_eq!(st, 200, "{body}");
     emptied(&account).await;
-    let overlaps = account.overlaps.lock().unwrap().clone();
+    let overlaps = account.overlaps.lock().clone();
     assert!(overlaps.is_empty(), "{overlaps:?}");
 }
 
@@ -829,7 +805,7 @@ async fn register_and_remove_of_one_device_never_overlap_across_nodes() {
 async fn a_node_killed_mid_registration_has_it_finished_by_another() {
     let db = pg::TestDb::create().await;
     let account = Arc::new(Account::default());
-    *account.hang_on.lock().unwrap() = Some("attach_thing_principal");
+    *account.hang_on.lock() = Some("attach_thing_principal");
     let url = db.url.clone();
     let b = lobby_tweaked(&account, |c| {
         c.store.url = url.clone();
@@ -862,7 +838,7 @@ async fn a_node_killed_mid_registration_has_it_finished_by_another() {
         "registering"
     );
 
-    *account.hang_on.lock().unwrap() = None;
+    *account.hang_on.lock() = None;
     a.kill.send(()).unwrap();
     let killed = std::time::Instant::now();
     wait_state(&b, &dev, "ready").await;
@@ -872,8 +848,8 @@ async fn a_node_killed_mid_registration_has_it_finished_by_another() {
     );
     // B went on from the stored registration: one certificate, one thing, nothing twice.
     assert_eq!(account.count("register_certificate"), 1);
-    assert_eq!(account.certs.lock().unwrap().len(), 1);
-    assert_eq!(account.things.lock().unwrap().len(), 1);
-    assert_eq!(account.principals.lock().unwrap().len(), 1);
-    assert_eq!(account.policies.lock().unwrap().len(), 1);
+    assert_eq!(account.certs.lock().len(), 1);
+    assert_eq!(account.things.lock().len(), 1);
+    assert_eq!(account.principals.lock().len(), 1);
+    assert_eq!(account.policies.lock().len(), 1);
 }

@@ -1,8 +1,8 @@
 //! Results: HDR histograms (microseconds), counters, error kinds, the progress bar, and the JSON
 //! report that is the last line on stdout (SPEC §11).
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -103,7 +103,7 @@ impl Recorder {
 
     /// Locks the stats (a poisoned lock is still usable: counters only).
     pub fn lock(&self) -> MutexGuard<'_, Stats> {
-        self.stats.lock().unwrap_or_else(|e| e.into_inner())
+        self.stats.lock()
     }
 
     /// A device got its CONNACK with `code`.

@@ -30,7 +30,7 @@ struct Inner {
     /// token hash → tenant id
     tokens: papaya::HashMap<[u8; 32], String>,
     /// Claims per tenant (quota checks, tenant deletion), kept in step by put/remove.
-    per_tenant: std::sync::Mutex<std::collections::HashMap<Arc<str>, usize>>,
+    per_tenant: parking_lot::Mutex<std::collections::HashMap<Arc<str>, usize>>,
 }
 
 /// `lobby_claims{state}`: the claims this map holds, by state.
@@ -86,11 +86,7 @@ impl ClaimsCache {
 
     /// Claims (in any state) held by a tenant.
     pub fn tenant_claim_count(&self, tenant: &str) -> usize {
-        let counts = self
-            .inner
-            .per_tenant
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let counts = self.inner.per_tenant.lock();
         counts.get(tenant).copied().unwrap_or(0)
     }
 
@@ -98,11 +94,7 @@ impl ClaimsCache {
         if old == new {
             return;
         }
-        let mut counts = self
-            .inner
-            .per_tenant
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut counts = self.inner.per_tenant.lock();
         if let Some(old) = old {
             if let Some(n) = counts.get_mut(&old) {
                 *n = n.saturating_sub(1);

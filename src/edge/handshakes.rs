@@ -13,8 +13,8 @@
 //!
 //! The size is read on every registration, so a reload changes it at once.
 
+use parking_lot::Mutex;
 use std::collections::VecDeque;
-use std::sync::Mutex;
 
 use tokio_util::sync::CancellationToken;
 
@@ -49,7 +49,7 @@ impl Handshakes {
         let max = max.max(1);
         let token = CancellationToken::new();
         let mut evicted = 0;
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.state.lock();
         while s.active >= max {
             let Some(oldest) = s.queue.pop_front() else {
                 break; // cannot happen: `active` counts entries of `queue`
@@ -78,22 +78,18 @@ impl Handshakes {
 
     /// Handshakes in progress now.
     pub fn active(&self) -> usize {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).active
+        self.state.lock().active
     }
 
     #[cfg(test)]
     fn queued(&self) -> usize {
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .queue
-            .len()
+        self.state.lock().queue.len()
     }
 }
 
 impl Drop for HandshakeSlot<'_> {
     fn drop(&mut self) {
-        let mut s = self.owner.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.owner.state.lock();
         // Cancelled already: evicted, and the evicting call counted it out.
         if !self.token.is_cancelled() {
             self.token.cancel();

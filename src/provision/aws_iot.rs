@@ -8,7 +8,9 @@
 
 use std::collections::HashMap;
 use std::error::Error as _;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use async_trait::async_trait;
 use aws_config::sts::AssumeRoleProvider;
@@ -63,7 +65,7 @@ impl AwsIotFactory {
     }
 
     fn cached(&self, tenant: &str, backend: &AwsIotBackend) -> Option<Arc<AwsIot>> {
-        let clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let clients = self.clients.lock();
         match clients.get(tenant) {
             Some((b, c)) if b == backend => Some(c.clone()),
             _ => None,
@@ -104,7 +106,7 @@ impl IotApiFactory for AwsIotFactory {
         let client = Arc::new(AwsIot {
             client: aws_sdk_iot::Client::from_conf(conf),
         });
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let mut clients = self.clients.lock();
         clients.insert(tenant.to_owned(), (backend.clone(), client.clone()));
         Ok(client)
     }

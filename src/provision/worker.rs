@@ -3,7 +3,9 @@
 //! for retryable failures, and `failed` with the AWS error code for permanent ones.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use rand::Rng;
@@ -69,7 +71,7 @@ impl Pacer {
     async fn wait(&self, key: &str, rate: u32) {
         let interval = Duration::from_secs(1) / rate.max(1);
         let slot = {
-            let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            let mut next = self.next.lock();
             let now = Instant::now();
             // Unused capacity of the last second (at most `rate` calls) may be spent now.
             let earliest = now
@@ -247,7 +249,7 @@ impl Worker {
     fn start(&self, job: Job, permits: &Arc<Semaphore>, tracker: &TaskTracker) {
         let device = job.device();
         {
-            let mut running = self.inner.running.lock().unwrap_or_else(|p| p.into_inner());
+            let mut running = self.inner.running.lock();
             if let Some(queue) = running.get_mut(&device) {
                 if !queue.contains(&job) {
                     queue.push_back(job);
@@ -265,7 +267,7 @@ impl Worker {
             let mut job = job;
             loop {
                 this.run_leased(&job).await;
-                let mut running = this.inner.running.lock().unwrap_or_else(|p| p.into_inner());
+                let mut running = this.inner.running.lock();
                 match running.get_mut(&device).and_then(VecDeque::pop_front) {
                     Some(next) => job = next,
                     None => {

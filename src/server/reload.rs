@@ -6,9 +6,12 @@
 //! sessions that start after). A file that does not load or validate changes nothing. Other keys (listeners, store, claim key) need a restart.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use arc_swap::ArcSwap;
+use tokio_util::task::TaskTracker;
 
 use crate::claims::cache::ClaimsCache;
 use crate::config::{Config, ConfigError, LimitsConfig};
@@ -34,16 +37,24 @@ pub struct Reloader {
     path: Mutex<Option<PathBuf>>,
     edge: Arc<EdgeContext>,
     cache: ClaimsCache,
+    /// The lobby's tasks: a reload's own (taking permits back) joins them, so a stop waits.
+    tracker: TaskTracker,
     /// The API's requests-per-address limiter (`api.rate_limit`).
     pub api_limiter: ArcSwap<AddressLimiter>,
 }
 
 impl Reloader {
-    pub fn new(edge: Arc<EdgeContext>, cache: ClaimsCache, config: &Config) -> Self {
+    pub fn new(
+        edge: Arc<EdgeContext>,
+        cache: ClaimsCache,
+        config: &Config,
+        tracker: TaskTracker,
+    ) -> Self {
         Self {
             path: Mutex::new(None),
             edge,
             cache,
+            tracker,
             api_limiter: ArcSwap::from_pointee(AddressLimiter::new(
                 config.api.rate_limit,
                 config.api.rate_burst,
@@ -53,17 +64,12 @@ impl Reloader {
 
     /// Names the file later reloads read.
     pub fn set_path(&self, path: PathBuf) {
-        *self.path.lock().unwrap_or_else(|p| p.into_inner()) = Some(path);
+        *self.path.lock() = Some(path);
     }
 
     /// Reads the config file again and applies it; returns the new trust generation.
     pub fn reload_file(&self) -> Result<u64, ReloadError> {
-        let path = self
-            .path
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or(ReloadError::NoConfigFile)?;
+        let path = self.path.lock().clone().ok_or(ReloadError::NoConfigFile)?;
         let config = Config::load(&path)?;
         self.apply(&config)
     }
@@ -101,10 +107,11 @@ impl Reloader {
             // Fewer permits: take the difference as connections end (none is dropped).
             let fewer =
                 u32::try_from(old.max_connections - new.max_connections).unwrap_or(u32::MAX);
-            let permits = permits.clone();
-            tokio::spawn(async move {
-                if let Ok(p) = permits.acquire_many_owned(fewer).await {
-                    p.forget();
+            let (permits, cancel) = (permits.clone(), self.edge.cancel.clone());
+            self.tracker.spawn(async move {
+                tokio::select! {
+                    Ok(p) = permits.acquire_many_owned(fewer) => p.forget(),
+                    () = cancel.cancelled() => {}
                 }
             });
         }

@@ -434,11 +434,5 @@ impl Store for PostgresStore {
 }
 
 fn tenant_from_row(r: &Row) -> Result<StoredTenant, StoreError> {
-    let body: &str = r.try_get(0).map_err(pg)?;
-    let tenant: Tenant =
-        serde_json::from_str(body).map_err(|e| StoreError::Corrupt(format!("tenant body: {e}")))?;
-    Ok(StoredTenant {
-        tenant,
-        token_hash: r.try_get(1).map_err(pg)?,
-    })
+    StoredTenant::decode(r.try_get(0).map_err(pg)?, r.try_get(1).map_err(pg)?)
 }

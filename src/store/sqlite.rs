@@ -10,7 +10,9 @@
 //! and its upgrades are [`schema`]'s.
 
 use std::sync::atomic::AtomicI64;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -22,7 +24,7 @@ use super::{
 use crate::config::StoreUrl;
 use crate::device::DeviceId;
 use crate::model::Registration;
-use crate::model::{Claim, ClaimState, Tenant};
+use crate::model::{Claim, ClaimState};
 
 mod schema;
 mod writer;
@@ -141,22 +143,16 @@ impl SqliteStore {
     {
         let conn = self.conn.clone();
         let started = std::time::Instant::now();
-        let out = tokio::task::spawn_blocking(move || {
-            let mut guard = conn
-                .lock()
-                .map_err(|_| backend("connection mutex poisoned"))?;
-            f(&mut guard)
-        })
-        .await
-        .map_err(backend)?;
+        let out = tokio::task::spawn_blocking(move || f(&mut conn.lock()))
+            .await
+            .map_err(backend)?;
         crate::metrics::store_operation(op, started.elapsed());
         out
     }
 }
 
 /// What a claim read selects, in [`claim_from_row`]'s order.
-const CLAIM_SELECT: &str = "SELECT device_id, tenant, state, thing_name, redirect_id, \
-     claimed_at, ready_at, redirected_at, error, version, attempts, next_attempt_at FROM claims";
+const CLAIM_SELECT: &str = concat!("SELECT ", super::claim_columns!(), " FROM claims");
 
 /// One claims row ([`CLAIM_SELECT`]); a device id that is not 64 hex characters is corrupt.
 fn claim_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Claim, StoreError>> {
@@ -223,9 +219,7 @@ impl Store for SqliteStore {
             let mut out = Vec::new();
             for row in rows {
                 let (body, token_hash) = row.map_err(backend)?;
-                let tenant: Tenant = serde_json::from_str(&body)
-                    .map_err(|e| StoreError::Corrupt(format!("tenant body: {e}")))?;
-                out.push(StoredTenant { tenant, token_hash });
+                out.push(StoredTenant::decode(&body, token_hash)?);
             }
             Ok(out)
         })
@@ -368,12 +362,8 @@ impl Store for SqliteStore {
                 .map_err(backend)
             })
             .await?;
-        row.map(|(body, token_hash)| {
-            let tenant = serde_json::from_str(&body)
-                .map_err(|e| StoreError::Corrupt(format!("tenant body: {e}")))?;
-            Ok(StoredTenant { tenant, token_hash })
-        })
-        .transpose()
+        row.map(|(body, token_hash)| StoredTenant::decode(&body, token_hash))
+            .transpose()
     }
 
     async fn set_cert_pem(&self, id: &DeviceId, pem: &str) -> Result<(), StoreError> {

@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 use std::process::Stdio;
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Once};
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use crate::common::{eventually, Device, RawClient, TestLobby};
@@ -77,7 +79,7 @@ impl Moto {
                         let _ = tx.send(port);
                     }
                 } else if line.contains(" HTTP/1.1\" ") {
-                    log_w.lock().unwrap().push(line);
+                    log_w.lock().push(line);
                 }
             }
         });
@@ -122,18 +124,18 @@ impl Moto {
     }
 
     pub fn requests(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
+        self.log.lock().clone()
     }
 
     /// Waits until moto has seen no request for a second (the lobby's work is done; the test
     /// makes no request meanwhile). Not an assertion: a bound on waiting for quiet.
     pub async fn quiet(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let mut seen = self.log.lock().unwrap().len();
+        let mut seen = self.log.lock().len();
         let mut still = 0;
         while still < 4 {
             tokio::time::sleep(Duration::from_millis(250)).await;
-            let now = self.log.lock().unwrap().len();
+            let now = self.log.lock().len();
             still = if now == seen { still + 1 } else { 0 };
             seen = now;
             assert!(Instant::now() < deadline, "moto never went quiet");

@@ -18,7 +18,9 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
@@ -298,14 +300,14 @@ impl Observer {
             loop {
                 match el.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        st.lock().unwrap().connections += 1;
+                        st.lock().connections += 1;
                         for f in OBSERVED {
                             cl.try_subscribe(f, QoS::AtLeastOnce).unwrap();
                         }
                     }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => st.lock().unwrap().subacks += 1,
+                    Ok(Event::Incoming(Packet::SubAck(_))) => st.lock().subacks += 1,
                     Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let mut s = st.lock().unwrap();
+                        let mut s = st.lock();
                         if p.topic.starts_with("$SYS/") {
                             let v: u64 = String::from_utf8_lossy(&p.payload)
                                 .trim()
@@ -335,7 +337,7 @@ impl Observer {
             task,
         };
         crate::common::eventually(|| async {
-            (obs.state.lock().unwrap().subacks >= OBSERVED.len() as u64).then_some(())
+            (obs.state.lock().subacks >= OBSERVED.len() as u64).then_some(())
         })
         .await;
         obs
@@ -352,7 +354,7 @@ impl Observer {
 
     /// Every message received so far, in order.
     pub fn messages(&self) -> Vec<Msg> {
-        self.state.lock().unwrap().messages.clone()
+        self.state.lock().messages.clone()
     }
 
     /// The messages received on `topic` so far.
@@ -375,12 +377,12 @@ impl Observer {
 
     /// How many times it connected (1 + reconnects).
     pub fn connections(&self) -> u64 {
-        self.state.lock().unwrap().connections
+        self.state.lock().connections
     }
 
     /// The last value of a `$SYS` counter, if one came.
     pub fn sys(&self, topic: &str) -> Option<u64> {
-        self.state.lock().unwrap().sys.get(topic).map(|(v, _)| *v)
+        self.state.lock().sys.get(topic).map(|(v, _)| *v)
     }
 
     /// Waits until the `$SYS` counter `topic` is `want`; panics with the last value otherwise.
@@ -405,7 +407,7 @@ impl Observer {
     pub async fn settled_sys(&self, topic: &str) -> u64 {
         let quiet = Duration::from_millis(3 * SYS_INTERVAL * 1000 + 200);
         eventually_within(WAIT + quiet, topic, || async {
-            let s = self.state.lock().unwrap();
+            let s = self.state.lock();
             s.sys
                 .get(topic)
                 .and_then(|(v, at)| (at.elapsed() >= quiet).then_some(*v))

@@ -6,7 +6,9 @@
 //! (`lobby::pki::init`), on a free 127.0.0.1 port: CONNACK 0 to anyone with a certificate of
 //! that PKI, SUBACK, PINGRESP, and PUBACK for every QoS 1 publish it keeps.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use bytes::BytesMut;
 use lobby::mqtt::codec::{self, Packet, Protocol, QoS};
@@ -99,12 +101,12 @@ impl Strict {
 
     /// The publishes it accepted so far.
     pub fn accepted(&self) -> Vec<Msg> {
-        self.seen.lock().unwrap().accepted.clone()
+        self.seen.lock().accepted.clone()
     }
 
     /// How many connections it closed for a forbidden publish.
     pub fn kicked(&self) -> u64 {
-        self.seen.lock().unwrap().kicked
+        self.seen.lock().kicked
     }
 }
 
@@ -166,11 +168,11 @@ where
             }
             Packet::Publish(p) if filter_matches(forbidden, &p.topic) => {
                 // AWS IoT: a publish the policy does not allow ends the connection.
-                seen.lock().unwrap().kicked += 1;
+                seen.lock().kicked += 1;
                 return;
             }
             Packet::Publish(p) => {
-                seen.lock().unwrap().accepted.push(Msg {
+                seen.lock().accepted.push(Msg {
                     topic: p.topic.clone(),
                     payload: p.payload.to_vec(),
                     qos: p.qos as u8,

@@ -7,7 +7,9 @@
 //! node with its own `--claim-concurrency` requests in flight.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
@@ -59,7 +61,7 @@ struct Shared {
 impl Shared {
     /// Widens the claim window to cover a request sent at `sent` and answered at `answered`.
     fn answered(&self, sent: Instant, answered: Instant) {
-        let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let mut window = self.window.lock();
         *window = Some(match *window {
             Some((first, last)) => (first.min(sent), last.max(answered)),
             None => (sent, answered),
@@ -173,7 +175,7 @@ pub async fn run(ctx: Arc<Ctx>, pace: Pace, opts: ClaimOpts) -> Result<Report> {
     );
     let mut report = Report::from_stats("claim", devices as u64, &stats, connect_time);
     let ok = shared.claims_ok.load(Ordering::Relaxed);
-    let window = *shared.window.lock().unwrap_or_else(|e| e.into_inner());
+    let window = *shared.window.lock();
     report.claims_per_sec = window
         .map(|(first, last)| last.saturating_duration_since(first).as_secs_f64())
         .filter(|secs| *secs > 0.0)

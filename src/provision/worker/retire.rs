@@ -49,7 +49,7 @@ impl Worker {
     /// Queues `job` behind the job its device is running (this is called from inside it). A
     /// device with no job running has its stored queue read by the next sweep or start.
     fn queue_behind(&self, job: Job) {
-        let mut running = self.inner.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut running = self.inner.running.lock();
         match running.get_mut(&job.device()) {
             Some(queue) if !queue.contains(&job) => queue.push_back(job),
             Some(_) => {}

@@ -96,7 +96,7 @@ pub(super) const PRESENCE_UPSERT: &str = "INSERT INTO lobby_presence \
 pub(super) const ANNOUNCE: &str =
     "SELECT pg_notify('lobby_takeover', a) FROM UNNEST($1::text[]) AS a";
 
-pub(super) const CLAIM_COLUMNS: &str = "SELECT device_id, tenant, state, thing_name, redirect_id, \
-     claimed_at, ready_at, redirected_at, error, version, attempts, next_attempt_at FROM claims";
+pub(super) const CLAIM_COLUMNS: &str =
+    concat!("SELECT ", crate::store::claim_columns!(), " FROM claims");
 pub(super) const REGISTRATION_COLUMNS: &str =
     "SELECT device_id, tenant, body, removing FROM registrations";

@@ -3,8 +3,8 @@
 //! each. Concurrent claims share one fsync; a write is answered only after the commit that
 //! made it durable.
 
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -190,10 +190,7 @@ pub(super) fn run_writer(
                 Err(_) => break,
             }
         }
-        let answers = match conn.lock() {
-            Ok(mut c) => write_group(&mut c, version, &group),
-            Err(_) => Err(backend("connection mutex poisoned")),
-        };
+        let answers = write_group(&mut conn.lock(), version, &group);
         match answers {
             Ok(answers) => {
                 for ((_, to), answer) in group.into_iter().zip(answers) {
