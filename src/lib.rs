@@ -26,9 +26,9 @@
 //!    marked `removing`, nudged by [`claims::events`]; both queues are stored state, so a
 //!    restart resumes them.
 //!
-//! Beneath both: [`model`] (the persisted nouns), [`config`], [`metrics`]. Around them:
-//! [`server`] (assembly, start, shutdown, [`server::reload`]), [`presence`] (a fleet's
-//! connection reports), [`pki`] (dev PKI), [`qr`] (claim-code labels).
+//! Beneath both: [`model`] (the persisted nouns), [`config`], [`metrics`], [`ratelimit`].
+//! Around them: [`server`] (assembly, start, shutdown, [`server::reload`]), [`presence`] (a
+//! fleet's connection reports), [`pki`] (dev PKI), [`qr`] (claim-code labels).
 
 #![forbid(unsafe_code)]
 
