@@ -7,6 +7,8 @@
 mod common;
 #[path = "common/pg.rs"]
 mod pg;
+#[path = "common/pg_tls.rs"]
+mod pg_tls;
 
 use std::sync::Arc;
 
@@ -27,6 +29,9 @@ fn fleet(store: &Arc<dyn Store>) -> &dyn Fleet {
 enum Place {
     Sqlite(tempfile::TempDir),
     Postgres(pg::TestDb),
+    /// A server of the test's own that takes TCP only over TLS; the store connects with
+    /// `verify-full`.
+    PostgresTls(pg_tls::TlsServer),
 }
 
 /// A backend under test: its `store.url` and the place behind it.
@@ -53,6 +58,15 @@ impl Fixture {
         }
     }
 
+    async fn postgres_tls() -> Self {
+        let server = pg_tls::TlsServer::start();
+        server.create_db("lobby").await;
+        Self {
+            url: server.verified_url("lobby"),
+            place: Place::PostgresTls(server),
+        }
+    }
+
     /// Opens the store (again) as the lobby does.
     async fn open(&self) -> Arc<dyn Store> {
         store::open(&self.url)
@@ -64,6 +78,7 @@ impl Fixture {
     async fn pg_client(&self) -> tokio_postgres::Client {
         match &self.place {
             Place::Postgres(db) => db.client().await,
+            Place::PostgresTls(server) => server.client("lobby").await,
             Place::Sqlite(_) => panic!("not a PostgreSQL fixture"),
         }
     }
@@ -72,8 +87,8 @@ impl Fixture {
     /// (version and when it was applied), SQLite's schema text.
     async fn schema(&self) -> Vec<String> {
         match &self.place {
-            Place::Postgres(db) => db
-                .client()
+            Place::Postgres(_) | Place::PostgresTls(_) => self
+                .pg_client()
                 .await
                 .query(
                     "SELECT version, applied_at::text FROM lobby_schema_migrations \
@@ -118,12 +133,19 @@ macro_rules! both_backends {
         async fn $postgres() {
             both_backends!(@run $kind $test, Fixture::postgres().await);
         }
+        /// The same against PostgreSQL over TLS (`verify-full`).
+        mod $test {
+            #[tokio::test]
+            async fn postgres_over_tls() {
+                both_backends!(@run $kind super::$test, super::Fixture::postgres_tls().await);
+            }
+        }
     )*};
-    (@run store $test:ident, $fixture:expr) => {{
+    (@run store $test:path, $fixture:expr) => {{
         let fixture = $fixture;
         $test(&*fixture.open().await).await;
     }};
-    (@run fixture $test:ident, $fixture:expr) => {{
+    (@run fixture $test:path, $fixture:expr) => {{
         $test(&$fixture).await;
     }};
 }
@@ -881,7 +903,7 @@ async fn reopen_applies_nothing_twice(f: &Fixture) {
     store.put_claim(&full_claim(9, "acme"), None).await.unwrap();
     let schema = f.schema().await;
     assert!(!schema.is_empty());
-    if matches!(f.place, Place::Postgres(_)) {
+    if !matches!(f.place, Place::Sqlite(_)) {
         let versions: Vec<String> = schema
             .iter()
             .map(|l| l.split(' ').next().unwrap().to_owned())
@@ -924,10 +946,7 @@ async fn postgres_unreachable_server_is_a_clear_error() {
         .err()
         .unwrap()
         .to_string();
-    assert!(
-        err.contains("TLS to PostgreSQL is not supported yet"),
-        "{err}"
-    );
+    assert!(err.contains("needs sslrootcert"), "{err}");
 }
 
 #[tokio::test]

@@ -1,12 +1,13 @@
 //! The networked store: PostgreSQL, shared by any number of lobby nodes (SPEC §10).
 //!
-//! A small `deadpool-postgres` pool of plain TCP connections. Every write is one transaction,
+//! A small `deadpool-postgres` pool of connections. Every write is one transaction,
 //! durable when its future resolves, given the server's default `synchronous_commit = on`.
 //! Writers of a fleet never share a lock: a claim write is conditional on the version it read
 //! ([`Store::write_claim`]), thing names are a unique index, and tenant rows are locked only by
 //! the transactions that touch them. Every session waits at most [`LOCK_TIMEOUT`] for a lock
-//! and [`STATEMENT_TIMEOUT`] for a statement (the URL's `options` may set either). TLS to PostgreSQL is not supported yet: a URL asking for it
-//! (`sslmode=require`, `verify-ca`, `verify-full`) is refused at `open`, never downgraded.
+//! and [`STATEMENT_TIMEOUT`] for a statement (the URL's `options` may set either). TLS follows
+//! the URL's `sslmode` and `sslrootcert` as libpq does ([`tls`]: rustls, `verify-full` checks
+//! the server's name).
 //!
 //! The schema is an ordered list of migrations embedded in the binary. `open` applies the
 //! missing ones in one transaction holding `pg_advisory_xact_lock(MIGRATION_LOCK)`, so nodes
@@ -36,6 +37,7 @@ mod connect;
 mod fleet;
 mod schema;
 mod sql;
+mod tls;
 mod watch;
 
 use claims::claim_from_row;
@@ -53,6 +55,8 @@ pub struct PostgresStore {
     pool: Pool,
     /// For the watch's own connection (not pooled: it stays in LISTEN).
     config: tokio_postgres::Config,
+    /// The TLS connector `sslmode` asks for (the watch's connection uses it too).
+    tls: tls::RustlsConnect,
     /// This process's name in the change log (random per start).
     origin: Arc<str>,
     /// Tells the other nodes after a commit.
@@ -70,14 +74,15 @@ impl std::fmt::Debug for PostgresStore {
 impl PostgresStore {
     /// Connects to `url` (`postgres://…` or `postgresql://…`) and brings the schema up to date.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
-        let config = pg_config(url)?;
-        let pool = connect::pool(&config)?;
+        let (config, tls) = pg_config(url)?;
+        let pool = connect::pool(&config, tls.clone())?;
         let mut origin = [0u8; 8];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut origin);
         let store = Self {
             notifier: Notifier::start(pool.clone()),
             pool,
             config,
+            tls,
             origin: hex::encode(origin).into(),
         };
         let applied = store.timed("migrate", store.migrate()).await?;

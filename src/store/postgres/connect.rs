@@ -4,10 +4,9 @@
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::NoTls;
 
+use super::tls::{self, RustlsConnect};
 use crate::store::StoreError;
 
 /// Connections in the pool: concurrent writes (claim bursts), API reads and the provisioning
@@ -66,25 +65,20 @@ pub(super) fn pg(e: tokio_postgres::Error) -> StoreError {
     }
 }
 
-/// The connection settings of `url`, refusing what this store cannot honour.
-pub(super) fn pg_config(url: &str) -> Result<tokio_postgres::Config, StoreError> {
-    let query = url.split_once('?').map_or("", |(_, q)| q);
-    for (key, value) in query.split('&').filter_map(|kv| kv.split_once('=')) {
-        if key == "sslmode" && !matches!(value, "disable" | "prefer") {
-            return Err(StoreError::Backend(format!(
-                "store.url asks for sslmode={value}, but TLS to PostgreSQL is not supported \
-                 yet; use sslmode=disable (or leave it out) on a trusted network"
-            )));
-        }
-    }
-    let mut config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
-        StoreError::Backend(format!(
-            "store.url {:?} is not a PostgreSQL URL: {}",
-            crate::config::redacted(url),
-            describe(&e)
-        ))
-    })?;
-    config.ssl_mode(SslMode::Disable);
+/// The connection settings of `url` and the TLS connector its `sslmode` asks for
+/// ([`super::tls`]).
+pub(super) fn pg_config(url: &str) -> Result<(tokio_postgres::Config, RustlsConnect), StoreError> {
+    let ask = tls::split_url(url)?;
+    let tls = tls::connector(&ask)?;
+    let mut config: tokio_postgres::Config =
+        ask.url.parse().map_err(|e: tokio_postgres::Error| {
+            StoreError::Backend(format!(
+                "store.url {:?} is not a PostgreSQL URL: {}",
+                crate::config::redacted(url),
+                describe(&e)
+            ))
+        })?;
+    config.ssl_mode(ask.mode.ssl_mode());
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
@@ -103,14 +97,17 @@ pub(super) fn pg_config(url: &str) -> Result<tokio_postgres::Config, StoreError>
         }
     }
     config.options(options.trim());
-    Ok(config)
+    Ok((config, tls))
 }
 
 /// The pool of connections to `config`'s server.
-pub(super) fn pool(config: &tokio_postgres::Config) -> Result<Pool, StoreError> {
+pub(super) fn pool(
+    config: &tokio_postgres::Config,
+    tls: RustlsConnect,
+) -> Result<Pool, StoreError> {
     let manager = Manager::from_config(
         config.clone(),
-        NoTls,
+        tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -129,22 +126,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tls_urls_are_refused_not_downgraded() {
-        for mode in ["require", "verify-ca", "verify-full"] {
-            let url = format!("postgres://u@127.0.0.1/db?application_name=x&sslmode={mode}");
-            let err = pg_config(&url).unwrap_err().to_string();
-            assert!(
-                err.contains("TLS to PostgreSQL is not supported yet"),
-                "{err}"
-            );
-        }
-        for url in [
-            "postgres://u@127.0.0.1/db",
-            "postgresql://u@127.0.0.1:5433/db?sslmode=disable",
-            "postgres://u@127.0.0.1/db?sslmode=prefer",
+    fn sslmode_picks_what_tokio_postgres_is_told() {
+        use tokio_postgres::config::SslMode;
+        for (query, mode) in [
+            ("", SslMode::Prefer),
+            ("?sslmode=disable", SslMode::Disable),
+            ("?sslmode=prefer", SslMode::Prefer),
+            ("?application_name=x&sslmode=require", SslMode::Require),
         ] {
-            let config = pg_config(url).unwrap();
-            assert_eq!(config.get_ssl_mode(), SslMode::Disable, "{url}");
+            let url = format!("postgres://u@127.0.0.1:5433/db{query}");
+            let (config, _) = pg_config(&url).unwrap();
+            assert_eq!(config.get_ssl_mode(), mode, "{url}");
         }
     }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 use super::{pg, PostgresStore, CHANNEL, NODE_GONE_AFTER_SECS};
@@ -116,7 +116,7 @@ pub(super) async fn listen(to: Listeners, cancel: CancellationToken) {
     let mut lost_at: Option<i64> = None;
     loop {
         let session = async {
-            let (client, mut conn) = config.connect(NoTls).await.map_err(pg)?;
+            let (client, mut conn) = config.connect(to.store.tls.clone()).await.map_err(pg)?;
             let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
             let listen = format!("LISTEN {CHANNEL}; LISTEN {TAKEOVER_CHANNEL}");
             let subscribe = client.batch_execute(&listen);
