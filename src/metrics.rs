@@ -34,6 +34,47 @@ pub const CLUSTER_CHANGES_APPLIED_TOTAL: &str = "lobby_cluster_changes_applied_t
 pub const CLUSTER_PRESENCE_DROPPED_TOTAL: &str = "lobby_cluster_presence_dropped_total";
 /// An extension of SPEC §9: completed device handshakes by kind (`full`, `resumed`).
 pub const TLS_HANDSHAKES_TOTAL: &str = "lobby_tls_handshakes_total";
+/// `lobby_build_info{version}`: always 1; the label says which build answers.
+pub const BUILD_INFO: &str = "lobby_build_info";
+
+/// Every `outcome` of `lobby_connections_total` (`session::End::label`, checked there).
+pub const CONNECTION_OUTCOMES: &[&str] = &[
+    "closed",
+    "redirected",
+    "taken_over",
+    "revoked",
+    "keepalive_timeout",
+    "connect_timeout",
+    "protocol_error",
+    "forbidden",
+    "shutdown",
+    "quota_exceeded",
+    "server_busy",
+    "bridge_rejected",
+    "rate_limited",
+    "idle_timeout",
+    "io_error",
+];
+/// Every `reason` of `lobby_tls_handshake_failures_total`.
+pub const HANDSHAKE_FAILURE_REASONS: &[&str] = &[
+    "revoked",
+    "expired",
+    "bad_certificate",
+    "no_certificate",
+    "protocol",
+    "timeout",
+    "proxy_protocol",
+    "rate_limited",
+    "busy",
+];
+/// The `protocol` label of `lobby_connections_active`.
+pub const PROTOCOLS: &[&str] = &["mqtt3.1.1", "mqtt5"];
+/// Every `kind` of `lobby_redirects_total`.
+pub const REDIRECT_KINDS: &[&str] = &["connack", "disconnect", "publish"];
+/// Every `state` of `lobby_claims` (`model::ClaimState::as_str`).
+pub const CLAIM_STATES: &[&str] = &["unclaimed", "registering", "ready", "failed", "revoked"];
+/// Every `outcome` of `lobby_registrations_total`.
+pub const REGISTRATION_OUTCOMES: &[&str] = &["ready", "failed"];
 
 /// Buckets for sub-second operations (handshakes, store writes, redirects), in seconds.
 const FAST_BUCKETS: &[f64] = &[
@@ -53,6 +94,7 @@ pub fn install() -> Option<PrometheusHandle> {
                 .ok()?;
             let handle = builder.install_recorder().ok()?;
             describe();
+            zero_series();
             Some(handle)
         })
         .clone()
@@ -88,7 +130,21 @@ fn describe() {
         BRIDGE_POISON_TOTAL,
         "Bridged publishes given up on: the tenant closed the connection on each re-send."
     );
-    describe_gauge!(CLAIMS, "Claims in the map by state.");
+    describe_gauge!(
+        CLAIMS,
+        "Claims by state in this node's map. Every node of a fleet holds every claim, so this is \
+         the fleet's count on each node: aggregate with max, not sum."
+    );
+    describe_gauge!(BUILD_INFO, "Always 1; `version` is the running build.");
+    describe_counter!(
+        REGISTRATIONS_TOTAL,
+        "Device registrations with a tenant's backend, by outcome."
+    );
+    describe_histogram!(
+        REGISTRATION_DURATION_SECONDS,
+        Unit::Seconds,
+        "One registration, first step to ready or failed."
+    );
     describe_histogram!(
         CLAIM_TO_REDIRECT_SECONDS,
         Unit::Seconds,
@@ -99,6 +155,39 @@ fn describe() {
         Unit::Seconds,
         "Store calls by op."
     );
+}
+
+/// Registers every SPEC §9 series whose label values are known, at zero, so a dashboard shows
+/// 0 (not "no data") and `rate()` works from the first scrape. Series labelled by tenant
+/// (bridge) or by store operation appear with their first value.
+fn zero_series() {
+    use metrics::{counter, gauge, histogram};
+    for &outcome in CONNECTION_OUTCOMES {
+        counter!(CONNECTIONS_TOTAL, "outcome" => outcome).absolute(0);
+    }
+    for &reason in HANDSHAKE_FAILURE_REASONS {
+        counter!(TLS_HANDSHAKE_FAILURES_TOTAL, "reason" => reason).absolute(0);
+    }
+    for kind in ["full", "resumed"] {
+        counter!(TLS_HANDSHAKES_TOTAL, "kind" => kind).absolute(0);
+    }
+    for &protocol in PROTOCOLS {
+        gauge!(CONNECTIONS_ACTIVE, "protocol" => protocol).increment(0.0);
+    }
+    for &kind in REDIRECT_KINDS {
+        counter!(REDIRECTS_TOTAL, "kind" => kind).absolute(0);
+    }
+    for &state in CLAIM_STATES {
+        gauge!(CLAIMS, "state" => state).increment(0.0);
+    }
+    for &outcome in REGISTRATION_OUTCOMES {
+        counter!(REGISTRATIONS_TOTAL, "backend" => "aws-iot", "outcome" => outcome).absolute(0);
+    }
+    let _ = histogram!(TLS_HANDSHAKE_DURATION_SECONDS);
+    let _ = histogram!(CONNECT_DURATION_SECONDS);
+    let _ = histogram!(CLAIM_TO_REDIRECT_SECONDS);
+    let _ = histogram!(REGISTRATION_DURATION_SECONDS, "backend" => "aws-iot");
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
 /// Times one store operation.
@@ -131,4 +220,17 @@ pub fn handshake(kind: &'static str) {
 /// Counts a redirect of `kind` (`connack`, `disconnect`, `publish`).
 pub fn redirect(kind: &'static str) {
     metrics::counter!(REDIRECTS_TOTAL, "kind" => kind).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_claim_state_is_zeroed_at_start() {
+        use crate::model::ClaimState::*;
+        for s in [Unclaimed, Registering, Ready, Failed, Revoked] {
+            assert!(CLAIM_STATES.contains(&s.as_str()), "{}", s.as_str());
+        }
+    }
 }

@@ -54,6 +54,90 @@ async fn next_packet<S: tokio::io::AsyncRead + Unpin>(
     }
 }
 
+/// `lobby serve` in `dir`, killed when the value goes.
+struct Serving(std::process::Child);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `lobby serve` in `dir` and waits for `/readyz` on `api`.
+async fn serve(dir: &std::path::Path, api: u16) -> Serving {
+    let child = Command::new(env!("CARGO_BIN_EXE_lobby"))
+        .args(["serve", "--config", "lobby.toml"])
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let serving = Serving(child);
+    let http = reqwest::Client::new();
+    timeout(Duration::from_secs(30), async {
+        loop {
+            let ok = http
+                .get(format!("http://127.0.0.1:{api}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            if ok {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("lobby serve comes up");
+    serving
+}
+
+/// The first scrape of a fresh lobby holds every SPEC §9 series whose labels are known, at 0
+/// (histograms with a 0 count), and `lobby_build_info{version}`; the bridge's series are
+/// labelled by tenant and appear with the first bridged tenant, the store's by operation.
+#[tokio::test]
+async fn every_series_is_there_from_the_first_scrape() {
+    let (dir, _mqtt, api) = config_dir("");
+    let _lobby = serve(dir.path(), api).await;
+    let text = reqwest::get(format!("http://127.0.0.1:{api}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let has = |line: &str| text.lines().any(|l| l == line);
+    for line in [
+        r#"lobby_connections_active{protocol="mqtt5"} 0"#,
+        r#"lobby_connections_active{protocol="mqtt3.1.1"} 0"#,
+        r#"lobby_connections_total{outcome="redirected"} 0"#,
+        r#"lobby_connections_total{outcome="closed"} 0"#,
+        r#"lobby_tls_handshake_failures_total{reason="bad_certificate"} 0"#,
+        r#"lobby_tls_handshake_failures_total{reason="timeout"} 0"#,
+        "lobby_tls_handshake_duration_seconds_count 0",
+        "lobby_connect_duration_seconds_count 0",
+        r#"lobby_redirects_total{kind="connack"} 0"#,
+        r#"lobby_redirects_total{kind="disconnect"} 0"#,
+        r#"lobby_redirects_total{kind="publish"} 0"#,
+        r#"lobby_claims{state="ready"} 0"#,
+        r#"lobby_claims{state="registering"} 0"#,
+        "lobby_claim_to_redirect_seconds_count 0",
+        r#"lobby_registrations_total{backend="aws-iot",outcome="ready"} 0"#,
+        r#"lobby_registrations_total{backend="aws-iot",outcome="failed"} 0"#,
+        r#"lobby_registration_duration_seconds_count{backend="aws-iot"} 0"#,
+        &format!(
+            r#"lobby_build_info{{version="{}"}} 1"#,
+            env!("CARGO_PKG_VERSION")
+        ),
+    ] {
+        assert!(has(line), "missing `{line}` in:\n{text}");
+    }
+    assert!(
+        text.contains("lobby_store_operation_duration_seconds"),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn lobby_serve_drains_on_sigterm_and_exits_0() {
     let (dir, mqtt, api) = config_dir("[shutdown]\ngrace = \"20s\"");

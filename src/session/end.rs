@@ -48,3 +48,44 @@ impl End {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::End::{self, *};
+
+    /// `lobby_connections_total` starts with every outcome at zero: the list it is zeroed from
+    /// names each `End` (the match breaks when a variant is added).
+    #[test]
+    fn every_outcome_is_zeroed_at_start() {
+        let all = [
+            Closed,
+            Redirected,
+            TakenOver,
+            Revoked,
+            KeepAliveTimeout,
+            ConnectTimeout,
+            ProtocolError,
+            Forbidden,
+            Shutdown,
+            QuotaExceeded,
+            ServerBusy,
+            BridgeRejected,
+            RateLimited,
+            IdleTimeout,
+            Io,
+        ];
+        for e in all {
+            match e {
+                Closed | Redirected | TakenOver | Revoked | KeepAliveTimeout | ConnectTimeout
+                | ProtocolError | Forbidden | Shutdown | QuotaExceeded | ServerBusy
+                | BridgeRejected | RateLimited | IdleTimeout | Io => {}
+            }
+            let label = End::label(e);
+            assert!(
+                crate::metrics::CONNECTION_OUTCOMES.contains(&label),
+                "{label}"
+            );
+        }
+        assert_eq!(all.len(), crate::metrics::CONNECTION_OUTCOMES.len());
+    }
+}
