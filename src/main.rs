@@ -26,13 +26,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the lobby.
+    /// Run the lobby: on `--config`, else on `config/lobby.toml` when it exists, else on the
+    /// built-in defaults (development only: `certs/dev` must exist, or `--dev` creates it).
     Serve {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Without a config file: run on the built-in defaults and create the development PKI
+        /// (`certs/dev`) when it is missing.
+        #[arg(long)]
+        dev: bool,
         /// Log as JSON lines (overrides `log.format`).
         #[arg(long)]
         log_json: bool,
+    },
+    /// Check a config file without starting: its keys, and the files it names (TLS
+    /// certificates and keys, CAs, CRLs, claim-code keys, the admin token). Exit 1 naming
+    /// what is wrong.
+    CheckConfig {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
     },
     /// Development PKI.
     #[command(subcommand)]
@@ -81,7 +93,12 @@ struct ClaimCodeArgs {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Serve { config, log_json } => serve(&config, log_json),
+        Command::Serve {
+            config,
+            dev,
+            log_json,
+        } => serve(config.as_deref(), dev, log_json),
+        Command::CheckConfig { config } => check_config(&config),
         Command::Certs(CertsCommand::Init { dir, devices }) => {
             let report = pki::init(&pki::InitOptions { dir, devices })?;
             for f in report.files {
@@ -123,8 +140,30 @@ fn claim_code(args: &ClaimCodeArgs) -> Result<()> {
     Ok(())
 }
 
-fn serve(path: &Path, log_json: bool) -> Result<()> {
-    let config = Config::load(path)?;
+/// The config `serve` runs on, and the file it came from (SIGHUP reads it again).
+fn serve_config(path: Option<&Path>, dev: bool) -> Result<(Config, Option<PathBuf>)> {
+    let file = path
+        .map(Path::to_owned)
+        .or_else(|| Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.exists()));
+    if let Some(file) = file {
+        return Ok((Config::load(&file)?, Some(file)));
+    }
+    let mut config = Config::default();
+    config.dev.auto_init = dev;
+    let dev_pki = Path::new("certs/dev");
+    if !dev && !dev_pki.join("ca.pem").exists() {
+        anyhow::bail!(
+            "no config: {DEFAULT_CONFIG} does not exist and no --config was given. Give \
+             --config FILE (see config/lobby.toml in the repository for every key), or --dev \
+             to run on the built-in development defaults (creates certs/dev with a CA, a \
+             server certificate, device certificates, a claim key and an admin token)"
+        );
+    }
+    Ok((config, None))
+}
+
+fn serve(path: Option<&Path>, dev: bool, log_json: bool) -> Result<()> {
+    let (config, file) = serve_config(path, dev)?;
     init_tracing(&config.log, log_json);
     ensure_dev_pki(&config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -133,9 +172,16 @@ fn serve(path: &Path, log_json: bool) -> Result<()> {
         .context("starting the runtime")?;
     runtime.block_on(async {
         let lobby = Lobby::start(&config).await?;
-        lobby.run_until_signal(path).await;
+        lobby.run_until_signal(file.as_deref()).await;
         Ok(())
     })
+}
+
+fn check_config(path: &Path) -> Result<()> {
+    let config = Config::load(path)?;
+    lobby::server::check_files(&config)?;
+    println!("{}: ok", path.display());
+    Ok(())
 }
 
 fn init_tracing(log: &LogConfig, force_json: bool) {

@@ -202,9 +202,11 @@ impl Lobby {
 
     /// Runs until SIGTERM or SIGINT, then stops. SIGHUP re-reads `config_path` and applies
     /// what is reloadable ([`Reloader`]); a bad file is logged and the running config kept.
-    pub async fn run_until_signal(self, config_path: &Path) {
+    pub async fn run_until_signal(self, config_path: Option<&Path>) {
         use tokio::signal::unix::{signal, SignalKind};
-        self.set_config_path(config_path);
+        if let Some(path) = config_path {
+            self.set_config_path(path);
+        }
         let (mut term, mut hup) = match (
             signal(SignalKind::terminate()),
             signal(SignalKind::hangup()),
@@ -339,6 +341,21 @@ fn bind(
     let listener = socket.listen(backlog).map_err(err)?;
     let bound = listener.local_addr().map_err(err)?;
     Ok((listener, bound))
+}
+
+/// Opens every file `config` names, as a start would (TLS certificate, key, CAs and CRLs; the
+/// claim-code keys; the admin token), without binding or starting anything: what
+/// `lobby check-config` checks beyond the keys themselves.
+pub fn check_files(config: &Config) -> Result<(), ServerError> {
+    config.validate()?;
+    ClaimKey::load(&config.claims.code_key)?;
+    for p in &config.claims.previous_code_keys {
+        ClaimKey::load(p)?;
+    }
+    read_admin_token(&config.api.admin_token_file)?;
+    let cache = crate::claims::cache::ClaimsCache::default();
+    edge::tls::trust(&config.tls, cache, 0)?;
+    Ok(())
 }
 
 fn read_admin_token(path: &Path) -> Result<String, ServerError> {

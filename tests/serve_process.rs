@@ -260,3 +260,106 @@ async fn lobby_serve_refuses_values_that_overflow_or_lock_out() {
         assert!(err.contains(key), "{key}: {err}");
     }
 }
+
+/// `lobby` run in `dir` with `args`: exit status and stderr.
+fn run_in(dir: &std::path::Path, args: &[&str]) -> (std::process::ExitStatus, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_lobby"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .output()
+        .unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Without a config file and without a development PKI, `lobby serve` says what is missing
+/// and what to give, and exits 1 without creating anything.
+#[test]
+fn serve_without_a_config_says_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (status, err) = run_in(dir.path(), &["serve"]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("config/lobby.toml does not exist")
+            && err.contains("--config FILE")
+            && err.contains("--dev"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "nothing created"
+    );
+}
+
+/// `lobby serve --dev` in an empty directory runs on the built-in defaults (API on
+/// 127.0.0.1:8080), creating the development PKI first.
+#[tokio::test]
+async fn serve_dev_runs_on_the_built_in_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_lobby"))
+        .args(["serve", "--dev"])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _lobby = Serving(child);
+    let http = reqwest::Client::new();
+    timeout(Duration::from_secs(30), async {
+        loop {
+            let ok = http
+                .get("http://127.0.0.1:8080/readyz")
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            if ok {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("lobby serve --dev answers /readyz on 127.0.0.1:8080 (is another lobby there?)");
+    assert!(dir.path().join("certs/dev/ca.pem").exists());
+}
+
+/// `lobby check-config` validates without starting: exit 1 naming the key or the file that
+/// is wrong, 0 and `ok` for a good one.
+#[test]
+fn check_config_names_what_is_wrong() {
+    let (dir, _, _) = config_dir("");
+    let (status, err) = run_in(dir.path(), &["certs", "init"]);
+    assert!(status.success(), "{err}");
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    write("zero.toml", "[limits]\nmax_connections = 0\n");
+    let (status, err) = run_in(dir.path(), &["check-config", "--config", "zero.toml"]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("`limits.max_connections`"), "{err}");
+    write("missing.toml", "[tls]\ncert = \"nope.pem\"\n");
+    let (status, err) = run_in(dir.path(), &["check-config", "--config", "missing.toml"]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("nope.pem"), "{err}");
+    write("typo.toml", "[limits]\nmax_conections = 5\n");
+    let (status, err) = run_in(dir.path(), &["check-config", "--config", "typo.toml"]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("max_conections"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_lobby"))
+        .args(["check-config", "--config", "lobby.toml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "lobby.toml: ok"
+    );
+}
