@@ -301,9 +301,14 @@ impl Default for LimitsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ShutdownConfig {
-    /// How long connections may drain after SIGTERM. Default 30 s.
+    /// How long a stop may take in all after SIGTERM, the drain included. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub grace: Duration,
+    /// Over how long the devices are told to leave, one after another, so the other nodes
+    /// see a reconnect ramp rather than a spike. Default 10 s; a drain longer than `grace` is
+    /// cut to it (the drain is part of the stop).
+    #[serde(with = "humantime_serde")]
+    pub drain: Duration,
     /// Where v5 devices should go while this node is away (`host:port`). Default empty.
     pub server_reference: String,
 }
@@ -312,6 +317,7 @@ impl Default for ShutdownConfig {
     fn default() -> Self {
         Self {
             grace: Duration::from_secs(30),
+            drain: Duration::from_secs(10),
             server_reference: String::new(),
         }
     }

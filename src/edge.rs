@@ -35,6 +35,9 @@ pub struct EdgeContext {
     /// `shutdown.server_reference`, when set.
     pub shutdown_server_reference: Option<String>,
     pub compat_aws_device_lobby: bool,
+    /// Cancelled when the lobby starts to stop: the listener accepts no more devices (the
+    /// live ones are drained, then `cancel` ends the rest).
+    pub stopping: CancellationToken,
     /// Cancelled when the lobby shuts down.
     pub cancel: CancellationToken,
     /// The bridge-mode tenants' upstream pools.

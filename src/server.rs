@@ -78,6 +78,10 @@ pub struct Lobby {
     api_stop: CancellationToken,
     api_task: tokio::task::JoinHandle<()>,
     grace: Duration,
+    /// Over how long the devices are told to leave (`shutdown.drain`, at most `grace`).
+    drain: Duration,
+    /// Cancelled first when stopping: no more devices accepted, `/readyz` 503.
+    stopping: CancellationToken,
     service: ClaimsService,
     reloader: Arc<Reloader>,
 }
@@ -106,6 +110,7 @@ impl Lobby {
         let tracker = TaskTracker::new();
         let activity = spawn_control_plane(&service, config, iot, jobs, &cancel, &tracker);
         let ctx = edge_context(config, &service, activity, trust, &cancel, &tracker);
+        let stopping = ctx.stopping.clone();
         let reloader = Arc::new(Reloader::new(
             ctx.clone(),
             service.cache().clone(),
@@ -118,7 +123,7 @@ impl Lobby {
             admin_token_hash: token_hash(&admin),
             metrics,
             listeners_up: listeners_up.clone(),
-            stopping: cancel.clone(),
+            stopping: stopping.clone(),
             node: config.cluster.node_name.as_str().into(),
             reloader: reloader.clone(),
         };
@@ -145,6 +150,8 @@ impl Lobby {
             api_stop,
             api_task,
             grace: config.shutdown.grace,
+            drain: config.shutdown.drain.min(config.shutdown.grace),
+            stopping,
             service,
             reloader,
         })
@@ -183,14 +190,20 @@ impl Lobby {
         self.reloader.set_path(path.to_owned());
     }
 
-    /// Stops accepting devices, tells them (v5 DISCONNECT 0x8B, or 0x9C with
-    /// `shutdown.server_reference`), and waits up to `shutdown.grace` for tasks to finish;
-    /// meanwhile `/readyz` answers 503, so a load balancer already sends devices elsewhere.
-    /// The API stops last.
+    /// Stops accepting devices and answers `/readyz` 503 (a load balancer sends new devices
+    /// elsewhere), then tells the devices to leave (v5 DISCONNECT 0x8B, or 0x9C with
+    /// `shutdown.server_reference`) one after another over `shutdown.drain`, so the other
+    /// nodes see a ramp; then ends everything else and waits for its tasks, the whole stop
+    /// within `shutdown.grace`. The API stops last.
     pub async fn stop(self) {
+        let started = tokio::time::Instant::now();
+        self.stopping.cancel();
+        let drained = self.service.waiting().drain(self.drain).await;
+        tracing::info!(devices = drained, over = ?self.drain, "devices told to leave");
         self.cancel.cancel();
         self.tracker.close();
-        if tokio::time::timeout(self.grace, self.tracker.wait())
+        let left = self.grace.saturating_sub(started.elapsed());
+        if tokio::time::timeout(left, self.tracker.wait())
             .await
             .is_err()
         {
@@ -293,7 +306,7 @@ fn spawn_control_plane(
     activity_tx
 }
 
-/// What every device connection shares.
+/// What every device connection shares (its `stopping` is a child of `cancel`).
 fn edge_context(
     config: &Config,
     service: &ClaimsService,
@@ -317,6 +330,7 @@ fn edge_context(
         shutdown_server_reference: Some(config.shutdown.server_reference.clone())
             .filter(|s| !s.is_empty()),
         compat_aws_device_lobby: config.compat.aws_device_lobby,
+        stopping: cancel.child_token(),
         cancel: cancel.clone(),
         bridge: crate::bridge::BridgeHub::new(cancel.clone(), tracker.clone()),
         trust: ArcSwap::from_pointee(trust),

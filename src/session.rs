@@ -161,7 +161,10 @@ where
                     }
                     Err(_) => Err(End::Io),
                 },
-                () = wake.notified() => self.reevaluate().await,
+                () = wake.notified() => match self.handle.asked_to_leave() {
+                    true => self.on_shutdown().await,
+                    false => self.reevaluate().await,
+                },
                 event = bridged::next_event(&mut self.bridge) => match event {
                     bridged::BridgeEvent::Inbound(msg) => {
                         self.deliver_inbound(msg);

@@ -19,6 +19,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use parking_lot::{Mutex, MutexGuard};
 
@@ -53,6 +54,15 @@ pub struct SessionHandle {
     pub protocol: &'static str,
     /// When it connected, on the fleet's hybrid logical clock (µs; see the module doc).
     pub stamp: i64,
+    /// Set when the node drains: on its next wake-up the session says goodbye and ends.
+    pub leave: Arc<AtomicBool>,
+}
+
+impl SessionHandle {
+    /// Whether the node asked this session to leave (a drain).
+    pub fn asked_to_leave(&self) -> bool {
+        self.leave.load(Ordering::Acquire)
+    }
 }
 
 /// What was last seen of a device that connected.
@@ -153,6 +163,7 @@ impl WaitingRoom {
             wake: Arc::new(Notify::new()),
             protocol,
             stamp,
+            leave: Arc::new(AtomicBool::new(false)),
         };
         let old = self.inner.live.pin().insert(id, handle.clone()).cloned();
         drop(clock);
@@ -246,6 +257,28 @@ impl WaitingRoom {
         if let Some(h) = self.inner.live.pin().get(id) {
             h.wake.notify_one();
         }
+    }
+
+    /// Asks every session connected now to leave, spread evenly over `over` (one after
+    /// another, not all at once, so the nodes that take the devices see a ramp); returns when
+    /// the last one was asked. Sessions that connect meanwhile are not asked (the listener has
+    /// stopped accepting before a drain).
+    pub async fn drain(&self, over: Duration) -> usize {
+        let handles: Vec<SessionHandle> = self
+            .inner
+            .live
+            .pin()
+            .iter()
+            .map(|(_, h)| h.clone())
+            .collect();
+        let (start, n) = (tokio::time::Instant::now(), handles.len());
+        for (i, h) in handles.into_iter().enumerate() {
+            let at = start + over.mul_f64(i as f64 / n as f64);
+            tokio::time::sleep_until(at).await;
+            h.leave.store(true, Ordering::Release);
+            h.wake.notify_one();
+        }
+        n
     }
 
     /// Wakes every connected session (tenant changes, trust reloads).

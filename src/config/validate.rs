@@ -108,6 +108,7 @@ impl Config {
             ("limits.reconnect_interval", self.limits.reconnect_interval),
             ("limits.max_idle", self.limits.max_idle),
             ("shutdown.grace", self.shutdown.grace),
+            ("shutdown.drain", self.shutdown.drain),
             ("cluster.job_lease", self.cluster.job_lease),
             ("aws.retry_base", self.aws.retry_base),
             ("aws.retry_max", self.aws.retry_max),

@@ -34,7 +34,7 @@ const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// Five minutes of silence keeps probes off a cellular device's radio in normal operation.
 const TCP_KEEPALIVE_RETRIES: u32 = 4;
 
-/// Accepts device connections until `ctx.cancel` fires.
+/// Accepts device connections until the lobby starts to stop (`ctx.stopping`).
 pub async fn serve(listener: TcpListener, ctx: Arc<EdgeContext>, tracker: TaskTracker) {
     let permits = ctx.permits.clone();
     let handshakes = Arc::new(Handshakes::default());
@@ -44,11 +44,11 @@ pub async fn serve(listener: TcpListener, ctx: Arc<EdgeContext>, tracker: TaskTr
                 Ok(p) => p,
                 Err(_) => return,
             },
-            () = ctx.cancel.cancelled() => return,
+            () = ctx.stopping.cancelled() => return,
         };
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            () = ctx.cancel.cancelled() => return,
+            () = ctx.stopping.cancelled() => return,
         };
         match accepted {
             Ok((tcp, peer)) => {

@@ -89,6 +89,8 @@ impl TestLobby {
         config.api.admin_token_file = certs.join("admin.token");
         config.limits.redirect_grace = Duration::from_secs(2);
         config.shutdown.grace = Duration::from_secs(2);
+        // Stops at once: the drain's spread has its own test (device_flows).
+        config.shutdown.drain = Duration::ZERO;
         tweak(&mut config);
         let lobby = Lobby::start(&config).await.unwrap();
         let admin = std::fs::read_to_string(certs.join("admin.token"))
