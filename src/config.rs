@@ -50,21 +50,67 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ListenerConfig {
-    /// Device-facing MQTT over TLS. Default `0.0.0.0:8883`, the IANA MQTT-over-TLS port.
-    pub mqtt: SocketAddr,
+    /// Device-facing MQTT over TLS: `mqtt = "host:port"` (one listener), or one
+    /// `[[listener.mqtt]]` table per listener (8883 and 443 served by one process). Default
+    /// `0.0.0.0:8883`, the IANA MQTT-over-TLS port.
+    #[serde(deserialize_with = "mqtt_listeners")]
+    pub mqtt: Vec<MqttListener>,
     /// HTTP API, metrics and health. Default `127.0.0.1:8080`: operators expose it deliberately.
     pub api: SocketAddr,
-    /// Expect a PROXY protocol v2 header from a TCP load balancer. Default false.
+    /// Expect a PROXY protocol v2 header from a TCP load balancer, on every MQTT listener that
+    /// does not say otherwise. Default false.
     pub proxy_protocol: bool,
 }
 
 impl Default for ListenerConfig {
     fn default() -> Self {
         Self {
-            mqtt: SocketAddr::from(([0, 0, 0, 0], 8883)),
+            mqtt: vec![MqttListener::at(SocketAddr::from(([0, 0, 0, 0], 8883)))],
             api: SocketAddr::from(([127, 0, 0, 1], 8080)),
             proxy_protocol: false,
         }
+    }
+}
+
+impl ListenerConfig {
+    /// Whether `l` expects a PROXY v2 header (its own `proxy_protocol`, else the listener-wide
+    /// one).
+    pub fn proxy_protocol_of(&self, l: &MqttListener) -> bool {
+        l.proxy_protocol.unwrap_or(self.proxy_protocol)
+    }
+}
+
+/// One `[[listener.mqtt]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttListener {
+    pub address: SocketAddr,
+    /// Expect a PROXY v2 header here; unset: `listener.proxy_protocol`.
+    #[serde(default)]
+    pub proxy_protocol: Option<bool>,
+}
+
+impl MqttListener {
+    /// A listener on `address` with the listener-wide PROXY setting.
+    pub fn at(address: SocketAddr) -> Self {
+        Self {
+            address,
+            proxy_protocol: None,
+        }
+    }
+}
+
+/// `listener.mqtt`: the SPEC's single string, or an array of `[[listener.mqtt]]` tables.
+fn mqtt_listeners<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<MqttListener>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        One(SocketAddr),
+        Many(Vec<MqttListener>),
+    }
+    match Form::deserialize(d)? {
+        Form::One(address) => Ok(vec![MqttListener::at(address)]),
+        Form::Many(v) => Ok(v),
     }
 }
 
@@ -423,7 +469,39 @@ mod tests {
         let c: Config = toml::from_str("").unwrap();
         c.validate().unwrap();
         assert_eq!(c.limits.max_packet_size, 131_072);
-        assert_eq!(c.listener.mqtt.port(), 8883);
+        assert_eq!(c.listener.mqtt.len(), 1);
+        assert_eq!(c.listener.mqtt[0].address.port(), 8883);
+    }
+
+    #[test]
+    fn mqtt_listeners_in_both_forms() {
+        let one: Config = toml::from_str("[listener]\nmqtt = \"127.0.0.1:8883\"\n").unwrap();
+        assert_eq!(
+            one.listener.mqtt,
+            vec![MqttListener::at("127.0.0.1:8883".parse().unwrap())]
+        );
+        let many: Config = toml::from_str(
+            "[listener]\nproxy_protocol = true\n\
+             [[listener.mqtt]]\naddress = \"0.0.0.0:8883\"\n\
+             [[listener.mqtt]]\naddress = \"0.0.0.0:443\"\nproxy_protocol = false\n",
+        )
+        .unwrap();
+        many.validate().unwrap();
+        let l = &many.listener;
+        assert_eq!(l.mqtt.len(), 2);
+        assert_eq!(l.mqtt[1].address.port(), 443);
+        assert!(l.proxy_protocol_of(&l.mqtt[0]), "the listener-wide setting");
+        assert!(!l.proxy_protocol_of(&l.mqtt[1]), "its own");
+        let err = toml::from_str::<Config>("[[listener.mqtt]]\naddress = \"nowhere\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listener"), "{err}");
+        let none: Config = toml::from_str("[listener]\nmqtt = []\n").unwrap();
+        assert!(none
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("listener.mqtt"));
     }
 
     #[test]

@@ -30,8 +30,6 @@ pub struct EdgeContext {
     pub permits: std::sync::Arc<tokio::sync::Semaphore>,
     /// New connections per source address (`limits.connect_rate_per_address`).
     pub connect_limiter: arc_swap::ArcSwap<crate::ratelimit::AddressLimiter>,
-    /// `listener.proxy_protocol`: every connection starts with a PROXY v2 header.
-    pub proxy_protocol: bool,
     /// `shutdown.server_reference`, when set.
     pub shutdown_server_reference: Option<String>,
     pub compat_aws_device_lobby: bool,

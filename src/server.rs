@@ -69,7 +69,8 @@ const MQTT_BACKLOG: u32 = 4096;
 /// A running lobby.
 #[derive(Debug)]
 pub struct Lobby {
-    mqtt_addr: SocketAddr,
+    /// The bound MQTT listeners, in `listener.mqtt`'s order.
+    mqtt_addrs: Vec<SocketAddr>,
     api_addr: SocketAddr,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -103,7 +104,12 @@ impl Lobby {
         let admin = read_admin_token(&config.api.admin_token_file)?;
         let (service, jobs) = load_service(config).await?;
         let trust = edge::tls::trust(&config.tls, service.cache().clone(), 0)?;
-        let (mqtt, mqtt_addr) = bind(config.listener.mqtt, MQTT_BACKLOG, "listener.mqtt")?;
+        let mut mqtt = Vec::new();
+        for l in &config.listener.mqtt {
+            let (socket, addr) = bind(l.address, MQTT_BACKLOG, "listener.mqtt")?;
+            mqtt.push((socket, addr, config.listener.proxy_protocol_of(l)));
+        }
+        let mqtt_addrs: Vec<SocketAddr> = mqtt.iter().map(|m| m.1).collect();
         let (api, api_addr) = bind(config.listener.api, 1024, "listener.api")?;
 
         let cancel = CancellationToken::new();
@@ -127,7 +133,17 @@ impl Lobby {
             node: config.cluster.node_name.as_str().into(),
             reloader: reloader.clone(),
         };
-        tracker.spawn(edge::listener::serve(mqtt, ctx, tracker.clone()));
+        let handshakes = Arc::new(edge::handshakes::Handshakes::default());
+        for (socket, _, proxy) in mqtt {
+            let serve = edge::listener::serve(
+                socket,
+                proxy,
+                ctx.clone(),
+                handshakes.clone(),
+                tracker.clone(),
+            );
+            tracker.spawn(serve);
+        }
         let api_stop = CancellationToken::new();
         let api_limits = api::serve::Limits {
             header_timeout: config.api.header_timeout,
@@ -141,9 +157,9 @@ impl Lobby {
             api_stop.clone(),
         ));
         listeners_up.store(true, Ordering::Release);
-        tracing::info!(mqtt = %mqtt_addr, api = %api_addr, "lobby listening");
+        tracing::info!(mqtt = ?mqtt_addrs, api = %api_addr, "lobby listening");
         Ok(Self {
-            mqtt_addr,
+            mqtt_addrs,
             api_addr,
             cancel,
             tracker,
@@ -159,7 +175,12 @@ impl Lobby {
 
     /// The bound device (MQTT/TLS) address.
     pub fn mqtt_addr(&self) -> SocketAddr {
-        self.mqtt_addr
+        self.mqtt_addrs[0]
+    }
+
+    /// Every bound MQTT listener, in `listener.mqtt`'s order.
+    pub fn mqtt_addrs(&self) -> &[SocketAddr] {
+        &self.mqtt_addrs
     }
 
     /// The bound HTTP API address.
@@ -326,7 +347,6 @@ fn edge_context(
             limits.connect_rate_per_address,
             limits.connect_burst_per_address,
         )),
-        proxy_protocol: config.listener.proxy_protocol,
         shutdown_server_reference: Some(config.shutdown.server_reference.clone())
             .filter(|s| !s.is_empty()),
         compat_aws_device_lobby: config.compat.aws_device_lobby,

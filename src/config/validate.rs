@@ -49,6 +49,11 @@ impl Config {
             "must be at least 1",
         )?;
         check(
+            !self.listener.mqtt.is_empty(),
+            "listener.mqtt",
+            "at least one MQTT listener is required",
+        )?;
+        check(
             (128..=268_435_460).contains(&l.max_packet_size),
             "limits.max_packet_size",
             "must be between 128 and 268435460 bytes",

@@ -34,10 +34,17 @@ const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// Five minutes of silence keeps probes off a cellular device's radio in normal operation.
 const TCP_KEEPALIVE_RETRIES: u32 = 4;
 
-/// Accepts device connections until the lobby starts to stop (`ctx.stopping`).
-pub async fn serve(listener: TcpListener, ctx: Arc<EdgeContext>, tracker: TaskTracker) {
+/// Accepts device connections on `listener` until the lobby starts to stop (`ctx.stopping`);
+/// `proxy_protocol`: every connection starts with a PROXY v2 header. The MQTT listeners share
+/// the connection permits and the handshake budget (`handshakes`).
+pub async fn serve(
+    listener: TcpListener,
+    proxy_protocol: bool,
+    ctx: Arc<EdgeContext>,
+    handshakes: Arc<Handshakes>,
+    tracker: TaskTracker,
+) {
     let permits = ctx.permits.clone();
-    let handshakes = Arc::new(Handshakes::default());
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p {
@@ -64,6 +71,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<EdgeContext>, tracker: TaskTr
                 );
                 let conn = Conn {
                     peer,
+                    proxy_protocol,
                     acceptor,
                     trust_generation: generation,
                     _permit: permit,
@@ -102,6 +110,8 @@ fn device_socket_options(tcp: &TcpStream) {
 /// An accepted connection, before its handshake.
 struct Conn {
     peer: SocketAddr,
+    /// Its listener expects a PROXY v2 header.
+    proxy_protocol: bool,
     acceptor: TlsAcceptor,
     trust_generation: u64,
     /// Held for the connection's life (`limits.max_connections`).
@@ -123,7 +133,7 @@ async fn connection(
     let limits = ctx.limits.load_full();
     // Without a PROXY header the source is known now: a flood from one address costs an
     // accept and a close, and takes no place in the handshake budget.
-    if !ctx.proxy_protocol && !ctx.connect_limiter.load().allow(peer.ip()) {
+    if !conn.proxy_protocol && !ctx.connect_limiter.load().allow(peer.ip()) {
         metrics::handshake_failure("rate_limited");
         tracing::debug!(%peer, "connection rate of this address exceeded");
         return;
@@ -198,7 +208,7 @@ async fn handshake(
     ctx: &EdgeContext,
 ) -> Result<TlsStream<TcpStream>, Refused> {
     let peer = conn.peer;
-    if ctx.proxy_protocol {
+    if conn.proxy_protocol {
         let mut source = peer.ip();
         match super::proxy::read_v2(&mut tcp).await {
             Ok(client) => {

@@ -131,8 +131,14 @@ fn server_config(
     } else {
         config.send_tls13_tickets = 0;
     }
+    // MQTT's ALPN names: `x-amzn-mqtt-ca` is what the AWS IoT Device SDKs offer on 443. A
+    // client that offers none is served too; one that offers only others is refused.
+    config.alpn_protocols = MQTT_ALPN.iter().map(|p| p.to_vec()).collect();
     Ok((Arc::new(config), verifier))
 }
+
+/// The ALPN protocols the MQTT listeners select, in the server's order of preference.
+pub const MQTT_ALPN: [&[u8]; 2] = [b"x-amzn-mqtt-ca", b"mqtt"];
 
 /// The certificates of `tls.client_cas`, sorted by the part they play in path building.
 ///

@@ -79,7 +79,9 @@ impl TestLobby {
         })
         .unwrap();
         let mut config = Config::default();
-        config.listener.mqtt = "127.0.0.1:0".parse().unwrap();
+        config.listener.mqtt = vec![lobby::config::MqttListener::at(
+            "127.0.0.1:0".parse().unwrap(),
+        )];
         config.listener.api = "127.0.0.1:0".parse().unwrap();
         config.tls.cert = certs.join("server.pem");
         config.tls.key = certs.join("server.key");
