@@ -205,6 +205,19 @@ pub struct ApiConfig {
     /// API connections at once; past it new ones wait in the listen backlog. Default 1024
     /// (the API shares the process's open-files limit with the devices).
     pub max_connections: usize,
+    /// With `tls_key`: the API and console over HTTPS (PEM chain, leaf first). Reloaded with
+    /// `[tls]` (SIGHUP, `POST /v1/admin/reload`). Default empty: plain HTTP, meant for
+    /// loopback (a console's camera needs HTTPS anywhere else).
+    pub tls_cert: PathBuf,
+    /// The private key of `tls_cert` (PEM). Default empty.
+    pub tls_key: PathBuf,
+}
+
+impl ApiConfig {
+    /// Whether the API is served over HTTPS.
+    pub fn https(&self) -> bool {
+        !self.tls_cert.as_os_str().is_empty()
+    }
 }
 
 impl Default for ApiConfig {
@@ -216,6 +229,8 @@ impl Default for ApiConfig {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_connections: 1024,
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
         }
     }
 }

@@ -274,7 +274,7 @@ impl Ca {
     }
 
     /// The broker's server certificate for localhost, valid for two years.
-    fn issue_server(&self) -> Result<IssuedCert, PkiError> {
+    pub fn issue_server(&self) -> Result<IssuedCert, PkiError> {
         let sans = ["localhost", "127.0.0.1", "::1"].map(String::from).to_vec();
         let eku = ExtendedKeyUsagePurpose::ServerAuth;
         self.sign(&leaf_params("localhost", sans, eku, validity(365 * 2))?)
@@ -328,7 +328,8 @@ fn write_pair(dir: &Path, name: &str, cert: &IssuedCert) -> Result<[PathBuf; 2],
 
 /// Creates `dir` with: `ca.pem`, `ca.key` (manufacturing CA, CN "Lobby Dev
 /// Manufacturing CA", 10y); `server.pem`/`server.key` (CN localhost, SANs
-/// DNS localhost + IP 127.0.0.1 + IP ::1, serverAuth, signed by the CA, 2y);
+/// DNS localhost + IP 127.0.0.1 + IP ::1, serverAuth, signed by the CA, 2y); `api.pem`/`api.key`
+/// (the same, for `api.tls_cert`);
 /// `devices/device-0001.pem` + `.key` ... (CN = device name, clientAuth,
 /// signed by the CA, 10y); `claim.key`; `admin.token` (32 random bytes hex).
 ///
@@ -352,6 +353,9 @@ pub fn init(opts: &InitOptions) -> Result<InitReport, PkiError> {
     report.files.push(ca_pem_path);
     let server = ca.issue_server()?;
     report.files.extend(write_pair(dir, "server", &server)?);
+    // The API's and console's HTTPS certificate (`api.tls_cert`), for the same names.
+    let api = ca.issue_server()?;
+    report.files.extend(write_pair(dir, "api", &api)?);
 
     for i in 1..=opts.devices {
         let name = format!("device-{i:04}");
@@ -418,8 +422,8 @@ mod tests {
     #[test]
     fn init_creates_everything_and_certs_verify() {
         let (_tmp, dir, report) = init_dir(2);
-        let secrets = "ca.key server.key claim.key admin.token devices/device-0001.key";
-        let public = "ca.pem server.pem devices/device-0001.pem devices/device-0002.pem";
+        let secrets = "ca.key server.key api.key claim.key admin.token devices/device-0001.key";
+        let public = "ca.pem server.pem api.pem devices/device-0001.pem devices/device-0002.pem";
         let names = format!("{secrets} {public} devices/device-0002.key");
         for n in names.split_whitespace() {
             assert!(dir.join(n).is_file(), "{n} missing");

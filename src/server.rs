@@ -53,6 +53,8 @@ pub enum ServerError {
     AdminToken { path: String, message: String },
     #[error(transparent)]
     Reload(#[from] reload::ReloadError),
+    #[error(transparent)]
+    ApiTls(#[from] api::serve::ApiTlsError),
     #[error("cannot listen on {addr} ({key}): {source}")]
     Bind {
         key: &'static str,
@@ -111,6 +113,14 @@ impl Lobby {
         }
         let mqtt_addrs: Vec<SocketAddr> = mqtt.iter().map(|m| m.1).collect();
         let (api, api_addr) = bind(config.listener.api, 1024, "listener.api")?;
+        let api_tls = api::serve::tls_config(&config.api)?.map(|c| Arc::new(ArcSwap::new(c)));
+        if api_tls.is_none() && !config.listener.api.ip().is_loopback() {
+            tracing::warn!(
+                api = %config.listener.api,
+                "the API is plain HTTP on a non-loopback address: tokens cross the network in \
+                 clear and the console's camera needs HTTPS; set api.tls_cert and api.tls_key"
+            );
+        }
 
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -122,6 +132,7 @@ impl Lobby {
             service.cache().clone(),
             config,
             tracker.clone(),
+            api_tls.clone(),
         ));
         let listeners_up = Arc::new(AtomicBool::new(false));
         let state = ApiState {
@@ -154,6 +165,7 @@ impl Lobby {
             api,
             api::router(state),
             api_limits,
+            api_tls,
             api_stop.clone(),
         ));
         listeners_up.store(true, Ordering::Release);
@@ -389,6 +401,7 @@ pub fn check_files(config: &Config) -> Result<(), ServerError> {
     read_admin_token(&config.api.admin_token_file)?;
     let cache = crate::claims::cache::ClaimsCache::default();
     edge::tls::trust(&config.tls, cache, 0)?;
+    api::serve::tls_config(&config.api)?;
     Ok(())
 }
 

@@ -13,6 +13,16 @@ fn console_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/console")
 }
 
+/// The base64 SHA-256 of the certificate's SubjectPublicKeyInfo (chromium's
+/// `--ignore-certificate-errors-spki-list`).
+fn spki_sha256(cert: &Path) -> String {
+    use sha2::Digest;
+    let der = lobby::pem::certs(cert).unwrap().remove(0);
+    let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let hash = sha2::Sha256::digest(parsed.tbs_certificate.subject_pki.raw);
+    data_encoding::BASE64.encode(&hash)
+}
+
 /// Chromium and the npm packages, or a panic naming what to install.
 fn browser_tools() -> PathBuf {
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
@@ -83,7 +93,14 @@ fn label_png(t: &TestLobby, dev: &Device) -> PathBuf {
 #[tokio::test]
 async fn a_person_claims_reads_a_label_filters_unclaims_and_the_operator_sees_the_lobby() {
     let chromium = browser_tools();
-    let t = TestLobby::start().await;
+    // Over HTTPS with the dev PKI's API certificate: a phone's camera needs a secure origin.
+    let t = TestLobby::start_with(|c| {
+        c.api.tls_cert = c.tls.cert.with_file_name("api.pem");
+        c.api.tls_key = c.tls.cert.with_file_name("api.key");
+    })
+    .await;
+    assert!(t.url("").starts_with("https://"));
+    let spki = spki_sha256(&t.certs_dir().join("api.pem"));
     let token = t.tenant("acme", "iot.acme.example").await;
     let (one, two, waiting) = (
         t.device("typed"),
@@ -105,6 +122,7 @@ async fn a_person_claims_reads_a_label_filters_unclaims_and_the_operator_sees_th
         ("WAITING", waiting.hex()),
         ("SCREENSHOT", shot.display().to_string()),
         ("CHROMIUM", chromium.display().to_string()),
+        ("SPKI", spki),
     ];
     let node = tokio::task::spawn_blocking(move || {
         Command::new("node")

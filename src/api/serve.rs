@@ -9,6 +9,8 @@
 //!   became ready for it (hyper's header read timeout; also bounds an idle keep-alive).
 //! - `api.idle_timeout`: a connection that moved no byte either way for this long is closed
 //!   (a body trickled in, a response not read).
+//! - `api.tls_cert`/`api.tls_key`: HTTPS, the TLS handshake bounded by `api.header_timeout`;
+//!   the certificate is swapped on reload ([`ApiTls`]) for the connections after it.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -17,11 +19,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::ApiConfig;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
@@ -34,9 +41,43 @@ pub struct Limits {
     pub max_connections: usize,
 }
 
-/// Serves `app` on `listener` until `cancel` fires; then stops accepting and lets each open
-/// connection finish the request it is on.
-pub async fn serve(listener: TcpListener, app: Router, limits: Limits, cancel: CancellationToken) {
+/// The API's HTTPS configuration, swapped whole on reload.
+pub type ApiTls = Arc<ArcSwap<ServerConfig>>;
+
+/// `api.tls_cert`/`api.tls_key` could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("api.tls_cert / api.tls_key: {0}")]
+pub struct ApiTlsError(String);
+
+/// The HTTPS configuration of `api` (`None`: plain HTTP): its certificate chain and key,
+/// HTTP/1.1 by ALPN, no client certificate.
+pub fn tls_config(api: &ApiConfig) -> Result<Option<Arc<ServerConfig>>, ApiTlsError> {
+    if !api.https() {
+        return Ok(None);
+    }
+    let err = |e: &dyn std::fmt::Display| ApiTlsError(e.to_string());
+    let chain = crate::pem::certs(&api.tls_cert).map_err(|e| err(&e))?;
+    let key = crate::pem::private_key(&api.tls_key).map_err(|e| err(&e))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| err(&e))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| err(&format!("certificate and key do not match: {e}")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Some(Arc::new(config)))
+}
+
+/// Serves `app` on `listener` (over TLS with `tls`) until `cancel` fires; then stops
+/// accepting and lets each open connection finish the request it is on.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    tls: Option<ApiTls>,
+    cancel: CancellationToken,
+) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     loop {
         let slot = tokio::select! {
@@ -59,22 +100,37 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits, cancel: C
             },
         };
         let (app, cancel) = (app.clone(), cancel.clone());
+        let acceptor = tls.as_ref().map(|t| TlsAcceptor::from(t.load_full()));
         tokio::spawn(async move {
-            connection(stream, peer, app, limits, cancel).await;
+            let _ = stream.set_nodelay(true);
+            match acceptor {
+                None => connection(stream, peer, app, limits, cancel).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(tls)) => connection(tls, peer, app, limits, cancel).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "API TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(%peer, "API TLS handshake timed out"),
+                    }
+                }
+            }
             drop(slot);
         });
     }
 }
 
 /// One connection: HTTP/1.1 with keep-alive, closed when idle past the limit.
-async fn connection(
-    stream: TcpStream,
+async fn connection<S>(
+    stream: S,
     peer: SocketAddr,
     app: Router,
     limits: Limits,
     cancel: CancellationToken,
-) {
-    let _ = stream.set_nodelay(true);
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(Tracked {
         inner: stream,
@@ -140,12 +196,12 @@ impl Activity {
 }
 
 /// A socket that records each read or write that moved bytes.
-struct Tracked {
-    inner: TcpStream,
+struct Tracked<S> {
+    inner: S,
     activity: Arc<Activity>,
 }
 
-impl AsyncRead for Tracked {
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -160,7 +216,7 @@ impl AsyncRead for Tracked {
     }
 }
 
-impl AsyncWrite for Tracked {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

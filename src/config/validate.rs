@@ -166,6 +166,11 @@ impl Config {
             "must not be empty",
         )?;
         check(
+            self.api.tls_cert.as_os_str().is_empty() == self.api.tls_key.as_os_str().is_empty(),
+            "api.tls_cert",
+            "api.tls_cert and api.tls_key go together (both for HTTPS, neither for HTTP)",
+        )?;
+        check(
             !self.tls.client_cas.is_empty(),
             "tls.client_cas",
             "at least one CA is required",

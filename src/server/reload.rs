@@ -28,6 +28,10 @@ pub enum ReloadError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    ApiTls(#[from] crate::api::serve::ApiTlsError),
+    #[error("api.tls_cert: switching the API between HTTP and HTTPS needs a restart")]
+    ApiSchemeChanged,
 }
 
 /// Applies a new config to a running lobby. Shared by the lobby and its API.
@@ -41,6 +45,8 @@ pub struct Reloader {
     tracker: TaskTracker,
     /// The API's requests-per-address limiter (`api.rate_limit`).
     pub api_limiter: ArcSwap<AddressLimiter>,
+    /// The API's HTTPS configuration, when it serves HTTPS.
+    api_tls: Option<crate::api::serve::ApiTls>,
 }
 
 impl Reloader {
@@ -49,12 +55,14 @@ impl Reloader {
         cache: ClaimsCache,
         config: &Config,
         tracker: TaskTracker,
+        api_tls: Option<crate::api::serve::ApiTls>,
     ) -> Self {
         Self {
             path: Mutex::new(None),
             edge,
             cache,
             tracker,
+            api_tls,
             api_limiter: ArcSwap::from_pointee(AddressLimiter::new(
                 config.api.rate_limit,
                 config.api.rate_burst,
@@ -77,7 +85,15 @@ impl Reloader {
     /// Applies `config`'s reloadable parts; all or nothing. Returns the new trust generation.
     pub fn apply(&self, config: &Config) -> Result<u64, ReloadError> {
         config.validate()?;
+        // Everything that can fail first: then nothing changes on an error.
+        if config.api.https() != self.api_tls.is_some() {
+            return Err(ReloadError::ApiSchemeChanged);
+        }
+        let api_tls = crate::api::serve::tls_config(&config.api)?;
         let generation = self.reload_tls(config)?;
+        if let (Some(swap), Some(new)) = (&self.api_tls, api_tls) {
+            swap.store(new);
+        }
         self.reload_limits(&config.limits);
         self.api_limiter.store(Arc::new(AddressLimiter::new(
             config.api.rate_limit,

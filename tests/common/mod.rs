@@ -91,7 +91,7 @@ impl TestLobby {
         config.api.admin_token_file = certs.join("admin.token");
         config.limits.redirect_grace = Duration::from_secs(2);
         config.shutdown.grace = Duration::from_secs(2);
-        // Stops at once: the drain's spread has its own test (device_flows).
+        // Stops at once: the drain's spread has its own test (drain.rs).
         config.shutdown.drain = Duration::ZERO;
         tweak(&mut config);
         let lobby = Lobby::start(&config).await.unwrap();
@@ -108,7 +108,16 @@ impl TestLobby {
             admin,
             ca,
             key,
-            http: reqwest::Client::new(),
+            http: http_client(&certs.join("ca.pem")),
+        }
+    }
+
+    /// The API's scheme: `https` when `api.tls_cert` is set.
+    pub fn scheme(&self) -> &'static str {
+        if self.config.api.https() {
+            "https"
+        } else {
+            "http"
         }
     }
 
@@ -155,8 +164,13 @@ impl TestLobby {
         }
     }
 
+    /// The API's URL of `path`, by name (`localhost`, as its certificate says) over HTTPS.
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.running().api_addr())
+        let addr = self.running().api_addr();
+        match self.scheme() {
+            "https" => format!("https://localhost:{}{path}", addr.port()),
+            _ => format!("http://{addr}{path}"),
+        }
     }
 
     /// An API call with `token`; returns (status, JSON body or Null).
@@ -284,6 +298,25 @@ pub fn assert_json_error(got: &(u16, Value), statuses: &[u16], what: &str) {
 }
 
 /// A rustls client config presenting `device`'s certificate and trusting the lobby's CA.
+/// An HTTP client for the API that trusts the lobby's dev CA (HTTPS with `api.tls_cert`).
+pub fn http_client(ca: &std::path::Path) -> reqwest::Client {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in lobby::pem::certs(ca).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .build()
+        .unwrap()
+}
+
 pub fn client_tls(lobby: &TestLobby, device: &Device) -> Arc<rustls::ClientConfig> {
     client_tls_with(
         &lobby.certs_dir().join("ca.pem"),

@@ -6,6 +6,8 @@
 //   QR_PNG      a PNG of device TWO's label, made by `lobby claim-code --png`
 //   ONE, TWO    those devices' ids;  WAITING  the id of an unclaimed device that is connected
 //   SCREENSHOT  where to write a screenshot of the page
+//   SPKI        with an HTTPS LOBBY_URL: the base64 SHA-256 of the API certificate's public
+//               key, which chromium trusts (as if the dev CA were installed)
 // Exits 0 when every step a person would take worked; prints the failing step otherwise.
 import { chromium } from "playwright-core";
 
@@ -14,7 +16,8 @@ const browser = await chromium.launch({
   executablePath: env.CHROMIUM || "/usr/bin/chromium",
   args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
     "--disable-background-networking", "--disable-default-apps", "--disable-extensions",
-    "--disable-sync", "--no-first-run", "--metrics-recording-only"],
+    "--disable-sync", "--no-first-run", "--metrics-recording-only",
+    ...(env.SPKI ? [`--ignore-certificate-errors-spki-list=${env.SPKI}`] : [])],
 });
 let step = "start";
 const timeout = 15000;
@@ -23,6 +26,15 @@ try {
   const page = await browser.newPage({ viewport: { width: 390, height: 844 } });
   page.on("pageerror", (e) => { console.error("page error:", e.message); process.exitCode = 1; });
   await page.goto(`${env.LOBBY_URL}/console/`);
+
+  step = "a secure origin with the camera API";
+  const secure = await page.evaluate(() => ({
+    secure: window.isSecureContext,
+    camera: !!(navigator.mediaDevices && navigator.mediaDevices.getUserMedia),
+  }));
+  if (env.LOBBY_URL.startsWith("https:") && !(secure.secure && secure.camera)) {
+    throw new Error(`not a secure context with getUserMedia: ${JSON.stringify(secure)}`);
+  }
 
   step = "tenant signs in";
   await page.getByLabel("API token").fill(env.TOKEN);
