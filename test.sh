@@ -36,7 +36,8 @@ fi
 command -v moto_server >/dev/null 2>&1 || python3 -m pip install --quiet 'moto[server]'
 # Stock AWS IoT Device SDK v2 clients connect to the lobby's 443 listener.
 python3 -c 'import awsiot' >/dev/null 2>&1 || python3 -m pip install --quiet awsiotsdk
-[ -d tests/console/node_modules/playwright-core ] ||
+# The console's browser test (playwright-core) and the WebSocket test's MQTT.js (mqtt).
+{ [ -d tests/console/node_modules/playwright-core ] && [ -d tests/console/node_modules/mqtt ]; } ||
   npm ci --prefix tests/console --no-audit --no-fund --loglevel=error
 
 

@@ -7,6 +7,7 @@ pub mod handshakes;
 pub mod listener;
 pub mod proxy;
 pub mod tls;
+pub mod ws;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;

@@ -74,7 +74,7 @@ async fn serve(dir: &std::path::Path, api: u16) -> Serving {
         .spawn()
         .unwrap();
     let serving = Serving(child);
-    let http = reqwest::Client::new();
+    let http = common::http();
     timeout(Duration::from_secs(30), async {
         loop {
             let ok = http
@@ -100,7 +100,9 @@ async fn serve(dir: &std::path::Path, api: u16) -> Serving {
 async fn every_series_is_there_from_the_first_scrape() {
     let (dir, _mqtt, api) = config_dir("");
     let _lobby = serve(dir.path(), api).await;
-    let text = reqwest::get(format!("http://127.0.0.1:{api}/metrics"))
+    let text = common::http()
+        .get(format!("http://127.0.0.1:{api}/metrics"))
+        .send()
         .await
         .unwrap()
         .text()
@@ -148,7 +150,7 @@ async fn lobby_serve_drains_on_sigterm_and_exits_0() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let http = reqwest::Client::new();
+    let http = common::http();
     let up = timeout(Duration::from_secs(30), async {
         loop {
             let ok = http
@@ -309,7 +311,7 @@ async fn serve_dev_runs_on_the_built_in_defaults() {
         .spawn()
         .unwrap();
     let _lobby = Serving(child);
-    let http = reqwest::Client::new();
+    let http = common::http();
     timeout(Duration::from_secs(30), async {
         loop {
             let ok = http

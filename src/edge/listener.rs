@@ -196,9 +196,56 @@ async fn connection(
         trust_generation: conn.trust_generation,
         limits,
     };
-    let end = session::run(stream, identity, ctx, accepted).await;
+    let end = session_over(stream, identity, ctx, accepted).await;
     metrics::connection_outcome(end.label());
     tracing::debug!(outcome = end.label(), "connection closed");
+}
+
+/// The device's session over MQTT or, by ALPN `http/1.1` (or, without ALPN, a first byte of an
+/// HTTP request), over a WebSocket ([`super::ws`]).
+async fn session_over(
+    stream: TlsStream<TcpStream>,
+    identity: crate::device::Identity,
+    ctx: Arc<EdgeContext>,
+    accepted: session::Accepted,
+) -> session::End {
+    let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    let wait = accepted.limits.connect_timeout;
+    match alpn.as_deref() {
+        Some(b"http/1.1") => over_websocket(stream, identity, ctx, accepted).await,
+        Some(_) => session::run(stream, identity, ctx, accepted).await,
+        None => match tokio::time::timeout(wait, super::ws::peek(stream, 1)).await {
+            Ok(Ok(s)) if super::ws::looks_like_http(s.first()) => {
+                over_websocket(s, identity, ctx, accepted).await
+            }
+            Ok(Ok(s)) if s.first().is_empty() => session::End::Closed,
+            Ok(Ok(s)) => session::run(s, identity, ctx, accepted).await,
+            Ok(Err(_)) => session::End::Io,
+            Err(_) => session::End::ConnectTimeout,
+        },
+    }
+}
+
+/// The WebSocket upgrade under `limits.connect_timeout`, then the session over it.
+async fn over_websocket<S>(
+    io: S,
+    identity: crate::device::Identity,
+    ctx: Arc<EdgeContext>,
+    accepted: session::Accepted,
+) -> session::End
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
+    let limits = accepted.limits.clone();
+    let upgrade = super::ws::accept(io, limits.max_packet_size);
+    match tokio::time::timeout(limits.connect_timeout, upgrade).await {
+        Ok(Ok(ws)) => session::run(ws, identity, ctx, accepted).await,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "WebSocket upgrade refused");
+            session::End::ProtocolError
+        }
+        Err(_) => session::End::ConnectTimeout,
+    }
 }
 
 /// The PROXY header (when configured), the address rate limit behind a balancer, then TLS.

@@ -131,14 +131,15 @@ fn server_config(
     } else {
         config.send_tls13_tickets = 0;
     }
-    // MQTT's ALPN names: `x-amzn-mqtt-ca` is what the AWS IoT Device SDKs offer on 443. A
-    // client that offers none is served too; one that offers only others is refused.
+    // MQTT's ALPN names (`x-amzn-mqtt-ca` is what the AWS IoT Device SDKs offer on 443) and
+    // `http/1.1` for MQTT over WebSockets. A client that offers none is served too (MQTT or
+    // WebSocket, by its first bytes); one that offers only others is refused.
     config.alpn_protocols = MQTT_ALPN.iter().map(|p| p.to_vec()).collect();
     Ok((Arc::new(config), verifier))
 }
 
 /// The ALPN protocols the MQTT listeners select, in the server's order of preference.
-pub const MQTT_ALPN: [&[u8]; 2] = [b"x-amzn-mqtt-ca", b"mqtt"];
+pub const MQTT_ALPN: [&[u8]; 3] = [b"x-amzn-mqtt-ca", b"mqtt", b"http/1.1"];
 
 /// The certificates of `tls.client_cas`, sorted by the part they play in path building.
 ///

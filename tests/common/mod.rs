@@ -298,8 +298,21 @@ pub fn assert_json_error(got: &(u16, Value), statuses: &[u16], what: &str) {
 }
 
 /// A rustls client config presenting `device`'s certificate and trusting the lobby's CA.
+/// Makes aws-lc-rs the process's rustls provider (once): reqwest's own TLS setup asks for a
+/// default, and with ring also in the test graph none is picked by itself.
+pub fn crypto() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// A plain HTTP client (with the process's rustls provider set, so it may also do HTTPS).
+pub fn http() -> reqwest::Client {
+    crypto();
+    reqwest::Client::new()
+}
+
 /// An HTTP client for the API that trusts the lobby's dev CA (HTTPS with `api.tls_cert`).
 pub fn http_client(ca: &std::path::Path) -> reqwest::Client {
+    crypto();
     let mut roots = rustls::RootCertStore::empty();
     for c in lobby::pem::certs(ca).unwrap() {
         roots.add(c).unwrap();

@@ -88,6 +88,8 @@ impl Moto {
             .expect("moto_server started within 60 s")
             .expect("moto_server printed its port");
         let url = format!("http://127.0.0.1:{port}");
+        // reqwest's TLS asks for the process's rustls provider (ring is in the graph too).
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(30);
         while http.get(format!("{url}/moto-api/")).send().await.is_err() {
