@@ -74,23 +74,22 @@ async fn serve(dir: &std::path::Path, api: u16) -> Serving {
         .spawn()
         .unwrap();
     let serving = Serving(child);
+    assert!(
+        ready(&format!("http://127.0.0.1:{api}/readyz")).await,
+        "lobby serve comes up"
+    );
+    serving
+}
+
+/// Whether `url` answers 200 within 30 s.
+async fn ready(url: &str) -> bool {
     let http = common::http();
-    timeout(Duration::from_secs(30), async {
-        loop {
-            let ok = http
-                .get(format!("http://127.0.0.1:{api}/readyz"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200);
-            if ok {
-                return;
-            }
+    let up = async {
+        while !http.get(url).send().await.is_ok_and(|r| r.status() == 200) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    })
-    .await
-    .expect("lobby serve comes up");
-    serving
+    };
+    timeout(Duration::from_secs(30), up).await.is_ok()
 }
 
 /// The first scrape of a fresh lobby holds every SPEC §9 series whose labels are known, at 0
@@ -150,22 +149,7 @@ async fn lobby_serve_drains_on_sigterm_and_exits_0() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let http = common::http();
-    let up = timeout(Duration::from_secs(30), async {
-        loop {
-            let ok = http
-                .get(format!("http://127.0.0.1:{api}/readyz"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200);
-            if ok {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
-    if up.is_err() {
+    if !ready(&format!("http://127.0.0.1:{api}/readyz")).await {
         let _ = child.kill();
         panic!("lobby serve did not come up");
     }
@@ -311,22 +295,10 @@ async fn serve_dev_runs_on_the_built_in_defaults() {
         .spawn()
         .unwrap();
     let _lobby = Serving(child);
-    let http = common::http();
-    timeout(Duration::from_secs(30), async {
-        loop {
-            let ok = http
-                .get("http://127.0.0.1:8080/readyz")
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200);
-            if ok {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .expect("lobby serve --dev answers /readyz on 127.0.0.1:8080 (is another lobby there?)");
+    assert!(
+        ready("http://127.0.0.1:8080/readyz").await,
+        "lobby serve --dev answers /readyz on 127.0.0.1:8080 (is another lobby there?)"
+    );
     assert!(dir.path().join("certs/dev/ca.pem").exists());
 }
 

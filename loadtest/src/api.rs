@@ -41,6 +41,9 @@ pub fn read_token(arg: &str) -> Result<String> {
 impl Api {
     /// A client for `base` (e.g. `http://127.0.0.1:8080`).
     pub fn new(base: &str) -> Result<Self> {
+        // reqwest's TLS setup asks for the process's rustls provider when reqwest is built
+        // with rustls (the lobby's tests turn that on in workspace builds): aws-lc-rs.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let client = Client::builder()
             // Above the largest --claim-concurrency in use, so that every request in flight
             // keeps its connection (a smaller pool closes the surplus after each answer and

@@ -226,8 +226,6 @@ impl Common {
 }
 
 fn main() -> std::process::ExitCode {
-    // The process's rustls provider, for reqwest's TLS setup: aws-lc-rs, as everywhere here.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
