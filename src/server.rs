@@ -106,21 +106,10 @@ impl Lobby {
         let admin = read_admin_token(&config.api.admin_token_file)?;
         let (service, jobs) = load_service(config).await?;
         let trust = edge::tls::trust(&config.tls, service.cache().clone(), 0)?;
-        let mut mqtt = Vec::new();
-        for l in &config.listener.mqtt {
-            let (socket, addr) = bind(l.address, MQTT_BACKLOG, "listener.mqtt")?;
-            mqtt.push((socket, addr, config.listener.proxy_protocol_of(l)));
-        }
+        let mqtt = bind_mqtt(config)?;
         let mqtt_addrs: Vec<SocketAddr> = mqtt.iter().map(|m| m.1).collect();
         let (api, api_addr) = bind(config.listener.api, 1024, "listener.api")?;
-        let api_tls = api::serve::tls_config(&config.api)?.map(|c| Arc::new(ArcSwap::new(c)));
-        if api_tls.is_none() && !config.listener.api.ip().is_loopback() {
-            tracing::warn!(
-                api = %config.listener.api,
-                "the API is plain HTTP on a non-loopback address: tokens cross the network in \
-                 clear and the console's camera needs HTTPS; set api.tls_cert and api.tls_key"
-            );
-        }
+        let api_tls = api_tls(config)?;
 
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -279,6 +268,32 @@ impl Lobby {
         tracing::info!("shutting down");
         self.stop().await;
     }
+}
+
+/// Binds every `listener.mqtt`: the socket, its address, whether it expects PROXY headers.
+fn bind_mqtt(config: &Config) -> Result<Vec<(TcpListener, SocketAddr, bool)>, ServerError> {
+    config
+        .listener
+        .mqtt
+        .iter()
+        .map(|l| {
+            let (socket, addr) = bind(l.address, MQTT_BACKLOG, "listener.mqtt")?;
+            Ok((socket, addr, config.listener.proxy_protocol_of(l)))
+        })
+        .collect()
+}
+
+/// The API's HTTPS configuration (`None`: plain HTTP, with a warning off loopback).
+fn api_tls(config: &Config) -> Result<Option<api::serve::ApiTls>, ServerError> {
+    let tls = api::serve::tls_config(&config.api)?.map(|c| Arc::new(ArcSwap::new(c)));
+    if tls.is_none() && !config.listener.api.ip().is_loopback() {
+        tracing::warn!(
+            api = %config.listener.api,
+            "the API is plain HTTP on a non-loopback address: tokens cross the network in \
+             clear and the console's camera needs HTTPS; set api.tls_cert and api.tls_key"
+        );
+    }
+    Ok(tls)
 }
 
 /// Opens the store and loads the claims service from it; the queue of its claim events.
