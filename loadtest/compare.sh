@@ -19,7 +19,7 @@ CONCURRENCY=${2:-64}
 SCENARIO=${SCENARIO:-connect}
 HOLD=${HOLD:-20s}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/lobby-target}"
-cargo build -q --release -p lobby -p lobby-loadtest --example bare_tls
+cargo build -q --release -p lobby -p lobby-loadtest --bins --example bare_tls
 LOBBY=$CARGO_TARGET_DIR/release/lobby
 BARE=$CARGO_TARGET_DIR/release/examples/bare_tls   # the floor: handshake + CONNACK only
 LT=$CARGO_TARGET_DIR/release/lobby-loadtest

@@ -22,7 +22,7 @@ OUT=${OUT:-/tmp/profile}
 TOP=${TOP:-20}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/lobby-target}"
 if [ -z "${BIN:-}" ]; then   # BIN=DIR: use copies of the three binaries instead of building
-  cargo build -q --release -p lobby -p lobby-loadtest --example bare_tls
+  cargo build -q --release -p lobby -p lobby-loadtest --bins --example bare_tls
 fi
 LOBBY=${BIN:-$CARGO_TARGET_DIR/release}/lobby
 BARE=${BIN:-$CARGO_TARGET_DIR/release/examples}/bare_tls

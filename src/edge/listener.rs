@@ -211,12 +211,14 @@ async fn session_over(
 ) -> session::End {
     let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
     let wait = accepted.limits.connect_timeout;
+    // The WebSocket path is boxed: its state (tungstenite's buffers) would otherwise size
+    // every connection's future, WebSocket or not.
     match alpn.as_deref() {
-        Some(b"http/1.1") => over_websocket(stream, identity, ctx, accepted).await,
+        Some(b"http/1.1") => Box::pin(over_websocket(stream, identity, ctx, accepted)).await,
         Some(_) => session::run(stream, identity, ctx, accepted).await,
         None => match tokio::time::timeout(wait, super::ws::peek(stream, 1)).await {
             Ok(Ok(s)) if super::ws::looks_like_http(s.first()) => {
-                over_websocket(s, identity, ctx, accepted).await
+                Box::pin(over_websocket(s, identity, ctx, accepted)).await
             }
             Ok(Ok(s)) if s.first().is_empty() => session::End::Closed,
             Ok(Ok(s)) => session::run(s, identity, ctx, accepted).await,
