@@ -77,6 +77,15 @@ pub struct ClientConfigError {
     pub error: PemError,
 }
 
+/// The CA certificates of `path` as a root store (what a TLS client trusts).
+pub fn roots(path: &Path) -> Result<rustls::RootCertStore, PemError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(path)? {
+        roots.add(c).map_err(|e| PemError::new(path, e))?;
+    }
+    Ok(roots)
+}
+
 /// A TLS client that trusts the CAs of `ca` and authenticates with the chain of `cert` and
 /// the key of `key` (which must match it).
 pub fn client_config(
@@ -92,12 +101,7 @@ fn client_config_files(
     cert: &Path,
     key: &Path,
 ) -> Result<Arc<rustls::ClientConfig>, (ClientFile, PemError)> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in certs(ca).map_err(|e| (ClientFile::Ca, e))? {
-        roots
-            .add(c)
-            .map_err(|e| (ClientFile::Ca, PemError::new(ca, e)))?;
-    }
+    let roots = roots(ca).map_err(|e| (ClientFile::Ca, e))?;
     let chain = certs(cert).map_err(|e| (ClientFile::Cert, e))?;
     let private = private_key(key).map_err(|e| (ClientFile::Key, e))?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());

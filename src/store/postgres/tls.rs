@@ -18,7 +18,7 @@
 
 use std::future::Future;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -27,9 +27,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
-};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
@@ -136,7 +134,9 @@ pub fn connector(ask: &Ask) -> Result<RustlsConnect, StoreError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let roots =
         match (&ask.rootcert, ask.mode) {
-            (Some(path), _) => Some(roots(path)?),
+            (Some(path), _) => Some(crate::pem::roots(path).map_err(|e| {
+                StoreError::Backend(format!("store.url sslrootcert {}: {e}", path.display()))
+            })?),
             (None, Mode::VerifyCa | Mode::VerifyFull) => {
                 return Err(StoreError::Backend(format!(
                 "store.url: sslmode={} needs sslrootcert=<file> (the CA bundle that signed the \
@@ -169,18 +169,6 @@ pub fn connector(ask: &Ask) -> Result<RustlsConnect, StoreError> {
     Ok(RustlsConnect {
         config: Some(Arc::new(config)),
     })
-}
-
-/// The CA certificates in `path`.
-fn roots(path: &Path) -> Result<RootCertStore, StoreError> {
-    let err =
-        |m: String| StoreError::Backend(format!("store.url sslrootcert {}: {m}", path.display()));
-    let certs = crate::pem::certs(path).map_err(|e| err(e.to_string()))?;
-    let mut roots = RootCertStore::empty();
-    for c in certs {
-        roots.add(c).map_err(|e| err(e.to_string()))?;
-    }
-    Ok(roots)
 }
 
 /// `verify-ca`: the chain is checked, the name is not (libpq's meaning).
@@ -370,6 +358,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for Strea
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     #[test]
