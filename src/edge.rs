@@ -6,6 +6,7 @@
 pub mod handshakes;
 pub mod listener;
 pub mod proxy;
+pub mod record;
 pub mod tls;
 pub mod ws;
 

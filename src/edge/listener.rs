@@ -14,13 +14,11 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
-use tokio_rustls::rustls::HandshakeKind;
-use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::handshakes::Handshakes;
+use super::record::{self, Established, TlsStream};
 use super::EdgeContext;
 use crate::device::Identity;
 use crate::metrics;
@@ -61,7 +59,7 @@ pub async fn serve(
             Ok((tcp, peer)) => {
                 device_socket_options(&tcp);
                 let trust = ctx.trust.load();
-                let acceptor = TlsAcceptor::from(trust.server_config.clone());
+                let tls = trust.server_config.clone();
                 let generation = trust.generation;
                 let span = tracing::debug_span!(
                     "conn",
@@ -72,7 +70,7 @@ pub async fn serve(
                 let conn = Conn {
                     peer,
                     proxy_protocol,
-                    acceptor,
+                    tls,
                     trust_generation: generation,
                     _permit: permit,
                 };
@@ -112,7 +110,7 @@ struct Conn {
     peer: SocketAddr,
     /// Its listener expects a PROXY v2 header.
     proxy_protocol: bool,
-    acceptor: TlsAcceptor,
+    tls: Arc<rustls::ServerConfig>,
     trust_generation: u64,
     /// Held for the connection's life (`limits.max_connections`).
     _permit: OwnedSemaphorePermit,
@@ -145,7 +143,7 @@ async fn connection(
     // One deadline for the PROXY header and the TLS handshake together.
     let deadline = started + limits.handshake_timeout;
     let handshake = tokio::time::timeout_at(deadline, handshake(tcp, &conn, &ctx));
-    let stream = tokio::select! {
+    let established = tokio::select! {
         done = handshake => match done {
             Ok(Ok(s)) => s,
             Ok(Err(Refused(reason))) => {
@@ -168,17 +166,18 @@ async fn connection(
     let tls_done = Instant::now();
     ::metrics::histogram!(metrics::TLS_HANDSHAKE_DURATION_SECONDS)
         .record((tls_done - started).as_secs_f64());
+    let Established {
+        stream,
+        peer_certificates,
+        alpn,
+        resumed,
+    } = established;
     // The chain as the device sent it (from the ticket, when resumed): leaf, intermediates.
-    let Some(identity) = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(Identity::from_chain)
-    else {
+    let Some(identity) = Identity::from_chain(&peer_certificates) else {
         metrics::handshake_failure("no_certificate");
         return;
     };
-    let resumed = stream.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed);
+    drop(peer_certificates);
     // A resumed session skipped certificate verification: check revocation (also for full
     // handshakes, in case it changed during the handshake) and the validity period again.
     if ctx.cache.is_revoked(&identity.device_id) {
@@ -196,7 +195,7 @@ async fn connection(
         trust_generation: conn.trust_generation,
         limits,
     };
-    let end = session_over(stream, identity, ctx, accepted).await;
+    let end = session_over(stream, alpn, identity, ctx, accepted).await;
     metrics::connection_outcome(end.label());
     tracing::debug!(outcome = end.label(), "connection closed");
 }
@@ -204,24 +203,24 @@ async fn connection(
 /// The device's session over MQTT or, by ALPN `http/1.1` (or, without ALPN, a first byte of an
 /// HTTP request), over a WebSocket ([`super::ws`]).
 async fn session_over(
-    stream: TlsStream<TcpStream>,
+    mut stream: TlsStream,
+    alpn: Option<Vec<u8>>,
     identity: crate::device::Identity,
     ctx: Arc<EdgeContext>,
     accepted: session::Accepted,
 ) -> session::End {
-    let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
     let wait = accepted.limits.connect_timeout;
     // The WebSocket path is boxed: its state (tungstenite's buffers) would otherwise size
     // every connection's future, WebSocket or not.
     match alpn.as_deref() {
         Some(b"http/1.1") => Box::pin(over_websocket(stream, identity, ctx, accepted)).await,
         Some(_) => session::run(stream, identity, ctx, accepted).await,
-        None => match tokio::time::timeout(wait, super::ws::peek(stream, 1)).await {
-            Ok(Ok(s)) if super::ws::looks_like_http(s.first()) => {
-                Box::pin(over_websocket(s, identity, ctx, accepted)).await
+        None => match tokio::time::timeout(wait, stream.fill()).await {
+            Ok(Ok(true)) if super::ws::looks_like_http(stream.buffered()) => {
+                Box::pin(over_websocket(stream, identity, ctx, accepted)).await
             }
-            Ok(Ok(s)) if s.first().is_empty() => session::End::Closed,
-            Ok(Ok(s)) => session::run(s, identity, ctx, accepted).await,
+            Ok(Ok(true)) => session::run(stream, identity, ctx, accepted).await,
+            Ok(Ok(false)) => session::End::Closed,
             Ok(Err(_)) => session::End::Io,
             Err(_) => session::End::ConnectTimeout,
         },
@@ -255,7 +254,7 @@ async fn handshake(
     mut tcp: TcpStream,
     conn: &Conn,
     ctx: &EdgeContext,
-) -> Result<TlsStream<TcpStream>, Refused> {
+) -> Result<Established, Refused> {
     let peer = conn.peer;
     if conn.proxy_protocol {
         let mut source = peer.ip();
@@ -277,7 +276,7 @@ async fn handshake(
             return Err(Refused("rate_limited"));
         }
     }
-    conn.acceptor.accept(tcp).await.map_err(|e| {
+    record::accept(tcp, conn.tls.clone()).await.map_err(|e| {
         let reason = super::tls::failure_reason(&e);
         tracing::debug!(%peer, reason, error = %e, "TLS handshake failed");
         Refused(reason)

@@ -116,6 +116,8 @@ fn server_config(
         .with_client_cert_verifier(verifier.clone())
         .with_single_cert(chain, key)
         .map_err(|e| file_err(&tls.key, format!("certificate and key do not match: {e}")))?;
+    // The device record layer (`edge::record`) takes the traffic keys over after the handshake.
+    config.enable_secret_extraction = true;
     // No server-side session cache: resumption, when on, is by stateless tickets only.
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     if tls.resumption {

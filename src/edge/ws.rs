@@ -12,7 +12,7 @@ use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
 use futures_util::{Sink, Stream};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -25,68 +25,9 @@ pub const PATH: &str = "/mqtt";
 pub const SUBPROTOCOL: &str = "mqtt";
 
 /// Whether the stream starts with an HTTP request: `first` holds at least the first byte the
-/// client sent. An MQTT stream starts with CONNECT (0x10), never with `G`.
+/// client sent (decrypted and buffered by `edge::record::TlsStream::fill`). An MQTT stream starts with CONNECT (0x10), never with `G`.
 pub fn looks_like_http(first: &[u8]) -> bool {
     first.first() == Some(&b'G')
-}
-
-/// Reads the first bytes of `io` (at most `buf`'s length) without losing them: the stream
-/// it returns replays them before reading on.
-pub async fn peek<S: AsyncRead + Unpin>(mut io: S, max: usize) -> io::Result<Rewind<S>> {
-    let mut first = vec![0u8; max];
-    let n = io.read(&mut first).await?;
-    first.truncate(n);
-    Ok(Rewind {
-        first: Bytes::from(first),
-        inner: io,
-    })
-}
-
-/// A stream that yields `first` before its own bytes.
-pub struct Rewind<S> {
-    first: Bytes,
-    inner: S,
-}
-
-impl<S> Rewind<S> {
-    /// The bytes read ahead (and not yet handed on).
-    pub fn first(&self) -> &[u8] {
-        &self.first
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.first.is_empty() {
-            let n = self.first.len().min(buf.remaining());
-            buf.put_slice(&self.first[..n]);
-            self.first.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 /// Accepts the WebSocket upgrade on `io`: `GET /mqtt` (a query string is allowed) offering
