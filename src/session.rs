@@ -49,43 +49,20 @@ pub struct Accepted {
 type Step = Result<(), End>;
 
 /// Runs a device's session to its end over an established TLS stream.
+///
+/// What stays resident while the device waits (most of its life) is kept small: the session
+/// lives in one box, the CONNECT exchange runs in a future of its own that is freed before the
+/// wait, and the wait loop boxes each handler it runs (see [`Session::run_loop`]).
 pub async fn run<S>(io: S, identity: Identity, ctx: Arc<EdgeContext>, accepted: Accepted) -> End
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut rbuf = BytesMut::with_capacity(1024);
-    let mut io = io;
-    let limits = accepted.limits.clone();
-    // What the session needs of CONNECT, taken out: the packet's byte fields (password, will,
-    // authentication data) share the read buffer's allocation and would pin it for the
-    // session's life.
-    let connect = match read_connect(&mut io, &mut rbuf, &limits).await {
-        Ok(c) => ConnectInfo::from(c),
+    let (mut s, started) = match Box::pin(open(io, identity, ctx, accepted)).await {
+        Ok(opened) => opened,
         Err(end) => return end,
     };
-    let protocol = connect.protocol;
-    let proto_label = match protocol {
-        Protocol::V311 => "mqtt3.1.1",
-        Protocol::V5 => "mqtt5",
-    };
-    if !ctx.waiting.admit(
-        &identity.device_id,
-        limits.reconnect_burst,
-        limits.reconnect_interval,
-    ) {
-        // A reconnect loop: refused before it takes over the device's live session.
-        refuse_connect(&mut io, protocol, reason::CONNECTION_RATE_EXCEEDED).await;
-        return End::RateLimited;
-    }
-    let handle = ctx.waiting.register(
-        identity.device_id,
-        &identity.thing_name,
-        proto_label,
-        limits.reconnect_burst,
-    );
-    let mut s = Session::new(io, rbuf, identity, ctx, &accepted, handle, &connect);
-    metrics::gauge!(crate::metrics::CONNECTIONS_ACTIVE, "protocol" => proto_label).increment(1.0);
-    let end = match s.start(connect, accepted.tls_done).await {
+    let proto_label = s.handle.protocol;
+    let end = match started {
         Ok(()) => {
             s.release_idle_read_buffer();
             s.run_loop().await
@@ -99,6 +76,54 @@ where
         .deregister(&s.identity.device_id, s.handle.conn_id);
     let _ = timeout(Duration::from_secs(1), s.io.shutdown()).await;
     end
+}
+
+/// CONNECT → CONNACK: the session, registered and counted, and how its start went.
+async fn open<S>(
+    io: S,
+    identity: Identity,
+    ctx: Arc<EdgeContext>,
+    accepted: Accepted,
+) -> Result<(Box<Session<S>>, Step), End>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut rbuf = BytesMut::with_capacity(1024);
+    let mut io = io;
+    let limits = accepted.limits.clone();
+    // What the session needs of CONNECT, taken out: the packet's byte fields (password, will,
+    // authentication data) share the read buffer's allocation and would pin it for the
+    // session's life.
+    let connect = match read_connect(&mut io, &mut rbuf, &limits).await {
+        Ok(c) => ConnectInfo::from(c),
+        Err(end) => return Err(end),
+    };
+    let protocol = connect.protocol;
+    let proto_label = match protocol {
+        Protocol::V311 => "mqtt3.1.1",
+        Protocol::V5 => "mqtt5",
+    };
+    if !ctx.waiting.admit(
+        &identity.device_id,
+        limits.reconnect_burst,
+        limits.reconnect_interval,
+    ) {
+        // A reconnect loop: refused before it takes over the device's live session.
+        refuse_connect(&mut io, protocol, reason::CONNECTION_RATE_EXCEEDED).await;
+        return Err(End::RateLimited);
+    }
+    let handle = ctx.waiting.register(
+        identity.device_id,
+        &identity.thing_name,
+        proto_label,
+        limits.reconnect_burst,
+    );
+    let mut s = Box::new(Session::new(
+        io, rbuf, identity, ctx, &accepted, handle, &connect,
+    ));
+    metrics::gauge!(crate::metrics::CONNECTIONS_ACTIVE, "protocol" => proto_label).increment(1.0);
+    let started = s.start(connect, accepted.tls_done).await;
+    Ok((s, started))
 }
 
 struct Session<S> {
@@ -147,6 +172,9 @@ impl<S> Session<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    /// Waits for the next thing to do and does it. Each handler runs boxed: inline, the largest
+    /// of them (a publish through the bridge, a re-route) would size the wait of every idle
+    /// connection.
     async fn run_loop(&mut self) -> End {
         let cancel = self.ctx.cancel.clone();
         let wake = self.handle.wake.clone();
@@ -157,33 +185,33 @@ where
                     Ok(0) => Err(End::Closed),
                     Ok(_) => {
                         self.last_rx = Instant::now();
-                        self.on_input().await
+                        Box::pin(self.on_input()).await
                     }
                     Err(_) => Err(End::Io),
                 },
                 () = wake.notified() => match self.handle.asked_to_leave() {
-                    true => self.on_shutdown().await,
-                    false => self.reevaluate().await,
+                    true => Box::pin(self.on_shutdown()).await,
+                    false => Box::pin(self.reevaluate()).await,
                 },
                 event = bridged::next_event(&mut self.bridge) => match event {
                     bridged::BridgeEvent::Inbound(msg) => {
                         self.deliver_inbound(msg);
-                        self.flush().await
+                        Box::pin(self.flush()).await
                     }
                     bridged::BridgeEvent::Answered(pkid, outcome) => {
-                        self.on_answered(pkid, outcome).await
+                        Box::pin(self.on_answered(pkid, outcome)).await
                     }
                     bridged::BridgeEvent::PoolGone => {
                         // The tenant's pool stopped (the lobby stops) before it answered: the
                         // device keeps the message and sends it again on its next connection.
                         self.send_disconnect(reason::SERVER_BUSY, None);
-                        let _ = self.flush().await;
+                        let _ = Box::pin(self.flush()).await;
                         Err(End::ServerBusy)
                     }
                 },
-                () = cancel.cancelled() => self.on_shutdown().await,
+                () = cancel.cancelled() => Box::pin(self.on_shutdown()).await,
                 () = sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
-                    self.on_deadline().await
+                    Box::pin(self.on_deadline()).await
                 }
             };
             if let Err(end) = step {

@@ -140,9 +140,14 @@ async fn connection(
     for _ in 0..evicted {
         metrics::handshake_failure("busy");
     }
-    // One deadline for the PROXY header and the TLS handshake together.
+    // One deadline for the PROXY header and the TLS handshake together. Boxed, as is the
+    // session below: the task then holds only what is live (the handshake's state is freed
+    // when it ends, and a future passed to an await is not kept twice in the task).
     let deadline = started + limits.handshake_timeout;
-    let handshake = tokio::time::timeout_at(deadline, handshake(tcp, &conn, &ctx));
+    let handshake = Box::pin(tokio::time::timeout_at(
+        deadline,
+        handshake(tcp, &conn, &ctx),
+    ));
     let established = tokio::select! {
         done = handshake => match done {
             Ok(Ok(s)) => s,
@@ -195,7 +200,7 @@ async fn connection(
         trust_generation: conn.trust_generation,
         limits,
     };
-    let end = session_over(stream, alpn, identity, ctx, accepted).await;
+    let end = Box::pin(session_over(stream, alpn, identity, ctx, accepted)).await;
     metrics::connection_outcome(end.label());
     tracing::debug!(outcome = end.label(), "connection closed");
 }
