@@ -1,7 +1,8 @@
 //! TLS for device connections, with an idle connection holding almost nothing.
 //!
 //! rustls makes the handshake (its unbuffered API, over buffers this module owns), then hands
-//! over the traffic keys (`dangerous_into_kernel_connection`, the API rustls offers for kTLS)
+//! over the traffic keys (`dangerous_into_kernel_connection`, the API rustls offers for kTLS;
+//! the key updates it would keep state for are done in `update`, from the key log)
 //! and [`TlsStream`] protects the records itself. Held through tokio-rustls, a connection keeps
 //! rustls' 4 KiB receive buffer, two AEAD contexts (~1.2 KB) and its send and plaintext queues
 //! for its whole life; here a quiet connection keeps its raw keys (tens of bytes) and no buffer:
@@ -22,8 +23,10 @@ mod keys;
 mod stream;
 #[cfg(test)]
 mod tests;
+mod update;
 
 pub use stream::TlsStream;
+pub use update::key_log;
 
 use std::io;
 use std::sync::Arc;
@@ -80,7 +83,12 @@ pub async fn accept(mut tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result
     let mut outgoing = Vec::new();
     // Application data that came with the handshake's last flight (often the CONNECT).
     let mut plaintext = Vec::new();
+    // The handshake's place in the key log (TLS 1.3 key updates), from its ClientHello on.
+    let mut registration = None;
     loop {
+        if registration.is_none() {
+            registration = update::Registration::from_client_hello(&incoming);
+        }
         let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut incoming);
         let (mut read, mut transmit, mut done) = (false, false, false);
         match state {
@@ -147,8 +155,26 @@ pub async fn accept(mut tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result
         .unwrap_or_default();
     let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
     let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
-    let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(tls_error)?;
-    let stream = TlsStream::new(tcp, kernel, secrets, incoming, plaintext, outgoing)?;
+    let suite = conn
+        .negotiated_cipher_suite()
+        .ok_or_else(|| tls_error(rustls::Error::HandshakeNotComplete))?;
+    let traffic_secrets = suite
+        .tls13()
+        .zip(registration.as_ref())
+        .and_then(|(s, r)| r.take(s.common.hash_provider.algorithm()));
+    drop(registration);
+    // rustls' kernel connection would keep the peer's chain and ~1.3 KB more for the
+    // connection's life; the key updates it is there for are done in `update` instead.
+    let (secrets, _kernel) = conn.dangerous_into_kernel_connection().map_err(tls_error)?;
+    let stream = TlsStream::new(
+        tcp,
+        suite,
+        secrets,
+        traffic_secrets,
+        incoming,
+        plaintext,
+        outgoing,
+    )?;
     Ok(Established {
         stream,
         peer_certificates,

@@ -118,6 +118,7 @@ fn server_config(
         .map_err(|e| file_err(&tls.key, format!("certificate and key do not match: {e}")))?;
     // The device record layer (`edge::record`) takes the traffic keys over after the handshake.
     config.enable_secret_extraction = true;
+    config.key_log = super::record::key_log();
     // No server-side session cache: resumption, when on, is by stateless tickets only.
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     if tls.resumption {

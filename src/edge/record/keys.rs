@@ -52,6 +52,15 @@ impl Keys {
             }
             _ => return Err(record_error("unsupported cipher suite")),
         };
+        Self::from_raw(cipher, key.as_ref(), iv.as_ref(), seq)
+            .ok_or_else(|| record_error("unexpected key length"))
+    }
+
+    /// Keys from their bytes; `None` when the lengths do not fit the cipher.
+    pub(super) fn from_raw(cipher: Cipher, key: &[u8], iv: &[u8], seq: u64) -> Option<Self> {
+        if key.len() != cipher.algorithm().key_len() || iv.len() != 12 {
+            return None;
+        }
         let mut keys = Keys {
             cipher,
             key: [0; 32],
@@ -59,13 +68,9 @@ impl Keys {
             seq,
             live: None,
         };
-        let (k, i) = (key.as_ref(), iv.as_ref());
-        if k.len() != cipher.algorithm().key_len() || i.len() != 12 {
-            return Err(record_error("unexpected key length"));
-        }
-        keys.key[..k.len()].copy_from_slice(k);
-        keys.iv.copy_from_slice(i);
-        Ok(keys)
+        keys.key[..key.len()].copy_from_slice(key);
+        keys.iv.copy_from_slice(iv);
+        Some(keys)
     }
 
     pub(super) fn aead(&mut self) -> io::Result<&LessSafeKey> {

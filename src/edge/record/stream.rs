@@ -5,19 +5,19 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use aws_lc_rs::aead::{Aad, Nonce};
-use rustls::kernel::KernelConnection;
-use rustls::server::ServerConnectionData;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::keys::{tls12_aad, Cipher, Keys, Version};
+use super::update::TrafficSecret;
 use super::*;
 
 /// A device's TLS connection after its handshake.
 pub struct TlsStream {
     tcp: TcpStream,
-    /// Derives the next traffic secrets on a TLS 1.3 KeyUpdate.
-    kernel: KernelConnection<ServerConnectionData>,
+    /// TLS 1.3: the application traffic secrets (device's, lobby's), for KeyUpdate; `None`
+    /// for TLS 1.2 and for a handshake the key log could not tell apart (see `update`).
+    traffic_secrets: Option<Box<(TrafficSecret, TrafficSecret)>>,
     version: Version,
     confidentiality_limit: u64,
     rx: Keys,
@@ -50,24 +50,25 @@ impl TlsStream {
     /// record, `plaintext` data that came with the handshake, `outgoing` the session ticket.
     pub(super) fn new(
         tcp: TcpStream,
-        kernel: KernelConnection<ServerConnectionData>,
+        suite: rustls::SupportedCipherSuite,
         secrets: rustls::ExtractedSecrets,
+        traffic_secrets: Option<(TrafficSecret, TrafficSecret)>,
         incoming: Vec<u8>,
         plaintext: Vec<u8>,
         outgoing: Vec<u8>,
     ) -> io::Result<Self> {
-        let confidentiality_limit = match kernel.negotiated_cipher_suite() {
+        let confidentiality_limit = match suite {
             rustls::SupportedCipherSuite::Tls12(s) => s.common.confidentiality_limit,
             rustls::SupportedCipherSuite::Tls13(s) => s.common.confidentiality_limit,
         };
         Ok(TlsStream {
             tcp,
-            version: match kernel.protocol_version() {
-                rustls::ProtocolVersion::TLSv1_3 => Version::Tls13,
-                _ => Version::Tls12,
+            version: match suite {
+                rustls::SupportedCipherSuite::Tls13(_) => Version::Tls13,
+                rustls::SupportedCipherSuite::Tls12(_) => Version::Tls12,
             },
             confidentiality_limit,
-            kernel,
+            traffic_secrets: traffic_secrets.map(Box::new),
             rx: Keys::new(secrets.rx)?,
             tx: Keys::new(secrets.tx)?,
             incoming: shrink(incoming),
@@ -267,8 +268,12 @@ impl TlsStream {
             let [KEY_UPDATE, 0, 0, 1, request, ..] = *messages else {
                 return Err(record_error("unexpected handshake message"));
             };
-            let next = self.kernel.update_rx_secret().map_err(tls_error)?;
-            self.rx = Keys::new(next)?;
+            let cipher = self.rx.cipher;
+            self.rx = self
+                .traffic_secrets
+                .as_mut()
+                .and_then(|s| s.0.next_keys(cipher))
+                .ok_or_else(|| record_error("KeyUpdate without the traffic secret"))?;
             match request {
                 0 => {}
                 // update_requested: answer with our own update, before any more data.
@@ -282,9 +287,14 @@ impl TlsStream {
 
     /// Sends KeyUpdate(update_not_requested) under the current key, then switches to the next.
     fn update_tx_key(&mut self) -> io::Result<()> {
+        let cipher = self.tx.cipher;
+        let next = self
+            .traffic_secrets
+            .as_mut()
+            .and_then(|s| s.1.next_keys(cipher))
+            .ok_or_else(|| record_error("key update without the traffic secret"))?;
         self.seal(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0])?;
-        let next = self.kernel.update_tx_secret().map_err(tls_error)?;
-        self.tx = Keys::new(next)?;
+        self.tx = next;
         Ok(())
     }
 
