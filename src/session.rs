@@ -48,19 +48,39 @@ pub struct Accepted {
 /// Control flow inside the session: keep going, or end with a reason.
 type Step = Result<(), End>;
 
-/// Runs a device's session to its end over an established TLS stream.
-///
-/// What stays resident while the device waits (most of its life) is kept small: the session
-/// lives in one box, the CONNECT exchange runs in a future of its own that is freed before the
-/// wait, and the wait loop boxes each handler it runs (see [`Session::run_loop`]).
+/// Runs a device's session to its end over an established TLS stream: [`open`], then
+/// [`wait`].
 pub async fn run<S>(io: S, identity: Identity, ctx: Arc<EdgeContext>, accepted: Accepted) -> End
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut s, started) = match Box::pin(open(io, identity, ctx, accepted)).await {
-        Ok(opened) => opened,
-        Err(end) => return end,
-    };
+    match Box::pin(open(io, identity, ctx, accepted)).await {
+        Ok(opened) => wait(opened).await,
+        Err(end) => end,
+    }
+}
+
+/// A session past CONNECT: registered in the waiting room, counted, its CONNACK sent (or its
+/// start failed, `started`).
+pub struct Opened<S> {
+    session: Box<Session<S>>,
+    started: Step,
+}
+
+/// The session after [`open`], to its end.
+///
+/// What stays resident while the device waits (most of its life) is kept small: this future
+/// holds the session's box and the wait loop only (call it from a future whose own state is
+/// small, not from the one that ran [`open`]: a future keeps room for everything it ever
+/// held), and the loop boxes each handler it runs (see [`Session::run_loop`]).
+pub async fn wait<S>(opened: Opened<S>) -> End
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Opened {
+        session: mut s,
+        started,
+    } = opened;
     let proto_label = s.handle.protocol;
     let end = match started {
         Ok(()) => {
@@ -78,13 +98,14 @@ where
     end
 }
 
-/// CONNECT → CONNACK: the session, registered and counted, and how its start went.
-async fn open<S>(
+/// CONNECT → CONNACK over an established TLS stream. Box this future: it is large, and freed
+/// once the session waits.
+pub async fn open<S>(
     io: S,
     identity: Identity,
     ctx: Arc<EdgeContext>,
     accepted: Accepted,
-) -> Result<(Box<Session<S>>, Step), End>
+) -> Result<Opened<S>, End>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -123,7 +144,10 @@ where
     ));
     metrics::gauge!(crate::metrics::CONNECTIONS_ACTIVE, "protocol" => proto_label).increment(1.0);
     let started = s.start(connect, accepted.tls_done).await;
-    Ok((s, started))
+    Ok(Opened {
+        session: s,
+        started,
+    })
 }
 
 struct Session<S> {
@@ -162,7 +186,8 @@ struct Session<S> {
     /// The trust generation this device's certificate was last checked against.
     trust_generation: u64,
     /// Set while the device's tenant bridges its traffic.
-    bridge: Option<bridged::BridgeLink>,
+    /// Boxed: most sessions never bridge.
+    bridge: Option<Box<bridged::BridgeLink>>,
     /// The last status sent, to send it again only on change.
     last_status: Option<(ClaimState, Option<Arc<str>>)>,
     client_max_packet: Option<u32>,
@@ -193,7 +218,7 @@ where
                     true => Box::pin(self.on_shutdown()).await,
                     false => Box::pin(self.reevaluate()).await,
                 },
-                event = bridged::next_event(&mut self.bridge) => match event {
+                event = std::future::poll_fn(|cx| bridged::poll_event(&mut self.bridge, cx)) => match event {
                     bridged::BridgeEvent::Inbound(msg) => {
                         self.deliver_inbound(msg);
                         Box::pin(self.flush()).await

@@ -125,6 +125,26 @@ async fn connection(
     ctx: Arc<EdgeContext>,
     handshakes: Arc<Handshakes>,
 ) {
+    // The handshake and CONNECT run in a boxed future that is gone before the wait: this
+    // task then holds little more than the session's box (see `session::wait`), not room for
+    // everything the handshake needed.
+    let end = match Box::pin(admit(tcp, &conn, ctx, &handshakes)).await {
+        None => return,
+        Some(Opened::Mqtt(opened)) => session::wait(opened).await,
+        Some(Opened::Ended(end)) => end,
+    };
+    metrics::connection_outcome(end.label());
+    tracing::debug!(outcome = end.label(), "connection closed");
+}
+
+/// The PROXY header, the TLS handshake and the session's start; `None` when the handshake
+/// failed (counted by reason).
+async fn admit(
+    tcp: TcpStream,
+    conn: &Conn,
+    ctx: Arc<EdgeContext>,
+    handshakes: &Handshakes,
+) -> Option<Opened> {
     let started = Instant::now();
     let peer = conn.peer;
     // The connection's limits, from accept to close (a reload applies to the next ones).
@@ -134,37 +154,32 @@ async fn connection(
     if !conn.proxy_protocol && !ctx.connect_limiter.load().allow(peer.ip()) {
         metrics::handshake_failure("rate_limited");
         tracing::debug!(%peer, "connection rate of this address exceeded");
-        return;
+        return None;
     }
     let (slot, evicted) = handshakes.start(handshake_budget(&limits));
     for _ in 0..evicted {
         metrics::handshake_failure("busy");
     }
-    // One deadline for the PROXY header and the TLS handshake together. Boxed, as is the
-    // session below: the task then holds only what is live (the handshake's state is freed
-    // when it ends, and a future passed to an await is not kept twice in the task).
+    // One deadline for the PROXY header and the TLS handshake together.
     let deadline = started + limits.handshake_timeout;
-    let handshake = Box::pin(tokio::time::timeout_at(
-        deadline,
-        handshake(tcp, &conn, &ctx),
-    ));
+    let handshake = tokio::time::timeout_at(deadline, handshake(tcp, conn, &ctx));
     let established = tokio::select! {
         done = handshake => match done {
             Ok(Ok(s)) => s,
             Ok(Err(Refused(reason))) => {
                 metrics::handshake_failure(reason);
-                return;
+                return None;
             }
             Err(_) => {
                 metrics::handshake_failure("timeout");
                 tracing::debug!(%peer, "handshake timed out");
-                return;
+                return None;
             }
         },
         // Counted by the connection that took the place.
         () = slot.evicted.cancelled() => {
             tracing::debug!(%peer, "handshake closed: handshake budget full, this the oldest");
-            return;
+            return None;
         }
     };
     drop(slot);
@@ -180,18 +195,18 @@ async fn connection(
     // The chain as the device sent it (from the ticket, when resumed): leaf, intermediates.
     let Some(identity) = Identity::from_chain(&peer_certificates) else {
         metrics::handshake_failure("no_certificate");
-        return;
+        return None;
     };
     drop(peer_certificates);
     // A resumed session skipped certificate verification: check revocation (also for full
     // handshakes, in case it changed during the handshake) and the validity period again.
     if ctx.cache.is_revoked(&identity.device_id) {
         metrics::handshake_failure("revoked");
-        return;
+        return None;
     }
     if resumed && !identity.valid_at(crate::model::now_ms() / 1000) {
         metrics::handshake_failure("expired");
-        return;
+        return None;
     }
     metrics::handshake(if resumed { "resumed" } else { "full" });
     tracing::Span::current().record("device_id", tracing::field::display(&identity.device_id));
@@ -200,35 +215,44 @@ async fn connection(
         trust_generation: conn.trust_generation,
         limits,
     };
-    let end = Box::pin(session_over(stream, alpn, identity, ctx, accepted)).await;
-    metrics::connection_outcome(end.label());
-    tracing::debug!(outcome = end.label(), "connection closed");
+    Some(open_session(stream, alpn, identity, ctx, accepted).await)
 }
 
-/// The device's session over MQTT or, by ALPN `http/1.1` (or, without ALPN, a first byte of an
-/// HTTP request), over a WebSocket ([`super::ws`]).
-async fn session_over(
+/// A connection after its handshake: an MQTT session past CONNECT, or an end (a WebSocket
+/// session is run to its end here).
+enum Opened {
+    Mqtt(session::Opened<TlsStream>),
+    Ended(session::End),
+}
+
+/// Opens the device's session over MQTT or, by ALPN `http/1.1` (or, without ALPN, a first
+/// byte of an HTTP request), runs it over a WebSocket ([`super::ws`]).
+async fn open_session(
     mut stream: TlsStream,
     alpn: Option<Vec<u8>>,
     identity: crate::device::Identity,
     ctx: Arc<EdgeContext>,
     accepted: session::Accepted,
-) -> session::End {
+) -> Opened {
     let wait = accepted.limits.connect_timeout;
-    // The WebSocket path is boxed: its state (tungstenite's buffers) would otherwise size
-    // every connection's future, WebSocket or not.
-    match alpn.as_deref() {
-        Some(b"http/1.1") => Box::pin(over_websocket(stream, identity, ctx, accepted)).await,
-        Some(_) => session::run(stream, identity, ctx, accepted).await,
+    let websocket = match alpn.as_deref() {
+        Some(b"http/1.1") => true,
+        Some(_) => false,
         None => match tokio::time::timeout(wait, stream.fill()).await {
-            Ok(Ok(true)) if super::ws::looks_like_http(stream.buffered()) => {
-                Box::pin(over_websocket(stream, identity, ctx, accepted)).await
-            }
-            Ok(Ok(true)) => session::run(stream, identity, ctx, accepted).await,
-            Ok(Ok(false)) => session::End::Closed,
-            Ok(Err(_)) => session::End::Io,
-            Err(_) => session::End::ConnectTimeout,
+            Ok(Ok(true)) => super::ws::looks_like_http(stream.buffered()),
+            Ok(Ok(false)) => return Opened::Ended(session::End::Closed),
+            Ok(Err(_)) => return Opened::Ended(session::End::Io),
+            Err(_) => return Opened::Ended(session::End::ConnectTimeout),
         },
+    };
+    if websocket {
+        // Boxed: tungstenite's state would otherwise size every connection's future.
+        let end = Box::pin(over_websocket(stream, identity, ctx, accepted)).await;
+        return Opened::Ended(end);
+    }
+    match session::open(stream, identity, ctx, accepted).await {
+        Ok(opened) => Opened::Mqtt(opened),
+        Err(end) => Opened::Ended(end),
     }
 }
 

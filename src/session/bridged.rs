@@ -11,7 +11,10 @@
 //! the old pool had not acknowledged are sent again there and PUBACKed when it acknowledges.
 
 use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -85,33 +88,34 @@ pub(super) enum BridgeEvent {
     PoolGone,
 }
 
-/// The next bridge event (never, without a link). Cancel-safe: nothing is taken from the link
-/// until it is returned.
-pub(super) async fn next_event(link: &mut Option<BridgeLink>) -> BridgeEvent {
-    let Some(BridgeLink { rx, pending, .. }) = link else {
-        return std::future::pending().await;
+/// Polls for the next bridge event (never ready without a link). Cancel-safe: nothing is
+/// taken from the link until it is returned. A poll function rather than an async fn: the
+/// wait loop of every session, bridged or not, holds the future that calls it.
+pub(super) fn poll_event(
+    link: &mut Option<Box<BridgeLink>>,
+    cx: &mut Context<'_>,
+) -> Poll<BridgeEvent> {
+    let Some(link) = link.as_deref_mut() else {
+        return Poll::Pending;
     };
-    tokio::select! {
-        Some(m) = rx.recv() => BridgeEvent::Inbound(m),
-        answered = oldest_answered(pending) => answered,
-        else => std::future::pending().await,
+    // A closed channel (the pool stopped) yields nothing more; the answers below still come.
+    if let Poll::Ready(Some(m)) = link.rx.poll_recv(cx) {
+        return Poll::Ready(BridgeEvent::Inbound(m));
     }
-}
-
-async fn oldest_answered(pending: &mut VecDeque<Pending>) -> BridgeEvent {
-    let Some(oldest) = pending.front_mut() else {
-        return std::future::pending().await;
+    let Some(oldest) = link.pending.front_mut() else {
+        return Poll::Pending;
     };
-    match (&mut oldest.answer).await {
-        Ok(outcome) => {
+    match Pin::new(&mut oldest.answer).poll(cx) {
+        Poll::Ready(Ok(outcome)) => {
             let pkid = oldest.pkid;
-            pending.pop_front();
-            BridgeEvent::Answered(pkid, outcome)
+            link.pending.pop_front();
+            Poll::Ready(BridgeEvent::Answered(pkid, outcome))
         }
-        Err(_) => {
+        Poll::Ready(Err(_)) => {
             oldest.answer = oneshot::channel().1; // never polled again once spent
-            BridgeEvent::PoolGone
+            Poll::Ready(BridgeEvent::PoolGone)
         }
+        Poll::Pending => Poll::Pending,
     }
 }
 
@@ -121,7 +125,7 @@ where
 {
     /// Joins, leaves or re-links the tenant's bridge as the route and the tenant's current
     /// settings say. Returns the link it replaced, for [`Self::carry_over`] to finish with.
-    pub(super) fn follow_bridge(&mut self, route: &Route) -> Option<BridgeLink> {
+    pub(super) fn follow_bridge(&mut self, route: &Route) -> Option<Box<BridgeLink>> {
         let wanted = match route {
             Route::Bridge { tenant, thing_name } => Some((tenant.clone(), thing_name.as_str())),
             _ => None,
@@ -149,7 +153,7 @@ where
                 // The claim's name, unique in the tenant; never the certificate's raw CN.
                 let patterns =
                     bridge::device_patterns(settings, thing_name, &self.identity.device_id);
-                self.bridge = Some(BridgeLink {
+                self.bridge = Some(Box::new(BridgeLink {
                     tenant: tenant_id,
                     thing_name: thing_name.to_owned(),
                     made_from: entry.clone(),
@@ -159,7 +163,7 @@ where
                     rx,
                     pending: VecDeque::new(),
                     filters: HashSet::new(),
-                });
+                }));
             }
             Err(e) => tracing::warn!(tenant = %tenant_id, error = %e, "cannot bridge"),
         }
@@ -183,7 +187,7 @@ where
     /// pending publishes, those the tenant answered with that answer and the rest sent again.
     /// Nothing is PUBACKed that a tenant did not acknowledge. Another tenant, or none: the old
     /// link's subscriptions are released.
-    pub(super) async fn carry_over(&mut self, old: Option<BridgeLink>) -> Step {
+    pub(super) async fn carry_over(&mut self, old: Option<Box<BridgeLink>>) -> Step {
         let Some(mut old) = old else { return Ok(()) };
         let Some(mut new) = self.bridge.take_if(|l| l.tenant == old.tenant) else {
             return self.leave_bridge(old).await;
@@ -249,7 +253,7 @@ where
     /// If the tenant still wants it bridged but the new settings cannot be used (a TLS file
     /// gone), publishes still unanswered end the session without a PUBACK, so the device
     /// sends them again when it reconnects rather than waiting for good.
-    async fn leave_bridge(&mut self, old: BridgeLink) -> Step {
+    async fn leave_bridge(&mut self, old: Box<BridgeLink>) -> Step {
         self.release(&old);
         let still_wanted =
             matches!(self.route(), Route::Bridge { tenant, .. } if tenant == old.tenant);
