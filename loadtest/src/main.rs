@@ -4,11 +4,13 @@
 //! 2. pacing — [`run`]: one task per device under `--concurrency` and `--rate`;
 //! 3. connection — [`net`] (source addresses, TCP) → [`tls`] (mTLS) → [`session`] with the
 //!    hand-written codec in [`mqtt`];
-//! 4. scenarios — [`scenario`]: `connect`, `idle`, `claim` (with [`api`]), `bridge`;
+//! 4. scenarios — [`scenario`]: `connect`, `idle` (with [`kernel`]), `claim` (with [`api`]),
+//!    `bridge`, `storm`;
 //! 5. results — [`stats`]: HDR histograms, progress bar, the JSON line on stdout.
 #![forbid(unsafe_code)]
 
 mod api;
+mod kernel;
 mod mqtt;
 mod net;
 mod pki;
@@ -94,6 +96,34 @@ enum Scenario {
         /// Server pid (repeatable): report the servers' CPU over the claim phase.
         #[arg(long)]
         server_pid: Vec<u32>,
+    },
+    /// Hold N connections, drop them all at once (the server restarts, or --drop-after) and
+    /// measure how they all come back.
+    Storm {
+        #[command(flatten)]
+        common: Common,
+        /// The harness closes every connection this long after all are held, and reconnects
+        /// them (without it: the server must go away, e.g. a script restarts it).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        drop_after: Option<Duration>,
+        /// Without --drop-after: how long to wait, once all are held, for the server to go.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        hold: Duration,
+        /// Reconnect attempts stop this long after the first connection dropped.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        deadline: Duration,
+        /// Reconnects in flight at once during the storm (0: all devices at once).
+        #[arg(long, default_value_t = 0)]
+        storm_concurrency: usize,
+        /// The server's pid: report its CPU time per reconnect (--drop-after).
+        #[arg(long)]
+        server_pid: Option<u32>,
+        /// File holding the server's pid, re-read after the storm (a restart changes it).
+        #[arg(long)]
+        server_pid_file: Option<PathBuf>,
+        /// Written (with the number held) once every first connect attempt is done.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
     },
     /// Devices publish through a bridge; an observer on the upstream broker measures
     /// messages per second and end-to-end latency.
@@ -284,6 +314,27 @@ async fn run(cli: Cli) -> Result<()> {
                 server_pids: server_pid,
             };
             scenario::claim::run(common.context().await?, common.pace(), opts).await?
+        }
+        Scenario::Storm {
+            common,
+            drop_after,
+            hold,
+            deadline,
+            storm_concurrency,
+            server_pid,
+            server_pid_file,
+            ready_file,
+        } => {
+            let opts = scenario::storm::StormOpts {
+                drop_after,
+                hold,
+                deadline,
+                storm_concurrency,
+                server_pid,
+                server_pid_file,
+                ready_file,
+            };
+            scenario::storm::run(common.context().await?, common.pace(), opts).await?
         }
         Scenario::Bridge { common, bridge } => {
             scenario::bridge::run(common.context().await?, common.pace(), bridge).await?

@@ -4,3 +4,4 @@ pub mod bridge;
 pub mod claim;
 pub mod connect;
 pub mod idle;
+pub mod storm;

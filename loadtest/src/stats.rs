@@ -227,6 +227,10 @@ pub struct Report {
     /// Server RSS growth per held connection.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_rss_per_conn_bytes: Option<u64>,
+    /// Kernel memory (socket buffers and socket slab objects) per held connection, server
+    /// side only (SPEC §12; see `kernel.rs` for how it is attributed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_kernel_sock_bytes_per_conn: Option<u64>,
     /// Connects whose TLS handshake resumed a session (with `--resume`; an extension).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resumed: Option<u64>,
@@ -255,6 +259,12 @@ pub struct Report {
     /// (an extension).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_cpu_pct: Option<f64>,
+    /// Storm: first connection lost → last device connected again, in seconds (an extension).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storm_s: Option<f64>,
+    /// Storm: per device, its connection lost → connected again (an extension).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reconnect_ms: Option<Latency>,
 }
 
 impl Report {
@@ -283,6 +293,7 @@ impl Report {
             messages_per_sec: None,
             e2e_ms: None,
             server_rss_per_conn_bytes: None,
+            server_kernel_sock_bytes_per_conn: None,
             resumed: None,
             server_cpu_us_per_connect: None,
             claims_per_sec: None,
@@ -291,6 +302,8 @@ impl Report {
             redirects: None,
             harness_cpu_pct: None,
             server_cpu_pct: None,
+            storm_s: None,
+            reconnect_ms: None,
         }
     }
 }
