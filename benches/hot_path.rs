@@ -73,7 +73,7 @@ fn lookup_and_route_benches(c: &mut Criterion) {
     let tenant_id: Arc<str> = Arc::from("acme");
     let n = 1_000_000u64;
     for i in 0..n {
-        cache.put_claim(claim(i, &tenant_id));
+        cache.put_claim(&claim(i, &tenant_id), Some(&format!("device-{i}")));
     }
     let tenant: Tenant = serde_json::from_str(
         r#"{"id":"acme","name":"Acme","endpoint":"iot.acme.example","region":"eu-west-1"}"#,
@@ -148,7 +148,7 @@ fn ten_million_benches(c: &mut Criterion) {
     let cache = ClaimsCache::default();
     let started = std::time::Instant::now();
     for i in 0..n {
-        cache.put_claim(claim(i, &tenant_id));
+        cache.put_claim(&claim(i, &tenant_id), Some(&format!("device-{i}")));
     }
     let took = started.elapsed();
     let per_claim = (rss().saturating_sub(before)) / n;

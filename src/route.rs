@@ -53,10 +53,126 @@ impl Redirect {
     }
 }
 
+/// What the route decision needs of a claim: all the claims map holds of one (the rest of a
+/// claim is read from the store where the API shows it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimView {
+    pub device_id: DeviceId,
+    pub state: ClaimState,
+    pub tenant: Option<Arc<str>>,
+    pub thing_name: ThingName,
+    pub redirect_id: Option<RedirectId>,
+    /// The redirect's `issued_at`: the claim's `ready_at`, else `claimed_at`, else 0.
+    pub issued_at: i64,
+}
+
+/// A claim's thing name as the map holds it: almost always the device's own name or its id,
+/// which the map does not spell out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ThingName {
+    /// Unnamed.
+    None,
+    /// The device's own name (`device::thing_name_for` of its certificate's CN).
+    Own,
+    /// The device id in hex.
+    DeviceId,
+    /// Any other name.
+    Text(Arc<str>),
+    /// Named, but the map does not know the name: loaded from the store before the device was
+    /// seen. Settled when the device connects (its certificate tells whether it is its own).
+    Unknown,
+}
+
+/// A redirect id as the map holds it: `r-` and 24 lowercase hex digits as their 12 bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedirectId {
+    Raw([u8; 12]),
+    /// Any other spelling (never made by this lobby, kept as stored).
+    Text(Arc<str>),
+}
+
+impl RedirectId {
+    /// The compact form of `id` when it has the lobby's own shape.
+    pub fn of(id: &str) -> Self {
+        let mut raw = [0u8; 12];
+        match id.strip_prefix("r-") {
+            Some(h)
+                if h.len() == 24
+                    && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+                    && hex::decode_to_slice(h, &mut raw).is_ok() =>
+            {
+                Self::Raw(raw)
+            }
+            _ => Self::Text(Arc::from(id)),
+        }
+    }
+}
+
+impl std::fmt::Display for RedirectId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Raw(raw) => write!(f, "r-{}", hex::encode(raw)),
+            Self::Text(t) => f.write_str(t),
+        }
+    }
+}
+
+impl ClaimView {
+    /// The view of a full claim (its name as text, or the device id).
+    pub fn of(c: &Claim) -> Self {
+        Self {
+            device_id: c.device_id,
+            state: c.state,
+            tenant: c.tenant.clone(),
+            thing_name: match c.thing_name.as_deref() {
+                None => ThingName::None,
+                Some(n) if is_hex_of(n, &c.device_id) => ThingName::DeviceId,
+                Some(n) => ThingName::Text(Arc::from(n)),
+            },
+            redirect_id: c.redirect_id.as_deref().map(RedirectId::of),
+            issued_at: c.ready_at.or(c.claimed_at).unwrap_or(0),
+        }
+    }
+
+    /// The tenant id as a plain `&str`.
+    pub fn tenant_id(&self) -> Option<&str> {
+        self.tenant.as_deref()
+    }
+
+    /// Claimed (and not revoked) without a thing name yet ([`Claim::unnamed`]).
+    pub fn unnamed(&self) -> bool {
+        self.thing_name == ThingName::None
+            && self.tenant.is_some()
+            && self.state != ClaimState::Revoked
+    }
+
+    /// The thing name spelled out, `own` standing for the device's own; `None` when unnamed
+    /// or unknown.
+    fn name(&self, own: &str) -> Option<String> {
+        match &self.thing_name {
+            ThingName::None | ThingName::Unknown => None,
+            ThingName::Own => Some(own.to_owned()),
+            ThingName::DeviceId => Some(self.device_id.to_hex()),
+            ThingName::Text(t) => Some(t.to_string()),
+        }
+    }
+}
+
+/// `name` is the lowercase hex of `id`.
+pub fn is_hex_of(name: &str, id: &DeviceId) -> bool {
+    let mut raw = [0u8; 32];
+    name.len() == 64
+        && !name.bytes().any(|b| b.is_ascii_uppercase())
+        && hex::decode_to_slice(name, &mut raw).is_ok()
+        && raw == id.0
+}
+
 /// Decides the route. `thing_name` is the device's own name (`device::thing_name_for` of its
 /// CN), put in a redirect when the claim has none. A bridged device needs the claim's name (its
 /// topics must be its own in the tenant): without one it waits, `ready`, until it is named.
-pub fn decide(claim: Option<&Claim>, tenant: Option<&Tenant>, thing_name: &str) -> Route {
+/// A claim whose name the map does not know yet ([`ThingName::Unknown`]) waits, `ready`, too:
+/// the device's connection settles it and wakes the session.
+pub fn decide(claim: Option<&ClaimView>, tenant: Option<&Tenant>, thing_name: &str) -> Route {
     let Some(claim) = claim else {
         return Route::Wait {
             state: ClaimState::Unclaimed,
@@ -75,27 +191,29 @@ pub fn decide(claim: Option<&Claim>, tenant: Option<&Tenant>, thing_name: &str) 
                 return wait();
             };
             if tenant.mode == Mode::Bridge {
-                return match &claim.thing_name {
+                return match claim.name(thing_name) {
                     Some(name) => Route::Bridge {
                         tenant: tenant_id,
-                        thing_name: name.clone(),
+                        thing_name: name,
                     },
                     None => wait(),
                 };
             }
+            if claim.thing_name == ThingName::Unknown {
+                return wait();
+            }
             match (&tenant.endpoint, &claim.redirect_id) {
                 (Some(endpoint), Some(redirect_id)) if !endpoint.is_empty() => {
                     Route::Redirect(Redirect {
-                        redirect_id: redirect_id.clone(),
+                        redirect_id: redirect_id.to_string(),
                         tenant: tenant_id,
                         endpoint: endpoint.clone(),
                         port: tenant.port,
                         region: tenant.region.clone(),
                         thing_name: claim
-                            .thing_name
-                            .clone()
+                            .name(thing_name)
                             .unwrap_or_else(|| thing_name.to_owned()),
-                        issued_at: claim.ready_at.or(claim.claimed_at).unwrap_or(0),
+                        issued_at: claim.issued_at,
                     })
                 }
                 _ => wait(),
@@ -192,6 +310,10 @@ mod tests {
         }
     }
 
+    fn view(state: ClaimState) -> ClaimView {
+        ClaimView::of(&claim(state))
+    }
+
     fn tenant() -> Tenant {
         serde_json::from_str(
             r#"{"id":"acme","name":"Acme","endpoint":"iot.acme.example","port":8884,"region":"eu-west-1"}"#,
@@ -207,7 +329,7 @@ mod tests {
 
     #[test]
     fn ready_redirects_with_server_reference() {
-        let Route::Redirect(r) = decide(Some(&claim(ClaimState::Ready)), Some(&tenant()), "cn")
+        let Route::Redirect(r) = decide(Some(&view(ClaimState::Ready)), Some(&tenant()), "cn")
         else {
             panic!("expected a redirect")
         };
@@ -226,15 +348,15 @@ mod tests {
     fn registering_failed_revoked_and_missing_tenant() {
         let t = tenant();
         for s in [ClaimState::Registering, ClaimState::Failed] {
-            assert_eq!(decide(Some(&claim(s)), Some(&t), "cn").status().0, s);
+            assert_eq!(decide(Some(&view(s)), Some(&t), "cn").status().0, s);
         }
         assert_eq!(
-            decide(Some(&claim(ClaimState::Revoked)), Some(&t), "cn"),
+            decide(Some(&view(ClaimState::Revoked)), Some(&t), "cn"),
             Route::Refuse
         );
         // A ready claim whose tenant vanished waits rather than redirecting nowhere.
         assert!(matches!(
-            decide(Some(&claim(ClaimState::Ready)), None, "cn"),
+            decide(Some(&view(ClaimState::Ready)), None, "cn"),
             Route::Wait { .. }
         ));
     }
@@ -246,7 +368,7 @@ mod tests {
         let mut c = claim(ClaimState::Ready);
         // Not named yet: it waits, ready, and never bridges under its certificate's name.
         assert_eq!(
-            decide(Some(&c), Some(&t), "cn"),
+            decide(Some(&ClaimView::of(&c)), Some(&t), "cn"),
             Route::Wait {
                 state: ClaimState::Ready,
                 tenant: Some("acme".into())
@@ -254,12 +376,49 @@ mod tests {
         );
         c.thing_name = Some("dev-1".into());
         assert_eq!(
-            decide(Some(&c), Some(&t), "cn"),
+            decide(Some(&ClaimView::of(&c)), Some(&t), "cn"),
             Route::Bridge {
                 tenant: "acme".into(),
                 thing_name: "dev-1".into()
             }
         );
+    }
+
+    #[test]
+    fn names_and_redirect_ids_as_the_map_holds_them() {
+        let t = tenant();
+        let mut v = view(ClaimState::Ready);
+        v.redirect_id = Some(RedirectId::of("r-00112233445566778899aabb"));
+        assert!(matches!(v.redirect_id, Some(RedirectId::Raw(_))));
+        for (name, expected) in [
+            (ThingName::Own, Some("cn".to_owned())),
+            (ThingName::DeviceId, Some(DeviceId([1; 32]).to_hex())),
+            (ThingName::Text("dev-7".into()), Some("dev-7".to_owned())),
+            (ThingName::None, Some("cn".to_owned())),
+            (ThingName::Unknown, None),
+        ] {
+            v.thing_name = name;
+            match decide(Some(&v), Some(&t), "cn") {
+                Route::Redirect(r) => {
+                    assert_eq!(Some(r.thing_name), expected);
+                    assert_eq!(r.redirect_id, "r-00112233445566778899aabb");
+                }
+                other => assert_eq!(expected, None, "{other:?}"),
+            }
+        }
+        // Other spellings stay text, as stored.
+        for odd in [
+            "r-1",
+            "r-00112233445566778899AABB",
+            "x-00112233445566778899aabb",
+        ] {
+            assert_eq!(RedirectId::of(odd).to_string(), odd);
+            assert!(matches!(RedirectId::of(odd), RedirectId::Text(_)));
+        }
+        let hex = DeviceId([0xab; 32]).to_hex();
+        assert!(is_hex_of(&hex, &DeviceId([0xab; 32])));
+        assert!(!is_hex_of(&hex.to_uppercase(), &DeviceId([0xab; 32])));
+        assert!(!is_hex_of(&hex, &DeviceId([1; 32])));
     }
 
     #[test]

@@ -446,25 +446,41 @@ where
     /// thing name: have it named from this certificate, once. At connect (`wait`) the session
     /// waits for that (bounded by `limits.connect_timeout`), so its redirect or bridge topics
     /// carry the claim's name (unique in the tenant), not the certificate's; later the commit
-    /// wakes the session, which then re-routes.
+    /// wakes the session, which then re-routes. A claim whose name the map does not know yet
+    /// (loaded at start) is settled by the same message, every time the session finds it so.
     async fn name_claim_if_unnamed(&mut self, wait: bool) {
-        if self.name_reported {
-            return;
-        }
         let Some(claim) = self.ctx.cache.claim(&self.identity.device_id) else {
             return;
         };
-        if !claim.unnamed() {
+        // A name only the store knows (the claim was loaded before this device was seen): the
+        // certificate settles it, as it names an unnamed claim, and a wait here is the same.
+        let unknown = claim.thing_name == route::ThingName::Unknown;
+        let unnamed = !self.name_reported && claim.unnamed();
+        if !unknown && !unnamed {
             return;
         }
-        self.name_reported = true;
+        self.name_reported |= unnamed;
         // The same message hands the certificate to a registration waiting for it.
         self.cert_reported |= claim.state == ClaimState::Registering;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let sent = self.send_cert(Some(tx));
-        if sent && wait {
-            let _ = tokio::time::timeout(self.limits.connect_timeout, rx).await;
+        if !wait {
+            self.send_cert(Some(tx));
+            return;
         }
+        // At connect, a full activity queue (a reconnect storm after a restart, every claim's
+        // name to settle) is waited for too, within the same bound.
+        let seen = crate::waiting::Activity::CertSeen {
+            device_id: self.identity.device_id,
+            cert_der: self.identity.cert_der.clone(),
+            named: Some(tx),
+        };
+        let activity = &self.ctx.activity;
+        let _ = tokio::time::timeout(self.limits.connect_timeout, async {
+            if activity.send(seen).await.is_ok() {
+                let _ = rx.await;
+            }
+        })
+        .await;
     }
 
     fn route(&self) -> Route {
@@ -475,7 +491,7 @@ where
             .and_then(|c| c.tenant_id())
             .and_then(|t| self.ctx.cache.tenant(t));
         route::decide(
-            claim.as_deref(),
+            claim.as_ref(),
             tenant.as_ref().map(|t| &t.tenant),
             &self.identity.thing_name,
         )

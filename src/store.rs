@@ -92,8 +92,14 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_tenant(&self, id: &str) -> Result<TenantDeleted, StoreError>;
     /// Every claim, for loading the map at start.
     async fn claims(&self) -> Result<Vec<Claim>, StoreError>;
-    /// Writes (or deletes) one claim if it is still what `w.expect` says, with the checks
-    /// `w` asks for, in one transaction: the store, not a lock, decides between two writers.
+    /// Calls `f` with every claim as it is read (loading the map: the rows never sit in memory
+    /// all at once).
+    async fn for_each_claim(&self, f: &mut (dyn FnMut(Claim) + Send)) -> Result<(), StoreError> {
+        for c in self.claims().await? {
+            f(c);
+        }
+        Ok(())
+    }
     async fn write_claim(&self, w: &ClaimWrite<'_>) -> Result<Written, StoreError>;
     /// Inserts or replaces a claim whatever is stored (loading, tests); its new version.
     async fn put_claim(&self, c: &Claim, cert_pem: Option<&str>) -> Result<i64, StoreError> {
@@ -137,6 +143,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// One claim, as stored (a node applying another node's change reads it here).
     async fn claim(&self, id: &DeviceId) -> Result<Option<Claim>, StoreError>;
+    /// The stored claims of `ids` (those that have one), in no order: a page of a listing.
+    async fn claims_of(&self, ids: &[DeviceId]) -> Result<Vec<Claim>, StoreError> {
+        let mut found = Vec::with_capacity(ids.len());
+        for id in ids {
+            found.extend(self.claim(id).await?);
+        }
+        Ok(found)
+    }
     /// One tenant with its token hash, as stored.
     async fn tenant(&self, id: &str) -> Result<Option<StoredTenant>, StoreError>;
 

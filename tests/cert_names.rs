@@ -191,6 +191,33 @@ async fn one_cn_two_devices_on_postgres() {
     one_cn_two_devices(TestLobby::start_with(|c| c.store.url = url).await).await;
 }
 
+/// The map loaded at start knows a claim's name only from the store, not whether it is the
+/// device's own (issue 16: it holds no string for either): at its first connect the device's
+/// certificate settles it, and the v5 redirect still says the claim's name, its CN's or its id.
+#[tokio::test]
+async fn names_loaded_at_start_reach_the_redirect() {
+    let mut lobby = TestLobby::start().await;
+    let acme = lobby.tenant("acme", "iot.acme.example").await;
+    let (first, second) = (lobby.device("sensor-7"), lobby.device("sensor-7"));
+    for d in [&first, &second] {
+        let body = json!({"code": d.code, "cert_pem": d.cert_pem});
+        assert_eq!(claim_body(&lobby, &acme, body).await.0, 201);
+    }
+    lobby.restart().await;
+    for (dev, name) in [(&first, "sensor-7".to_owned()), (&second, second.hex())] {
+        for round in ["first connect", "again"] {
+            let (_c, ack) = connack(&lobby, dev, Protocol::V5, "sensor-7").await;
+            assert_eq!(ack.code, 0x9D, "{round}: {ack:?}");
+            let props = &ack.properties.user_properties;
+            assert!(
+                props.contains(&("thing_name".to_owned(), name.clone())),
+                "{round}: {name}: {props:?}"
+            );
+        }
+        assert_eq!(thing_name(&lobby, &acme, dev).await, name.as_str());
+    }
+}
+
 /// Tenant templates cannot smuggle in wildcards or names that name every device alike.
 #[tokio::test]
 async fn tenant_templates_are_checked() {

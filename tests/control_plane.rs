@@ -21,9 +21,12 @@ async fn maps_agree(nodes: &[&TestLobby], url: &str, dev: &Device) -> String {
     let store = lobby::store::open(url).await.unwrap();
     eventually(|| async {
         let stored = store.claim(&dev.id).await.unwrap();
-        let agree = nodes
-            .iter()
-            .all(|n| n.running().service().cache().claim(&dev.id).as_deref() == stored.as_ref());
+        let agree = nodes.iter().all(|n| {
+            n.running()
+                .service()
+                .cache()
+                .agrees(&dev.id, stored.as_ref())
+        });
         agree.then(|| {
             stored
                 .and_then(|c| c.tenant.map(|t| t.to_string()))

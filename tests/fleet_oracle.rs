@@ -382,10 +382,9 @@ impl Fleet {
             let mut off = Vec::new();
             for dev in &self.ctx.devices {
                 let s = self.store.claim(&dev.id).await.unwrap();
-                let maps = self
-                    .nodes()
-                    .map(|n| n.running().service().cache().claim(&dev.id));
-                if maps.iter().any(|m| m.as_deref() != s.as_ref()) {
+                let caches = self.nodes().map(|n| n.running().service().cache().clone());
+                let maps = caches.each_ref().map(|c| c.claim(&dev.id));
+                if caches.iter().any(|c| !c.agrees(&dev.id, s.as_ref())) {
                     off.push(format!(
                         "\n{} ({}): store {s:?}\n  map A {:?}\n  map B {:?}",
                         dev.name,

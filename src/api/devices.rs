@@ -1,7 +1,6 @@
 //! `/v1/devices`: what the lobby knows of a device, listings, migrate and revoke.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -107,17 +106,29 @@ pub async fn get_one(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_device_id(&id)?;
-    let claim = s.service.cache().claim(&id);
-    if let Some(t) = caller.tenant() {
-        if claim.as_ref().and_then(|c| c.tenant_id()) != Some(t) {
-            return Err(ApiError::NotFound);
-        }
+    let held = s.service.cache().claim(&id);
+    let owned_by = |t: Option<&str>| caller.tenant().is_none_or(|c| t == Some(c));
+    if !owned_by(held.as_ref().and_then(|c| c.tenant_id())) {
+        return Err(ApiError::NotFound);
+    }
+    // The map holds a claim's view only: the rest is the store's.
+    let claim = match held {
+        Some(_) => s
+            .service
+            .store()
+            .claim(&id)
+            .await
+            .map_err(ServiceError::from)?,
+        None => None,
+    };
+    if !owned_by(claim.as_ref().and_then(|c| c.tenant_id())) {
+        return Err(ApiError::NotFound);
     }
     let remote = presence_of(&s, &id).await?;
     if claim.is_none() && s.service.waiting().seen(&id).is_none() && remote.is_none() {
         return Err(ApiError::NotFound);
     }
-    Ok(Json(view(&s, &id, claim.as_deref(), remote.as_ref())).into_response())
+    Ok(Json(view(&s, &id, claim.as_ref(), remote.as_ref())).into_response())
 }
 
 #[derive(Deserialize)]
@@ -157,11 +168,11 @@ pub async fn list(
     // One page costs a pass over this node's map and waiting room (in memory, keeping only
     // the page's worth) and, in a fleet, two store reads of about a page each.
     let mut page = Page::new(after, limit + 1);
-    s.service.cache().for_each_claim(|c| {
-        let state_ok = state.is_none_or(|st| st == c.state);
-        let tenant_ok = tenant.as_deref().is_none_or(|t| c.tenant_id() == Some(t));
+    s.service.cache().for_each_claim(|id, st, t| {
+        let state_ok = state.is_none_or(|want| want == st);
+        let tenant_ok = tenant.as_deref().is_none_or(|want| t == Some(want));
         if state_ok && tenant_ok {
-            page.offer(c.device_id, Some(c.clone()));
+            page.offer(*id, true);
         }
     });
     let unclaimed_wanted = caller.tenant().is_none()
@@ -171,8 +182,8 @@ pub async fn list(
     if unclaimed_wanted {
         let (cache, waiting) = (s.service.cache(), s.service.waiting());
         waiting.for_each_seen(|id, _| {
-            if cache.claim(id).is_none() {
-                page.offer(*id, None);
+            if !cache.contains(id) {
+                page.offer(*id, false);
             }
         });
         // Devices waiting on (or last seen by) other nodes of the fleet.
@@ -183,8 +194,8 @@ pub async fn list(
                 .map_err(ServiceError::from)?;
             for p in remote {
                 let id = p.device_id;
-                if cache.claim(&id).is_none() && waiting.seen(&id).is_none() {
-                    page.offer(id, None);
+                if !cache.contains(&id) && waiting.seen(&id).is_none() {
+                    page.offer(id, false);
                 }
             }
         }
@@ -200,15 +211,27 @@ pub async fn list(
     } else {
         HashMap::new()
     };
+    // The page's claims, whole, from the store (the map holds views only).
+    let claimed: Vec<DeviceId> = rows.iter().filter(|r| r.1).map(|r| r.0).collect();
+    let claims: HashMap<DeviceId, Claim> = s
+        .service
+        .store()
+        .claims_of(&claimed)
+        .await
+        .map_err(ServiceError::from)?
+        .into_iter()
+        .map(|c| (c.device_id, c))
+        .collect();
     let devices: Vec<DeviceView> = rows
         .iter()
-        .map(|Row(id, c)| view(&s, id, c.as_deref(), remote.get(id)))
+        .map(|Row(id, _)| view(&s, id, claims.get(id), remote.get(id)))
         .collect();
     Ok(Json(json!({ "devices": devices, "next": next })).into_response())
 }
 
-/// A device-list row: the device and its claim, ordered by device id alone.
-struct Row(DeviceId, Option<Arc<Claim>>);
+/// A device-list row: the device and whether the map holds a claim of it, ordered by device
+/// id alone.
+struct Row(DeviceId, bool);
 
 impl PartialEq for Row {
     fn eq(&self, other: &Self) -> bool {
@@ -244,7 +267,7 @@ impl Page {
         }
     }
 
-    fn offer(&mut self, id: DeviceId, claim: Option<Arc<Claim>>) {
+    fn offer(&mut self, id: DeviceId, claim: bool) {
         if self.after.is_some_and(|a| id <= a) {
             return;
         }

@@ -77,6 +77,11 @@ struct Inner {
     /// whose ask came before a catch-up started needs no other (`cluster::catch_up`).
     catch_ups_asked: AtomicU64,
     catch_ups_covered: AtomicU64,
+    /// In a fleet, the version of each claim this node put in its map lately (the map holds
+    /// no versions): a change-log entry it already holds is skipped without reading the store
+    /// (`cluster::map_has`). Forgotten after [`cluster::VERSIONS_KEPT`]; an entry found
+    /// forgotten is applied again, which is only a read.
+    versions: parking_lot::Mutex<std::collections::HashMap<DeviceId, (i64, std::time::Instant)>>,
 }
 
 /// Stripes of [`Inner::stripes`].
@@ -162,9 +167,7 @@ impl ClaimsService {
         for t in store.tenants().await? {
             cache.put_tenant(tenant_entry(t)?);
         }
-        for c in store.claims().await? {
-            cache.put_claim(c);
-        }
+        fill(&store, &cache).await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 store,
@@ -177,6 +180,7 @@ impl ClaimsService {
                 applied: Mutex::new(applied),
                 catch_ups_asked: AtomicU64::new(0),
                 catch_ups_covered: AtomicU64::new(0),
+                versions: Default::default(),
             }),
         })
     }
@@ -229,8 +233,14 @@ impl ClaimsService {
         mut decide: impl FnMut(Option<&Arc<Claim>>, bool) -> Result<Option<Plan>, ServiceError>,
     ) -> Result<Changed, ServiceError> {
         let _turn = self.turn(id).lock().await;
-        let mut current = self.inner.cache.claim(id);
-        let (mut name_taken, mut confirmed) = (false, !confirm);
+        // The map holds no more than a claim's view: a claim it holds is read from the store
+        // (which then confirms it); one it holds none of is decided on as absent, and the
+        // write expects it so.
+        let (mut current, mut confirmed) = match self.inner.cache.contains(id) {
+            true => (self.refresh(id).await?, true),
+            false => (None, !confirm),
+        };
+        let mut name_taken = false;
         for _ in 0..MAX_ATTEMPTS {
             let plan = match decide(current.as_ref(), name_taken) {
                 Ok(Some(plan)) => plan,
@@ -294,16 +304,68 @@ impl ClaimsService {
     }
 
     /// Puts what the store holds for `id` in the map and wakes the
-    /// device; the claim as the map now holds it. Call on the device's stripe.
+    /// device; the claim as stored. Call on the device's stripe.
     pub(super) fn put_in_map(&self, id: &DeviceId, claim: Option<Claim>) -> Option<Arc<Claim>> {
+        self.put_in_map_named(id, claim, None)
+    }
+
+    /// [`Self::put_in_map`], `own` the device's own thing name when the caller knows it (else
+    /// the waiting room's, when the device was seen here).
+    pub(super) fn put_in_map_named(
+        &self,
+        id: &DeviceId,
+        claim: Option<Claim>,
+        own: Option<&str>,
+    ) -> Option<Arc<Claim>> {
         let cache = &self.inner.cache;
-        match claim {
-            Some(c) => cache.put_claim(c),
+        match &claim {
+            Some(c) => cache.put_view(self.view_in_map(c, own)),
             None => cache.remove_claim(id),
         }
+        self.note_version(id, claim.as_ref());
         self.inner.waiting.wake(id);
-        cache.claim(id)
+        claim.map(Arc::new)
     }
+
+    /// The stored claim of `id`, put in the map when the map's view of it is not the store's
+    /// (another node's write not applied yet). Call on the device's stripe.
+    async fn refresh(&self, id: &DeviceId) -> Result<Option<Arc<Claim>>, ServiceError> {
+        let stored = self.inner.store.claim(id).await?;
+        if self.inner.cache.claim(id) == stored.as_ref().map(|c| self.view_in_map(c, None)) {
+            self.note_version(id, stored.as_ref());
+            return Ok(stored.map(Arc::new));
+        }
+        Ok(self.put_in_map(id, stored))
+    }
+
+    /// `c` as the map holds it: `own`, or else the name the device connected here with, is its
+    /// own thing name.
+    fn view_in_map(&self, c: &Claim, own: Option<&str>) -> crate::route::ClaimView {
+        let seen = self.inner.waiting.seen(&c.device_id);
+        let own = own.or(seen.as_ref().map(|s| &*s.thing_name));
+        super::cache::view_of(c, own)
+    }
+
+    /// Remembers the version of `id` the map now holds (in a fleet: `cluster::map_has`).
+    fn note_version(&self, id: &DeviceId, claim: Option<&Claim>) {
+        if self.inner.store.fleet().is_none() {
+            return;
+        }
+        let mut versions = self.inner.versions.lock();
+        match claim {
+            Some(c) => versions.insert(*id, (c.version, std::time::Instant::now())),
+            None => versions.remove(id),
+        };
+    }
+}
+
+/// Fills `cache` with the stored claims as they are read (never all of them in memory at once).
+/// Nothing is seen yet: a claim's name that is not the device id is the store's until the
+/// device connects (`settle_name`).
+async fn fill(store: &Arc<dyn Store>, cache: &ClaimsCache) -> Result<(), ServiceError> {
+    Ok(store
+        .for_each_claim(&mut |c| cache.put_claim(&c, None))
+        .await?)
 }
 
 /// Activities applied at once by [`ClaimsService::run_activity`].

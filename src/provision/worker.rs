@@ -182,9 +182,9 @@ impl Worker {
     /// The stored queues: claims `registering`, registrations `removing`.
     async fn pending(&self) -> Vec<Job> {
         let mut pending = Vec::new();
-        self.inner.service.cache().for_each_claim(|c| {
-            if c.state == ClaimState::Registering {
-                pending.push(Job::Register(c.device_id));
+        self.inner.service.cache().for_each_claim(|id, state, _| {
+            if state == ClaimState::Registering {
+                pending.push(Job::Register(*id));
             }
         });
         match self.inner.store.removing_registrations().await {
@@ -285,12 +285,14 @@ impl Worker {
         let started = Instant::now();
         // Backoff goes on from the attempts the claim shows (another node's, before a restart).
         let mut attempt = match job {
-            Job::Register(id) => self
-                .inner
-                .service
-                .cache()
-                .claim(id)
-                .map_or(0, |c| c.attempts),
+            // The map holds no attempt counts: the store's (none when it cannot be read).
+            Job::Register(id) => match self.inner.store.claim(id).await {
+                Ok(c) => c.map_or(0, |c| c.attempts),
+                Err(e) => {
+                    tracing::warn!(device = %id, error = %e, "cannot read a claim's attempts");
+                    0
+                }
+            },
             Job::Remove(..) => 0,
         };
         loop {

@@ -339,6 +339,22 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn for_each_claim(&self, f: &mut (dyn FnMut(Claim) + Send)) -> Result<(), StoreError> {
+        self.timed("load_claims", async {
+            let client = self.client().await?;
+            let stmt = client.prepare_cached(CLAIM_COLUMNS).await.map_err(pg)?;
+            let no_params: [&(dyn ToSql + Sync); 0] = [];
+            let rows = client.query_raw(&stmt, no_params).await.map_err(pg)?;
+            let mut rows = std::pin::pin!(rows);
+            let mut tenants = HashMap::new();
+            while let Some(row) = rows.try_next().await.map_err(pg)? {
+                f(claim_from_row(&row, &mut tenants)?);
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn write_claim(&self, w: &ClaimWrite<'_>) -> Result<Written, StoreError> {
         let written = self.timed("write_claim", self.write_claim_tx(w)).await?;
         match written {
@@ -420,6 +436,19 @@ impl Store for PostgresStore {
         rows.first()
             .map(|r| claim_from_row(r, &mut HashMap::new()))
             .transpose()
+    }
+
+    async fn claims_of(&self, ids: &[DeviceId]) -> Result<Vec<Claim>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!("{CLAIM_COLUMNS} WHERE device_id = ANY($1)");
+        let hex: Vec<String> = ids.iter().map(DeviceId::to_hex).collect();
+        let rows = self.query("claims_of", &sql, &[&hex]).await?;
+        let mut tenants = HashMap::new();
+        rows.iter()
+            .map(|r| claim_from_row(r, &mut tenants))
+            .collect()
     }
 
     async fn tenant(&self, id: &str) -> Result<Option<StoredTenant>, StoreError> {

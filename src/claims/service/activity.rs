@@ -78,6 +78,9 @@ impl ClaimsService {
                 if let Err(e) = self.name_claim(&device_id, &cert_der).await {
                     tracing::warn!(error = %e, "naming a claim failed");
                 }
+                if let Err(e) = self.settle_name(&device_id, &cert_der).await {
+                    tracing::warn!(error = %e, "reading a claim's thing name failed");
+                }
                 if let Some(named) = named {
                     let _ = named.send(());
                 }

@@ -236,13 +236,15 @@ impl ClaimsService {
         .await
     }
 
-    /// The claim of `id` as seen by `by_tenant` (`None`: operator): another tenant's is NotFound.
-    pub fn owned_claim(
+    /// The claim of `id` as stored, as seen by `by_tenant` (`None`: operator): another
+    /// tenant's is NotFound.
+    pub async fn owned_claim(
         &self,
         id: &DeviceId,
         by_tenant: Option<&str>,
     ) -> Result<Arc<Claim>, ServiceError> {
-        owned(self.inner.cache.claim(id).as_ref(), by_tenant).cloned()
+        let stored = self.inner.store.claim(id).await?.map(Arc::new);
+        owned(stored.as_ref(), by_tenant).cloned()
     }
 
     fn bound_claim(

@@ -28,6 +28,10 @@ use super::{ClaimsService, ServiceError};
 use crate::device::DeviceId;
 use crate::store::{Change, Subject};
 
+/// How long a node remembers the version of a claim it put in its map (`map_has`): longer than
+/// a change-log entry normally takes to come by (the next catch-up, within [`SYNC_EVERY`]).
+pub const VERSIONS_KEPT: Duration = Duration::from_secs(60);
+
 /// The longest a node goes without reading the change log.
 pub const SYNC_EVERY: Duration = Duration::from_secs(1);
 
@@ -67,6 +71,11 @@ impl ClaimsService {
             }
         }
         *cursor = batch.next;
+        let now = std::time::Instant::now();
+        inner
+            .versions
+            .lock()
+            .retain(|_, (_, at)| now.duration_since(*at) < VERSIONS_KEPT);
         inner.catch_ups_covered.store(covers, Ordering::SeqCst);
         if foreign > 0 {
             ::metrics::counter!(crate::metrics::CLUSTER_CHANGES_APPLIED_TOTAL)
@@ -78,7 +87,15 @@ impl ClaimsService {
     /// Whether this node's map already holds change `seq` of `subject` (or a newer one).
     fn map_has(&self, subject: &Subject, seq: i64) -> bool {
         match subject {
-            Subject::Claim(id) => self.inner.cache.claim(id).is_some_and(|c| c.version >= seq),
+            Subject::Claim(id) => {
+                self.inner.cache.contains(id)
+                    && self
+                        .inner
+                        .versions
+                        .lock()
+                        .get(id)
+                        .is_some_and(|v| v.0 >= seq)
+            }
             // Tenant changes are rare: apply every one.
             Subject::Tenant(_) => false,
         }

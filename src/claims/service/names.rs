@@ -12,6 +12,7 @@
 use super::{Bind, Changed, ClaimsService, Plan, Retiring, ServiceError};
 use crate::device::{self, DeviceId};
 use crate::model::Claim;
+use crate::route::{ClaimView, ThingName};
 
 impl ClaimsService {
     /// The thing name a claim's `cert_pem` gives its device ([`device::thing_name_for`]).
@@ -88,6 +89,23 @@ impl ClaimsService {
         })
         .await
         .map(drop)
+    }
+
+    /// A claim whose name only the store knows (loaded before its device was seen) and whose
+    /// device connected: the map learns whether the name is the device's own (the usual) or
+    /// else holds it whole, and the device is woken to be routed with it.
+    pub(super) async fn settle_name(&self, id: &DeviceId, der: &[u8]) -> Result<(), ServiceError> {
+        let unknown = |c: Option<ClaimView>| c.is_some_and(|c| c.thing_name == ThingName::Unknown);
+        if !unknown(self.inner.cache.claim(id)) {
+            return Ok(());
+        }
+        let own = device::thing_name_for(device::common_name(der).as_deref(), id);
+        let _turn = self.turn(id).lock().await;
+        if unknown(self.inner.cache.claim(id)) {
+            let stored = self.inner.store.claim(id).await?;
+            self.put_in_map_named(id, stored, Some(&own));
+        }
+        Ok(())
     }
 
     /// The provisioner's AWS thing name for a `registering` device of `tenant`: `candidate` (the

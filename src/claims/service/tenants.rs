@@ -116,9 +116,9 @@ impl ClaimsService {
     }
 
     pub(super) fn wake_tenant(&self, tenant: &str) {
-        self.inner.cache.for_each_claim(|c| {
-            if c.tenant_id() == Some(tenant) {
-                self.inner.waiting.wake(&c.device_id);
+        self.inner.cache.for_each_claim(|id, _, t| {
+            if t == Some(tenant) {
+                self.inner.waiting.wake(id);
             }
         });
     }
