@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::handshakes::Handshakes;
+use super::handshakes::{HandshakeSlot, Handshakes};
 use super::record::{self, Established, TlsStream};
 use super::EdgeContext;
 use crate::device::Identity;
@@ -51,12 +51,32 @@ pub async fn serve(
             },
             () = ctx.stopping.cancelled() => return,
         };
+        // A full budget of young handshakes is waited for (see `handshakes`): the storm
+        // waits in the backlog instead of closing handshakes half done.
+        let budget = handshake_budget(&ctx.limits.load());
+        tokio::select! {
+            () = handshakes.room(budget) => {}
+            () = ctx.stopping.cancelled() => return,
+        }
         let accepted = tokio::select! {
             a = listener.accept() => a,
             () = ctx.stopping.cancelled() => return,
         };
         match accepted {
             Ok((tcp, peer)) => {
+                // Without a PROXY header the source is known now: a flood from one address
+                // costs an accept and a close, and takes no place in the handshake budget.
+                if !proxy_protocol && !ctx.connect_limiter.load().allow(peer.ip()) {
+                    metrics::handshake_failure("rate_limited");
+                    tracing::debug!(%peer, "connection rate of this address exceeded");
+                    continue;
+                }
+                // The place is taken here, not in the connection's task: the next `room`
+                // then counts it.
+                let (slot, evicted) = handshakes.start(budget);
+                for _ in 0..evicted {
+                    metrics::handshake_failure("busy");
+                }
                 device_socket_options(&tcp);
                 let trust = ctx.trust.load();
                 let tls = trust.server_config.clone();
@@ -74,8 +94,7 @@ pub async fn serve(
                     trust_generation: generation,
                     _permit: permit,
                 };
-                tracker
-                    .spawn(connection(tcp, conn, ctx.clone(), handshakes.clone()).instrument(span));
+                tracker.spawn(connection(tcp, conn, ctx.clone(), slot).instrument(span));
             }
             Err(e) => {
                 // EMFILE/ENFILE and friends: back off instead of spinning on the error.
@@ -119,16 +138,11 @@ struct Conn {
 /// Why a handshake did not finish: the `reason` label of the failure metric.
 struct Refused(&'static str);
 
-async fn connection(
-    tcp: TcpStream,
-    conn: Conn,
-    ctx: Arc<EdgeContext>,
-    handshakes: Arc<Handshakes>,
-) {
+async fn connection(tcp: TcpStream, conn: Conn, ctx: Arc<EdgeContext>, slot: HandshakeSlot) {
     // The handshake and CONNECT run in a boxed future that is gone before the wait: this
     // task then holds little more than the session's box (see `session::wait`), not room for
     // everything the handshake needed.
-    let end = match Box::pin(admit(tcp, &conn, ctx, &handshakes)).await {
+    let end = match Box::pin(admit(tcp, &conn, ctx, slot)).await {
         None => return,
         Some(Opened::Mqtt(opened)) => session::wait(opened).await,
         Some(Opened::Ended(end)) => end,
@@ -137,29 +151,18 @@ async fn connection(
     tracing::debug!(outcome = end.label(), "connection closed");
 }
 
-/// The PROXY header, the TLS handshake and the session's start; `None` when the handshake
-/// failed (counted by reason).
+/// The PROXY header, the TLS handshake (in `slot`, its place in the handshake budget) and
+/// the session's start; `None` when the handshake failed (counted by reason).
 async fn admit(
     tcp: TcpStream,
     conn: &Conn,
     ctx: Arc<EdgeContext>,
-    handshakes: &Handshakes,
+    slot: HandshakeSlot,
 ) -> Option<Opened> {
     let started = Instant::now();
     let peer = conn.peer;
     // The connection's limits, from accept to close (a reload applies to the next ones).
     let limits = ctx.limits.load_full();
-    // Without a PROXY header the source is known now: a flood from one address costs an
-    // accept and a close, and takes no place in the handshake budget.
-    if !conn.proxy_protocol && !ctx.connect_limiter.load().allow(peer.ip()) {
-        metrics::handshake_failure("rate_limited");
-        tracing::debug!(%peer, "connection rate of this address exceeded");
-        return None;
-    }
-    let (slot, evicted) = handshakes.start(handshake_budget(&limits));
-    for _ in 0..evicted {
-        metrics::handshake_failure("busy");
-    }
     // One deadline for the PROXY header and the TLS handshake together.
     let deadline = started + limits.handshake_timeout;
     let handshake = tokio::time::timeout_at(deadline, handshake(tcp, conn, &ctx));
@@ -182,7 +185,7 @@ async fn admit(
             return None;
         }
     };
-    drop(slot);
+    slot.finished();
     let tls_done = Instant::now();
     ::metrics::histogram!(metrics::TLS_HANDSHAKE_DURATION_SECONDS)
         .record((tls_done - started).as_secs_f64());
