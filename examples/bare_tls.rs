@@ -6,7 +6,9 @@
 //!   cargo run --release --example bare_tls -- ADDR SERVER.pem SERVER.key CA.pem
 //!
 //! `loadtest/compare.sh` runs it beside the lobby and mosquitto (server CPU per connect and RSS
-//! per held connection, same harness, same run).
+//! per held connection, same harness, same run). It takes the suite the client prefers, as
+//! rustls does by default; with `BARE_SUITES=lobby` it uses the lobby's order instead
+//! (`lobby::edge::tls::device_provider`: the SHA-256 suites first), to compare at one suite.
 
 use std::sync::Arc;
 
@@ -25,7 +27,11 @@ fn main() -> Result<()> {
     let [_, addr, cert, key, ca] = args.as_slice() else {
         anyhow::bail!("usage: bare_tls ADDR SERVER.pem SERVER.key CA.pem");
     };
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let lobby_order = std::env::var("BARE_SUITES").is_ok_and(|v| v == "lobby");
+    let provider = Arc::new(match lobby_order {
+        true => lobby::edge::tls::device_provider(),
+        false => rustls::crypto::aws_lc_rs::default_provider(),
+    });
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(ca).context("CA")? {
         roots.add(c?)?;
@@ -40,6 +46,7 @@ fn main() -> Result<()> {
         .with_single_cert(chain, PrivateKeyDer::from_pem_file(key)?)?;
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
+    config.ignore_client_order = lobby_order;
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
