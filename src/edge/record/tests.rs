@@ -292,3 +292,28 @@ async fn a_quiet_connection_holds_no_buffer_and_no_aead_context() {
     // …and it wakes up again.
     echo(&mut est.stream, &mut client, 10, 8).await;
 }
+
+#[tokio::test]
+async fn a_handshake_cancelled_midway_leaves_nothing_in_the_key_log() {
+    let (server, roots) = server_config(false);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = client_config(&roots, aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256);
+    let mut conn = ClientConnection::new(client, name()).unwrap();
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).unwrap();
+    let random: [u8; 32] = hello[11..43].try_into().unwrap();
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(&hello).await.unwrap();
+    let (accepted, _) = listener.accept().await.unwrap();
+    // The ClientHello is answered; the client never sends its Finished.
+    let mut handshake = Box::pin(accept(accepted, server));
+    let waited = tokio::time::timeout(Duration::from_millis(200), &mut handshake).await;
+    assert!(waited.is_err(), "the handshake cannot finish");
+    assert!(
+        update::is_registered(&random),
+        "registered while in progress"
+    );
+    drop(handshake);
+    assert!(!update::is_registered(&random), "cancelled: gone");
+}

@@ -192,6 +192,12 @@ impl Registration {
     }
 }
 
+/// Whether the key log holds an entry for this client random (tests).
+#[cfg(test)]
+pub(super) fn is_registered(random: &[u8; 32]) -> bool {
+    LOG.logged.lock().contains_key(random)
+}
+
 impl Drop for Registration {
     fn drop(&mut self) {
         let mut logged = LOG.logged.lock();
