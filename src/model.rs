@@ -36,6 +36,9 @@ pub enum Backend {
 pub struct AwsIotBackend {
     pub region: String,
     pub role_arn: String,
+    /// The `sts:ExternalId` the tenant's role requires. Left out (or empty) when the tenant is
+    /// created, the lobby makes one (160 random bits, `claims::tenant_input`).
+    #[serde(default)]
     pub external_id: String,
     pub policy_name: String,
     /// Template with `{cn}` and `{device_id}`; default: the device's thing name (its CN when

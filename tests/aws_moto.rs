@@ -55,6 +55,80 @@ async fn claim_with_cert_registers_in_tenant_account() {
     );
 }
 
+/// A tenant created without `external_id` gets one the lobby makes (in the record it returns),
+/// and the lobby's AssumeRole into the tenant's role carries exactly that one (moto's
+/// recording of the STS requests).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_made_external_id_is_what_assume_role_carries() {
+    let moto = Moto::start().await;
+    let iot = moto.iot_with_policy("eu-west-1").await;
+    let lobby = lobby_on(&moto).await;
+    let backend = json!({
+        "kind": "aws-iot", "region": "eu-west-1", "role_arn": ROLE_ARN, "policy_name": POLICY,
+    });
+    let (status, body) = lobby
+        .call(
+            "POST",
+            "/v1/tenants",
+            &lobby.admin,
+            Some(json!({"id": "acme", "name": "Acme", "region": "eu-west-1", "backend": backend})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let made = body["tenant"]["backend"]["external_id"]
+        .as_str()
+        .expect("the made external id is in the record")
+        .to_owned();
+    assert!(made.starts_with("lobby-") && made.len() == 46, "{made}");
+    let token = body["token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        tenant_json(&lobby, "acme").await["backend"]["external_id"],
+        made
+    );
+
+    let dev = lobby.device("dev-ext-1");
+    claim_with_cert(&lobby, &token, &dev).await;
+    device_in(&lobby, &dev, "ready").await;
+    assert_registered(&iot, &dev, "dev-ext-1").await;
+    let ids = moto.recorded_form_values("AssumeRole", "ExternalId").await;
+    assert!(!ids.is_empty(), "the lobby assumed the tenant's role");
+    assert!(ids.iter().all(|id| *id == made), "{ids:?}, made {made}");
+    let roles = moto.recorded_form_values("AssumeRole", "RoleArn").await;
+    assert!(roles.iter().all(|r| r == ROLE_ARN), "{roles:?}");
+}
+
+/// A `role_arn` that is not an IAM role's ARN is refused before anything is stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_arn_that_is_not_an_iam_role_is_refused() {
+    let lobby = TestLobby::start_with(|_| {}).await;
+    for bad in [
+        "lobby-role",
+        "arn:aws:iam::123456789012:user/lobby",
+        "arn:aws:sts::123456789012:assumed-role/lobby/s",
+        "arn:aws:iam::12345:role/lobby",
+    ] {
+        let backend = json!({
+            "kind": "aws-iot", "region": "eu-west-1", "role_arn": bad, "policy_name": POLICY,
+        });
+        let (status, body) = lobby
+            .call(
+                "POST",
+                "/v1/tenants",
+                &lobby.admin,
+                Some(json!({"id": "t", "name": "T", "backend": backend})),
+            )
+            .await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(body["error"], "invalid_request", "{body}");
+        assert!(
+            body["message"].as_str().unwrap().contains("role_arn"),
+            "{body}"
+        );
+    }
+    let (status, _) = lobby.call("GET", "/v1/tenants/t", &lobby.admin, None).await;
+    assert_eq!(status, 404, "nothing was stored");
+}
+
 /// The tenant's `thing_name` template names the thing (and the device's thing name).
 #[tokio::test(flavor = "multi_thread")]
 async fn thing_name_template_names_the_thing() {

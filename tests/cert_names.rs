@@ -224,7 +224,7 @@ async fn tenant_templates_are_checked() {
     let lobby = TestLobby::start().await;
     let aws = |template: &str| {
         json!({"id": "aws", "name": "Aws", "backend": {"kind": "aws-iot", "region": "eu-west-1",
-            "role_arn": "arn:aws:iam::111122223333:role/lobby", "external_id": "x",
+            "role_arn": "arn:aws:iam::111122223333:role/lobby", "external_id": "x1",
             "policy_name": "p", "thing_name": template}})
     };
     for bad in ["fixed", "a/{cn}", "{cn}+", "{nope}"] {

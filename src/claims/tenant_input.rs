@@ -114,7 +114,7 @@ impl TenantInput {
             t.region = v;
         }
         if let Some(v) = self.backend {
-            t.backend = v;
+            t.backend = with_external_id(v, &t.backend);
         }
         if let Some(v) = self.bridge {
             t.bridge = v;
@@ -151,8 +151,83 @@ fn validate(t: &Tenant) -> Result<(), ServiceError> {
     }
     if let Backend::AwsIot(aws) = &t.backend {
         validate_thing_template(aws.thing_name.as_deref().unwrap_or(""))?;
+        if !valid_role_arn(&aws.role_arn) {
+            return Err(invalid(
+                "backend.role_arn: an IAM role ARN, arn:aws:iam::<12-digit account>:role/<name>",
+            ));
+        }
+        if !valid_external_id(&aws.external_id) {
+            return Err(invalid(
+                "backend.external_id: 2-1224 characters of letters, digits and +=,.@:/_- \
+                 (leave it out and the lobby makes one)",
+            ));
+        }
     }
     Ok(())
+}
+
+/// An aws-iot backend without an `external_id` keeps the one it had (a PATCH that restates the
+/// backend), or gets a new one: 160 random bits, so no other tenant of any lobby can guess it.
+fn with_external_id(new: Backend, old: &Backend) -> Backend {
+    let Backend::AwsIot(mut aws) = new else {
+        return new;
+    };
+    if aws.external_id.is_empty() {
+        aws.external_id = match old {
+            Backend::AwsIot(was) if !was.external_id.is_empty() => was.external_id.clone(),
+            _ => {
+                let mut bytes = [0u8; 20];
+                rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+                format!("lobby-{}", hex::encode(bytes))
+            }
+        };
+    }
+    Backend::AwsIot(aws)
+}
+
+/// `arn:<partition>:iam::<account>:role/<path><name>` as IAM makes them: a 12-digit account,
+/// a path of printable ASCII, a name of 1-64 of `[A-Za-z0-9+=,.@_-]`.
+pub fn valid_role_arn(arn: &str) -> bool {
+    let mut parts = arn.splitn(6, ':');
+    let (Some("arn"), Some(partition), Some("iam"), Some(""), Some(account), Some(resource)) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return false;
+    };
+    let partition_ok = partition == "aws"
+        || partition.strip_prefix("aws-").is_some_and(|p| {
+            !p.is_empty() && p.bytes().all(|c| c.is_ascii_lowercase() || c == b'-')
+        });
+    let account_ok = account.len() == 12 && account.bytes().all(|c| c.is_ascii_digit());
+    let Some(path_and_name) = resource.strip_prefix("role/") else {
+        return false;
+    };
+    let (path, name) = match path_and_name.rsplit_once('/') {
+        Some((path, name)) => (path, name),
+        None => ("", path_and_name),
+    };
+    let name_char = |c: u8| c.is_ascii_alphanumeric() || b"+=,.@_-".contains(&c);
+    // IAM allows any printable ASCII in a path.
+    let path_ok = path.len() <= 510 && path.bytes().all(|c| (0x21..=0x7e).contains(&c));
+    partition_ok
+        && account_ok
+        && path_ok
+        && (1..=64).contains(&name.len())
+        && name.bytes().all(name_char)
+        && arn.len() <= 2048
+}
+
+/// STS's rule for `ExternalId`: 2-1224 characters of `[\w+=,.@:/-]`.
+fn valid_external_id(id: &str) -> bool {
+    (2..=1224).contains(&id.len())
+        && id
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"+=,.@:/_-".contains(&c))
 }
 
 /// Most `bridge.topics` a tenant may list (each is checked on every device publish).
@@ -330,5 +405,89 @@ mod tests {
         ] {
             assert!(validate_thing_template(bad).is_err(), "{bad:?}");
         }
+    }
+
+    fn aws(extra: &str) -> String {
+        format!(
+            r#"{{"name":"Acme","backend":{{"kind":"aws-iot","region":"eu-west-1",
+               "role_arn":"arn:aws:iam::111122223333:role/lobby","policy_name":"p"{extra}}}}}"#
+        )
+    }
+
+    fn external_id(t: &Tenant) -> &str {
+        match &t.backend {
+            Backend::AwsIot(a) => &a.external_id,
+            Backend::None => panic!("no aws backend"),
+        }
+    }
+
+    #[test]
+    fn a_left_out_external_id_is_made_random_and_kept_on_patch() {
+        let a = input(&aws("")).into_tenant("a".into()).unwrap();
+        let b = input(&aws("")).into_tenant("b".into()).unwrap();
+        let id = external_id(&a).to_owned();
+        assert!(id.starts_with("lobby-") && id.len() == 6 + 40, "{id}");
+        assert!(valid_external_id(&id));
+        assert_ne!(id, external_id(&b), "each tenant its own");
+        // A PATCH restating the backend without it keeps it; one that names one sets it.
+        let a = input(&aws("").replace(r#""name":"Acme","#, ""))
+            .apply_to(a)
+            .unwrap();
+        assert_eq!(external_id(&a), id);
+        let a = input(&aws(r#","external_id":"mine-1""#).replace(r#""name":"Acme","#, ""))
+            .apply_to(a)
+            .unwrap();
+        assert_eq!(external_id(&a), "mine-1");
+        let given = input(&aws(r#","external_id":"ext-42""#))
+            .into_tenant("c".into())
+            .unwrap();
+        assert_eq!(external_id(&given), "ext-42");
+    }
+
+    #[test]
+    fn external_ids_follow_sts_rules() {
+        for bad in ["x", "has space", "nul\\u0000", &"a".repeat(1225), "é-é"] {
+            let body = aws(&format!(r#","external_id":"{bad}""#));
+            let err = input(&body).into_tenant("t".into()).unwrap_err();
+            assert!(err.to_string().contains("external_id"), "{bad:?}: {err}");
+        }
+        for ok in ["x1", "a+b=c,d.e@f:g/h_i-j", &"a".repeat(1224)] {
+            let body = aws(&format!(r#","external_id":"{ok}""#));
+            assert!(input(&body).into_tenant("t".into()).is_ok(), "{ok:?}");
+        }
+    }
+
+    #[test]
+    fn role_arns_are_iam_role_arns() {
+        for ok in [
+            "arn:aws:iam::111122223333:role/lobby",
+            "arn:aws:iam::111122223333:role/service-role/lobby-tenant",
+            "arn:aws:iam::111122223333:role/a/b/c/name+=,.@_-",
+            "arn:aws-cn:iam::111122223333:role/lobby",
+            "arn:aws-us-gov:iam::111122223333:role/lobby",
+        ] {
+            assert!(valid_role_arn(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "lobby",
+            "arn:aws:iam::111122223333:user/lobby",
+            "arn:aws:iam::111122223333:role/",
+            "arn:aws:iam::11112222333:role/lobby",
+            "arn:aws:iam::1111222233334:role/lobby",
+            "arn:aws:iam:eu-west-1:111122223333:role/lobby",
+            "arn:aws:sts::111122223333:assumed-role/lobby/s",
+            "arn:aws:iam::111122223333:role/has space",
+            "arn:aws:iam::111122223333:role/*",
+            "arn:azure:iam::111122223333:role/lobby",
+            "arn:aws:iam::111122223333:role/pa th/lobby",
+        ] {
+            assert!(!valid_role_arn(bad), "{bad}");
+            let body = aws("").replace("arn:aws:iam::111122223333:role/lobby", bad);
+            let err = input(&body).into_tenant("t".into()).unwrap_err();
+            assert!(err.to_string().contains("role_arn"), "{bad}: {err}");
+        }
+        let long = format!("arn:aws:iam::111122223333:role/{}/n", "p".repeat(2100));
+        assert!(!valid_role_arn(&long));
     }
 }

@@ -42,6 +42,8 @@ pub fn aws_env() {
 pub struct Moto {
     pub _child: tokio::process::Child,
     pub url: String,
+    /// moto's recording of every request, bodies included (`recorded_form_values`).
+    _recording: tempfile::TempDir,
     /// The request lines moto logged (`"PUT /things/x HTTP/1.1" 200 -` …), in order.
     pub log: Arc<Mutex<Vec<String>>>,
 }
@@ -56,8 +58,11 @@ impl Moto {
     pub async fn start_on(port: u16) -> Self {
         aws_env();
         let port = port.to_string();
+        let recording = tempfile::tempdir().unwrap();
         let mut child = tokio::process::Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port])
+            .env("MOTO_ENABLE_RECORDING", "True")
+            .env("MOTO_RECORDER_FILEPATH", recording.path().join("requests"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -96,11 +101,46 @@ impl Moto {
             assert!(Instant::now() < deadline, "moto at {url} does not answer");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        http.post(format!("{url}/moto-api/recorder/start-recording"))
+            .send()
+            .await
+            .expect("moto records requests");
         Self {
             _child: child,
             url,
+            _recording: recording,
             log,
         }
+    }
+
+    /// The values of form field `key` in the requests (STS's are forms) whose `Action` is
+    /// `action`, from moto's recording, in order.
+    pub async fn recorded_form_values(&self, action: &str, key: &str) -> Vec<String> {
+        let text = reqwest::get(format!("{}/moto-api/recorder/download-recording", self.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let request: Value = serde_json::from_str(line).unwrap();
+            let Some(body) = request["body"].as_str() else {
+                continue;
+            };
+            let Ok(body) = data_encoding::BASE64.decode(body.as_bytes()) else {
+                continue;
+            };
+            let form: Vec<(String, String)> = String::from_utf8_lossy(&body)
+                .split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (percent_decode(k), percent_decode(v)))
+                .collect();
+            if form.iter().any(|(k, v)| k == "Action" && v == action) {
+                out.extend(form.into_iter().filter(|(k, _)| k == key).map(|(_, v)| v));
+            }
+        }
+        out
     }
 
     /// A test-side IoT client in `region` of moto's default account.
@@ -391,4 +431,29 @@ pub async fn statuses_until_redirect(c: &mut RawClient, dev: &Device) -> (Vec<St
             .await;
         }
     }
+}
+
+/// `application/x-www-form-urlencoded` decoding of one key or value.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
