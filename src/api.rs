@@ -39,6 +39,8 @@ pub struct ApiState {
     pub node: Arc<str>,
     /// Hot reload (`POST /v1/admin/reload`) and the API's rate limiter.
     pub reloader: Arc<dyn ReloadHandle>,
+    /// The AWS backend: the lobby's own principal, for the tenants' trust policies.
+    pub aws: Arc<dyn crate::provision::IotApiFactory>,
 }
 
 /// What the API may ask of hot reload (the assembly behind it is the server's).
@@ -59,6 +61,10 @@ pub fn router(state: ApiState) -> Router {
             get(tenants::get_one)
                 .patch(tenants::patch)
                 .delete(tenants::delete),
+        )
+        .route(
+            "/v1/tenants/{id}/aws-trust-policy",
+            get(tenants::aws_trust_policy),
         )
         .route("/v1/claims", post(claims::claim))
         .route(

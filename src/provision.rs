@@ -133,6 +133,33 @@ pub trait IotApiFactory: Send + Sync {
         tenant: &str,
         backend: &AwsIotBackend,
     ) -> Result<Arc<dyn IotApi>, IotError>;
+
+    /// The lobby's own AWS principal (what its credentials are), as a tenant's trust policy
+    /// names it ([`principal_of`]).
+    async fn lobby_principal(&self) -> Result<String, IotError> {
+        Err(IotError::Permanent {
+            code: "NoAwsIdentity".into(),
+            message: "this lobby has no AWS identity".into(),
+        })
+    }
+}
+
+/// The principal a trust policy names for the identity `arn` (STS GetCallerIdentity's
+/// answer): an assumed role's session is its role (`arn:…:iam::<account>:role/<name>`, without
+/// the role's path, which a session ARN does not carry), a user or the account root is itself
+/// in IAM's form.
+pub fn principal_of(arn: &str) -> String {
+    let parts: Vec<&str> = arn.splitn(6, ':').collect();
+    if let ["arn", partition, _, "", account, resource] = parts[..] {
+        if let Some(rest) = resource.strip_prefix("assumed-role/") {
+            let role = rest.split('/').next().unwrap_or(rest);
+            return format!("arn:{partition}:iam::{account}:role/{role}");
+        }
+        if resource.starts_with("user/") || resource.starts_with("role/") || resource == "root" {
+            return format!("arn:{partition}:iam::{account}:{resource}");
+        }
+    }
+    arn.to_owned()
 }
 
 /// Work for the provisioning worker.
@@ -231,6 +258,32 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn a_trust_policy_names_the_role_behind_a_session() {
+        assert_eq!(
+            principal_of("arn:aws:sts::111122223333:assumed-role/lobby-prod/i-0abc"),
+            "arn:aws:iam::111122223333:role/lobby-prod"
+        );
+        assert_eq!(
+            principal_of("arn:aws-cn:sts::111122223333:assumed-role/lobby/s"),
+            "arn:aws-cn:iam::111122223333:role/lobby"
+        );
+        assert_eq!(
+            principal_of("arn:aws:iam::111122223333:user/ops/lobby"),
+            "arn:aws:iam::111122223333:user/ops/lobby"
+        );
+        // moto answers a user's identity under sts.
+        assert_eq!(
+            principal_of("arn:aws:sts::123456789012:user/moto"),
+            "arn:aws:iam::123456789012:user/moto"
+        );
+        assert_eq!(
+            principal_of("arn:aws:iam::111122223333:root"),
+            "arn:aws:iam::111122223333:root"
+        );
+        assert_eq!(principal_of("not an arn"), "not an arn");
+    }
 
     #[test]
     fn thing_name_template() {

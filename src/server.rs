@@ -113,7 +113,7 @@ impl Lobby {
 
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let activity = spawn_control_plane(&service, config, iot, jobs, &cancel, &tracker);
+        let activity = spawn_control_plane(&service, config, iot.clone(), jobs, &cancel, &tracker);
         let ctx = edge_context(config, &service, activity, trust, &cancel, &tracker);
         let stopping = ctx.stopping.clone();
         let reloader = Arc::new(Reloader::new(
@@ -132,6 +132,7 @@ impl Lobby {
             stopping: stopping.clone(),
             node: config.cluster.node_name.as_str().into(),
             reloader: reloader.clone(),
+            aws: iot,
         };
         let handshakes = Arc::new(edge::handshakes::Handshakes::default());
         for (socket, _, proxy) in mqtt {

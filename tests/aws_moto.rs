@@ -97,6 +97,99 @@ async fn a_made_external_id_is_what_assume_role_carries() {
     assert!(roles.iter().all(|r| r == ROLE_ARN), "{roles:?}");
 }
 
+/// `GET /v1/tenants/{id}/aws-trust-policy`: the policy names the lobby's principal (moto's
+/// GetCallerIdentity) and the tenant's external id; the tenant reads its own, never another's;
+/// a tenant without an aws-iot backend has none.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_trust_policy_names_the_lobby_and_the_external_id() {
+    let moto = Moto::start().await;
+    let lobby = lobby_on(&moto).await;
+    let token = aws_tenant(&lobby, "acme", "eu-west-1", json!({})).await;
+    let other = aws_tenant(&lobby, "other", "eu-west-1", json!({})).await;
+    let path = "/v1/tenants/acme/aws-trust-policy";
+    for caller in [&lobby.admin, &token] {
+        let (status, policy) = lobby.call("GET", path, caller, None).await;
+        assert_eq!(status, 200, "{policy}");
+        let statement = &policy["Statement"][0];
+        assert_eq!(policy["Version"], "2012-10-17");
+        assert_eq!(statement["Effect"], "Allow");
+        assert_eq!(statement["Action"], "sts:AssumeRole");
+        assert_eq!(
+            statement["Principal"]["AWS"], "arn:aws:iam::123456789012:user/moto",
+            "{policy}"
+        );
+        assert_eq!(
+            statement["Condition"]["StringEquals"]["sts:ExternalId"], EXTERNAL_ID,
+            "{policy}"
+        );
+    }
+    let (status, _) = lobby.call("GET", path, &other, None).await;
+    assert_eq!(status, 404, "another tenant's policy is not found");
+    let (status, body) = lobby
+        .call(
+            "POST",
+            "/v1/tenants",
+            &lobby.admin,
+            Some(json!({"id": "plain", "name": "Plain", "endpoint": "iot.example.com"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = lobby
+        .call(
+            "GET",
+            "/v1/tenants/plain/aws-trust-policy",
+            &lobby.admin,
+            None,
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    let (status, _) = lobby
+        .call(
+            "GET",
+            "/v1/tenants/nope/aws-trust-policy",
+            &lobby.admin,
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+}
+
+/// Without AWS (its STS unreachable), the trust policy is 503 `unavailable`, saying why.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_trust_policy_without_aws_is_unavailable() {
+    let lobby = lobby_at("http://127.0.0.1:9".into()).await;
+    aws_tenant_without_check(&lobby).await;
+    let (status, body) = lobby
+        .call(
+            "GET",
+            "/v1/tenants/acme/aws-trust-policy",
+            &lobby.admin,
+            None,
+        )
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "unavailable", "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("AWS identity"),
+        "{body}"
+    );
+}
+
+async fn aws_tenant_without_check(lobby: &TestLobby) {
+    let backend = json!({
+        "kind": "aws-iot", "region": "eu-west-1", "role_arn": ROLE_ARN, "policy_name": POLICY,
+    });
+    let (status, body) = lobby
+        .call(
+            "POST",
+            "/v1/tenants",
+            &lobby.admin,
+            Some(json!({"id": "acme", "name": "Acme", "endpoint": "iot.example.com", "backend": backend})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+}
+
 /// A `role_arn` that is not an IAM role's ARN is refused before anything is stored.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_role_arn_that_is_not_an_iam_role_is_refused() {

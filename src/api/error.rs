@@ -21,6 +21,9 @@ pub enum ApiError {
     InvalidRequest(String),
     #[error("too many requests from this address; slow down")]
     RateLimited,
+    /// A dependency (AWS) could not be reached; the message says which.
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Service(#[from] ServiceError),
 }
@@ -41,6 +44,7 @@ impl ApiError {
                 (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded")
             }
             Self::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::InvalidRequest(_) | Self::Service(ServiceError::Invalid(_)) => {
                 (StatusCode::BAD_REQUEST, "invalid_request")
             }

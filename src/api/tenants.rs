@@ -9,7 +9,9 @@ use serde_json::json;
 
 use super::error::parse_json;
 use super::{ApiError, ApiState, Caller};
+use crate::claims::error::ServiceError;
 use crate::claims::tenant_input::TenantInput;
+use crate::model::Backend;
 
 /// `POST /v1/tenants` → 201 `{"tenant":{...},"token":"..."}` (the token is shown only here).
 pub async fn create(
@@ -49,6 +51,38 @@ pub async fn get_one(
     caller.require_operator()?;
     let e = s.service.cache().tenant(&id).ok_or(ApiError::NotFound)?;
     Ok(Json(e.tenant.clone()).into_response())
+}
+
+/// `GET /v1/tenants/{id}/aws-trust-policy` → the trust policy an aws-iot tenant puts on its
+/// role: the lobby's principal may assume it, with the tenant's external id only (operator,
+/// or the tenant itself). 409 for a tenant without an aws-iot backend, 503 when the lobby's
+/// own AWS identity cannot be read.
+pub async fn aws_trust_policy(
+    State(s): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    if matches!(&caller, Caller::Tenant(t) if *t != id) {
+        return Err(ApiError::NotFound);
+    }
+    let e = s.service.cache().tenant(&id).ok_or(ApiError::NotFound)?;
+    let Backend::AwsIot(aws) = &e.tenant.backend else {
+        return Err(ServiceError::Conflict("the tenant has no aws-iot backend".into()).into());
+    };
+    let principal = s.aws.lobby_principal().await.map_err(|e| {
+        tracing::warn!(error = %e, "the lobby's AWS identity could not be read");
+        ApiError::Unavailable(format!("the lobby's AWS identity could not be read: {e}"))
+    })?;
+    Ok(Json(json!({
+        "Version": "2012-10-17",
+        "Statement": [{
+            "Effect": "Allow",
+            "Principal": { "AWS": principal },
+            "Action": "sts:AssumeRole",
+            "Condition": { "StringEquals": { "sts:ExternalId": aws.external_id } },
+        }],
+    }))
+    .into_response())
 }
 
 /// `PATCH /v1/tenants/{id}`

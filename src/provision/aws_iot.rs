@@ -33,6 +33,8 @@ pub struct AwsIotFactory {
     base: tokio::sync::OnceCell<SdkConfig>,
     session_name: String,
     clients: Mutex<HashMap<String, (AwsIotBackend, Arc<AwsIot>)>>,
+    /// The lobby's own principal, once read (GetCallerIdentity).
+    principal: tokio::sync::OnceCell<String>,
 }
 
 impl std::fmt::Debug for AwsIotFactory {
@@ -49,6 +51,7 @@ impl AwsIotFactory {
             base: tokio::sync::OnceCell::new(),
             session_name: session_name.to_owned(),
             clients: Mutex::new(HashMap::new()),
+            principal: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -109,6 +112,38 @@ impl IotApiFactory for AwsIotFactory {
         let mut clients = self.clients.lock();
         clients.insert(tenant.to_owned(), (backend.clone(), client.clone()));
         Ok(client)
+    }
+
+    async fn lobby_principal(&self) -> Result<String, IotError> {
+        let principal = self
+            .principal
+            .get_or_try_init(|| async {
+                let base = self.base().await;
+                // STS is global: any region does when the chain names none.
+                let region = base
+                    .region()
+                    .cloned()
+                    .unwrap_or_else(|| Region::new("us-east-1"));
+                let conf = aws_sdk_sts::config::Builder::from(base)
+                    .region(region)
+                    .build();
+                let who = aws_sdk_sts::Client::from_conf(conf)
+                    .get_caller_identity()
+                    .send()
+                    .await
+                    .map_err(|e| IotError::Retryable {
+                        code: "GetCallerIdentity".into(),
+                        message: DisplayErrorContext(&e).to_string(),
+                    })?;
+                who.arn()
+                    .map(super::principal_of)
+                    .ok_or_else(|| IotError::Permanent {
+                        code: "GetCallerIdentity".into(),
+                        message: "the answer names no ARN".into(),
+                    })
+            })
+            .await?;
+        Ok(principal.clone())
     }
 }
 
