@@ -57,13 +57,7 @@ run() { # name pid port
   fi
 }
 
-(ulimit -n 20000; exec "$LOBBY" serve --config "$work/lobby.toml") &
-pids+=($!)
-(ulimit -n 20000; exec mosquitto -c "$work/mosquitto.conf") &
-pids+=($!)
-(ulimit -n 20000; exec "$BARE" 127.0.0.1:28885 "$work/certs/server.pem" "$work/certs/server.key" \
-  "$work/certs/ca.pem") &
-pids+=($!)
+start_three "$work"
 sleep 2
 run lobby "${pids[0]}" 28883
 run mosquitto "${pids[1]}" 28884

@@ -29,13 +29,7 @@ lobby_conf "$work/certs" "$work" 28883 28080 \
   "$(printf '[limits]\nreconnect_burst = 1000\n')" "${LOBBY_TLS:-}" >"$work/lobby.toml"
 mosquitto_conf "$work/certs" 28884 >"$work/mosquitto.conf"
 
-(ulimit -n 20000; exec "$LOBBY" serve --config "$work/lobby.toml") &
-pids+=($!)
-(ulimit -n 20000; exec mosquitto -c "$work/mosquitto.conf") &
-pids+=($!)
-(ulimit -n 20000; exec "$BARE" 127.0.0.1:28885 "$work/certs/server.pem" "$work/certs/server.key" \
-  "$work/certs/ca.pem") &
-pids+=($!)
+start_three "$work"
 wait_ready 28080
 sleep 1
 

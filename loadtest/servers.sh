@@ -4,6 +4,7 @@
 #   lobby_conf CERTS WORK MQTT_PORT API_PORT [EXTRA_TOML] [TLS_KEYS]   # prints a lobby.toml
 #   mosquitto_conf CERTS PORT [EXTRA_LINES]                 # prints a mosquitto.conf
 #   wait_ready API_PORT                                     # waits for a lobby's /readyz
+#   start_three WORK                     # lobby :28883, mosquitto :28884, bare_tls :28885
 #
 # CERTS is a `lobby certs init` directory, WORK where the lobby keeps its SQLite file.
 # EXTRA_TOML is appended as is (e.g. a [limits] table), TLS_KEYS go into [tls]; [log] level
@@ -55,4 +56,17 @@ wait_ready() { # api_port
   done
   echo "no ready lobby on API port $1" >&2
   return 1
+}
+
+# Starts $LOBBY (WORK/lobby.toml), mosquitto (WORK/mosquitto.conf) and $BARE (the floor, on
+# WORK/certs) with the open-files limit raised; their pids go into the caller's `pids` array
+# (lobby, mosquitto, bare), for the caller's cleanup.
+start_three() { # work
+  (ulimit -n 20000; exec "$LOBBY" serve --config "$1/lobby.toml") &
+  pids+=($!)
+  (ulimit -n 20000; exec mosquitto -c "$1/mosquitto.conf") &
+  pids+=($!)
+  (ulimit -n 20000; exec "$BARE" 127.0.0.1:28885 "$1/certs/server.pem" "$1/certs/server.key" \
+    "$1/certs/ca.pem") &
+  pids+=($!)
 }

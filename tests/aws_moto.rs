@@ -63,18 +63,7 @@ async fn a_made_external_id_is_what_assume_role_carries() {
     let moto = Moto::start().await;
     let iot = moto.iot_with_policy("eu-west-1").await;
     let lobby = lobby_on(&moto).await;
-    let backend = json!({
-        "kind": "aws-iot", "region": "eu-west-1", "role_arn": ROLE_ARN, "policy_name": POLICY,
-    });
-    let (status, body) = lobby
-        .call(
-            "POST",
-            "/v1/tenants",
-            &lobby.admin,
-            Some(json!({"id": "acme", "name": "Acme", "region": "eu-west-1", "backend": backend})),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
+    let body = tenant_without_external_id(&lobby, json!({"region": "eu-west-1"})).await;
     let made = body["tenant"]["backend"]["external_id"]
         .as_str()
         .expect("the made external id is in the record")
@@ -158,7 +147,7 @@ async fn the_trust_policy_names_the_lobby_and_the_external_id() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_trust_policy_without_aws_is_unavailable() {
     let lobby = lobby_at("http://127.0.0.1:9".into()).await;
-    aws_tenant_without_check(&lobby).await;
+    tenant_without_external_id(&lobby, json!({"endpoint": "iot.example.com"})).await;
     let (status, body) = lobby
         .call(
             "GET",
@@ -175,19 +164,24 @@ async fn the_trust_policy_without_aws_is_unavailable() {
     );
 }
 
-async fn aws_tenant_without_check(lobby: &TestLobby) {
+/// Creates the aws-iot tenant `acme` without an `external_id` (`extra`: more tenant fields);
+/// the 201 body.
+async fn tenant_without_external_id(
+    lobby: &TestLobby,
+    extra: serde_json::Value,
+) -> serde_json::Value {
     let backend = json!({
         "kind": "aws-iot", "region": "eu-west-1", "role_arn": ROLE_ARN, "policy_name": POLICY,
     });
+    let mut tenant = json!({"id": "acme", "name": "Acme", "backend": backend});
+    for (k, v) in extra.as_object().unwrap() {
+        tenant[k] = v.clone();
+    }
     let (status, body) = lobby
-        .call(
-            "POST",
-            "/v1/tenants",
-            &lobby.admin,
-            Some(json!({"id": "acme", "name": "Acme", "endpoint": "iot.example.com", "backend": backend})),
-        )
+        .call("POST", "/v1/tenants", &lobby.admin, Some(tenant))
         .await;
     assert_eq!(status, 201, "{body}");
+    body
 }
 
 /// A `role_arn` that is not an IAM role's ARN is refused before anything is stored.
