@@ -320,25 +320,15 @@ impl Store for PostgresStore {
         Ok(deleted)
     }
 
-    /// Streams the rows (a portal, decoded as they arrive): a million claims never sit in the
-    /// client twice.
+    /// Every claim, collected from [`Self::for_each_claim`]'s stream.
     async fn claims(&self) -> Result<Vec<Claim>, StoreError> {
-        self.timed("load_claims", async {
-            let client = self.client().await?;
-            let stmt = client.prepare_cached(CLAIM_COLUMNS).await.map_err(pg)?;
-            let no_params: [&(dyn ToSql + Sync); 0] = [];
-            let rows = client.query_raw(&stmt, no_params).await.map_err(pg)?;
-            let mut rows = std::pin::pin!(rows);
-            let mut tenants = HashMap::new();
-            let mut out = Vec::new();
-            while let Some(row) = rows.try_next().await.map_err(pg)? {
-                out.push(claim_from_row(&row, &mut tenants)?);
-            }
-            Ok(out)
-        })
-        .await
+        let mut out = Vec::new();
+        self.for_each_claim(&mut |c| out.push(c)).await?;
+        Ok(out)
     }
 
+    /// Streams the rows (a portal, decoded as they arrive): a million claims never sit in the
+    /// client at once.
     async fn for_each_claim(&self, f: &mut (dyn FnMut(Claim) + Send)) -> Result<(), StoreError> {
         self.timed("load_claims", async {
             let client = self.client().await?;
