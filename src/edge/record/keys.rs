@@ -86,11 +86,8 @@ impl Keys {
     /// The per-record nonce: the IV XOR the sequence number (TLS 1.3, TLS 1.2 ChaCha20, and
     /// the lobby's own TLS 1.2 GCM nonces, as rustls makes them).
     pub(super) fn nonce(&self) -> [u8; 12] {
-        let mut nonce = self.iv;
-        for (n, s) in nonce[4..].iter_mut().zip(self.seq.to_be_bytes()) {
-            *n ^= s;
-        }
-        nonce
+        use rustls::crypto::cipher::{Iv, Nonce};
+        Nonce::new(&Iv::new(self.iv), self.seq).0
     }
 
     pub(super) fn next_seq(&mut self) -> io::Result<u64> {
@@ -119,12 +116,13 @@ impl Drop for Keys {
     }
 }
 
-/// TLS 1.2's additional data: sequence number, type, version, plaintext length.
+/// TLS 1.2's additional data: sequence number, type, version, plaintext length (rustls'
+/// construction).
 pub(super) fn tls12_aad(seq: u64, typ: u8, len: usize) -> [u8; 13] {
-    let mut aad = [0; 13];
-    aad[..8].copy_from_slice(&seq.to_be_bytes());
-    aad[8] = typ;
-    aad[9..11].copy_from_slice(&[3, 3]);
-    aad[11..].copy_from_slice(&(len as u16).to_be_bytes());
-    aad
+    rustls::crypto::cipher::make_tls12_aad(
+        seq,
+        rustls::ContentType::from(typ),
+        rustls::ProtocolVersion::TLSv1_2,
+        len,
+    )
 }
